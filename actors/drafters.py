@@ -1,0 +1,159 @@
+"""Drafters: whatever proposes the k tokens a target then verifies.
+
+One small interface in the spirit of HF's candidate generators, made batched:
+`start` a sequence, `propose` drafts for many sequences at once, `commit` what
+the verifier emitted (the drafter rolls back its state to match), `finish`.
+A model drafter returns q, the exact distribution each token was sampled
+from; the model-free n-gram drafter returns none (a point mass).
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from actors.errors import InvalidRequest
+from actors.runner import ModelRunner, SeqId
+from actors.sampling import SamplingParams, logits_to_probs, make_generator, sample
+
+DRAFT_SEED_OFFSET = 0x5EED  # the drafter's random stream is seeded apart from the verifier's
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    seq_id: SeqId
+    k: int  # how many tokens to propose; 0 asks for none this round
+    exit_layer: int | None = None  # for a multi-exit drafter: which nested sub-model drafts
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: list[int]  # may be shorter than k, e.g. when an n-gram finds no match
+    probs: torch.Tensor | None  # [len(tokens), V] q rows, or None for a point-mass drafter
+
+
+class Drafter(ABC):
+    """Proposes draft tokens for many sequences."""
+
+    vocab_size: int | None = None  # None: the drafter emits any id the context holds
+
+    def check_exit(self, exit_layer: int) -> None:
+        """Reject an exit this drafter cannot draft from."""
+        raise InvalidRequest(f"{type(self).__name__} has no exits to choose from (asked for exit {exit_layer})")
+
+    @abstractmethod
+    def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None: ...
+
+    @abstractmethod
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]: ...
+
+    @abstractmethod
+    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
+        """Append the tokens the verifier emitted this round (accepted + recovered/bonus)."""
+
+    @abstractmethod
+    def finish(self, seq_id: SeqId) -> None: ...
+
+
+@dataclass
+class _ModelDraftState:
+    context: list[int]  # prompt + every committed token
+    params: SamplingParams
+    generator: torch.Generator
+
+
+class ModelDrafter(Drafter):
+    """Drafts with any exit of a (multi-exit) model; rows with different exits share one forward."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.vocab_size = runner.vocab_size
+        self._states: dict[SeqId, _ModelDraftState] = {}
+
+    @property
+    def default_exit(self) -> int:
+        return max(self.runner.exit_layers)
+
+    def check_exit(self, exit_layer: int) -> None:
+        self.runner.check_exit(exit_layer)
+
+    def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
+        self.runner.add_sequence(seq_id)
+        seed = None if params.seed is None else params.seed + DRAFT_SEED_OFFSET
+        self._states[seq_id] = _ModelDraftState(list(prompt), params, make_generator(seed))
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        lengths = {r.seq_id: self._affordable_k(r) for r in requests}
+        exits = {r.seq_id: r.exit_layer or self.default_exit for r in requests}
+        tokens: dict[SeqId, list[int]] = {r.seq_id: [] for r in requests}
+        probs: dict[SeqId, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
+        for step in range(max(lengths.values(), default=0)):
+            rows = [s for s in lengths if lengths[s] > step]
+            feeds = [self._pending(s) if step == 0 else tokens[s][-1:] for s in rows]
+            logits = self.runner.forward(rows, feeds, [exits[s] for s in rows], last_only=True)
+            for seq_id, row_logits in zip(rows, logits):
+                state = self._states[seq_id]
+                q = logits_to_probs(row_logits, state.params)  # [1, V]
+                tokens[seq_id].append(int(sample(q, state.generator)))
+                probs[seq_id].append(q[0])
+        return [self._draft(tokens[r.seq_id], probs[r.seq_id]) for r in requests]
+
+    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
+        state = self._states[seq_id]
+        committed = len(state.context)
+        state.context.extend(emitted)
+        self.runner.keep_common_prefix(seq_id, state.context, start=min(committed, self.runner.cached_length(seq_id)))
+
+    def finish(self, seq_id: SeqId) -> None:
+        self._states.pop(seq_id, None)
+        self.runner.free(seq_id)
+
+    def _affordable_k(self, request: DraftRequest) -> int:
+        """k, cut so the drafter's cache (context + k - 1 drafts) fits its context window."""
+        if request.k < 0:
+            raise InvalidRequest(f"draft length must be >= 0, got {request.k}")
+        room = self.runner.max_context - len(self._states[request.seq_id].context) + 1
+        return max(0, min(request.k, room))
+
+    def _pending(self, seq_id: SeqId) -> list[int]:
+        """Context tokens the drafter's cache has not seen yet (the whole prompt at first)."""
+        return self._states[seq_id].context[self.runner.cached_length(seq_id) :]
+
+    @staticmethod
+    def _draft(tokens: list[int], probs: list[torch.Tensor]) -> Draft:
+        return Draft(tokens, torch.stack(probs) if probs else None)
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: propose what followed the last earlier occurrence of the context's tail.
+
+    Model-free, so it has no q: verification treats each token as a point mass.
+    """
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidRequest(f"n-gram sizes need 1 <= min ({min_ngram}) <= max ({max_ngram})")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._contexts: dict[SeqId, list[int]] = {}
+
+    def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
+        self._contexts[seq_id] = list(prompt)
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        return [Draft(self._lookup(self._contexts[r.seq_id], r.k), None) for r in requests]
+
+    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
+        self._contexts[seq_id].extend(emitted)
+
+    def finish(self, seq_id: SeqId) -> None:
+        self._contexts.pop(seq_id, None)
+
+    def _lookup(self, context: list[int], k: int) -> list[int]:
+        """The k tokens after the most recent earlier match of the longest tail n-gram."""
+        for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
+            tail = context[-n:]
+            for start in range(len(context) - n - 1, -1, -1):
+                if context[start : start + n] == tail:
+                    return context[start + n : start + n + k]
+        return []
