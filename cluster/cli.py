@@ -1,0 +1,27 @@
+"""The `specfleet` command."""
+
+import argparse
+import sys
+
+from actors.errors import SpecfleetError
+from cluster.generate_command import add_generate_command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specfleet", description="Speculative decoding, one drafter for many targets.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_generate_command(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecfleetError as err:
+        print(f"specfleet: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
