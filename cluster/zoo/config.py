@@ -1,0 +1,247 @@
+"""Typed settings of the model zoo, with a `smoke` preset (CPU, seconds) and a `full` preset."""
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import LlamaConfig, LlamaForCausalLM
+
+EOS_TOKEN = "<|endoftext|>"
+DRAFTER_NAME = "drafter"
+TOKENIZER_DIR = "tokenizer"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelShape(_Strict):
+    hidden_size: int = Field(description="Width of the residual stream.", gt=0)
+    num_layers: int = Field(description="Number of Llama decoder layers.", gt=0)
+    num_heads: int = Field(description="Attention heads; must divide hidden_size.", gt=0)
+    num_kv_heads: int = Field(description="Key/value heads (grouped-query attention); must divide num_heads.", gt=0)
+    intermediate_size: int = Field(description="Hidden width of the SwiGLU MLP.", gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelShape":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must divide hidden_size and num_kv_heads must divide num_heads")
+        return self
+
+    def llama_config(self, vocab_size: int, context: int, eos_id: int) -> LlamaConfig:
+        """A Llama config with tied input/output embeddings (halves the size of small models)."""
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            max_position_embeddings=context,
+            tie_word_embeddings=True,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        )
+
+
+class TrainSettings(_Strict):
+    steps: int = Field(description="Optimizer steps.", gt=0)
+    batch_size: int = Field(description="Sequences per step (each `ZooConfig.context` tokens long).", gt=0)
+    lr: float = Field(description="Peak AdamW learning rate.", gt=0)
+    min_lr_ratio: float = Field(0.1, description="Final learning rate of the cosine schedule, as a fraction of lr.", ge=0, le=1)
+    warmup_steps: int = Field(description="Linear warm-up steps before the cosine decay.", ge=0)
+    weight_decay: float = Field(
+        0.1, description="AdamW decoupled weight decay on matrices (not norms); the regulariser, as Llama has no dropout.", ge=0
+    )
+    grad_clip: float = Field(1.0, description="Clip the global gradient norm to this value.", gt=0)
+    eval_every: int = Field(description="Steps between held-out (valid split) evaluations; the best checkpoint is kept.", gt=0)
+    seed: int = Field(description="Seed for initialisation and batch order.")
+
+
+class TargetSpec(_Strict):
+    name: str = Field(description="Directory name of the target under the output directory, e.g. 'target-s'.")
+    shape: ModelShape = Field(description="Architecture of the target.")
+    train: TrainSettings = Field(description="How the target is trained.")
+
+
+class DrafterSpec(_Strict):
+    shape: ModelShape = Field(description="Architecture of the full drafter (its deepest exit).")
+    exit_layers: list[int] = Field(
+        description="Exits as layer counts L1 < L2 < ...; exit L = layers 0..L-1, then the shared final norm and lm_head. "
+        "The last one must be num_layers.",
+        min_length=3,
+    )
+    train: TrainSettings = Field(description="How the drafter is trained (SortedNet loss: mean over exits).")
+    distill_from: str | None = Field(
+        None, description="Name of a target to distil from (its logits as soft labels); None trains on data only."
+    )
+    distill_weight: float = Field(
+        0.5, description="Weight of the KL(teacher || exit) term; the data cross-entropy gets 1 - distill_weight.", ge=0, le=1
+    )
+
+    @model_validator(mode="after")
+    def _exits_nested(self) -> "DrafterSpec":
+        exits = self.exit_layers
+        if exits != sorted(set(exits)) or exits[0] < 1 or exits[-1] != self.shape.num_layers:
+            raise ValueError(f"exit_layers must be strictly increasing, >= 1 and end at num_layers, got {exits}")
+        return self
+
+
+class CorpusSettings(_Strict):
+    root: Path | None = Field(None, description="Directory of Python sources; None means this interpreter's standard library.")
+    valid_fraction: float = Field(description="Fraction of files held out to pick the best checkpoint.", gt=0, lt=0.5)
+    test_fraction: float = Field(description="Fraction of files held out for `zoo eval` reports.", gt=0, lt=0.5)
+    max_files: int | None = Field(None, description="Use only this many files (a fixed pseudo-random subset); None uses all.", gt=0)
+
+
+class TokenizerSettings(_Strict):
+    vocab_size: int = Field(description="Byte-level BPE vocabulary size, special token included (> 257).", gt=257)
+    min_frequency: int = Field(2, description="Minimum pair count for a BPE merge.", ge=1)
+
+
+class ZooConfig(_Strict):
+    preset: str = Field(description="Name of the preset this config came from, recorded in model cards.")
+    out_dir: Path = Field(description="Where the tokenizer, models, manifest and reports are written.")
+    corpus: CorpusSettings = Field(description="Which source files are used and how they are split.")
+    tokenizer: TokenizerSettings = Field(description="The shared tokenizer.")
+    context: int = Field(description="Training sequence length in tokens (also max_position_embeddings).", gt=1)
+    targets: list[TargetSpec] = Field(description="Targets in increasing size.", min_length=1)
+    drafter: DrafterSpec = Field(description="The sorted multi-exit drafter.")
+    save_dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of the saved safetensors weights.")
+    budget_mib: float = Field(64.0, description="Upper bound on all shipped weights together (MiB), checked before training.", gt=0)
+    valid_tokens: int = Field(description="Tokens of the valid split scored at each evaluation during training.", gt=0)
+    eval_tokens: int = Field(description="Tokens of the test split scored by `zoo eval`.", gt=0)
+    eval_batch_size: int = Field(8, description="Sequences per forward pass when scoring held-out text.", gt=0)
+    mal_k: int = Field(4, description="Draft length k of the expected mean accepted length reported by `zoo eval`.", gt=0)
+    threads: int | None = Field(None, description="torch CPU threads; None keeps torch's default.", gt=0)
+
+    @model_validator(mode="after")
+    def _names_consistent(self) -> "ZooConfig":
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names) or {DRAFTER_NAME, TOKENIZER_DIR} & set(names):
+            raise ValueError(f"target names must be unique and not {DRAFTER_NAME!r}/{TOKENIZER_DIR!r}: {names}")
+        if self.drafter.distill_from not in (None, *names):
+            raise ValueError(f"distill_from {self.drafter.distill_from!r} is not a target")
+        return self
+
+    def exit_dir_name(self, exit_layer: int) -> str:
+        return f"{DRAFTER_NAME}-exit-{exit_layer}"
+
+
+def count_parameters(shape: ModelShape, vocab_size: int) -> int:
+    """Parameters of a shape, counted on the meta device (no memory, tied embeddings counted once)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(shape.llama_config(vocab_size, context=2, eos_id=0))
+    return sum(p.numel() for p in model.parameters())
+
+
+def shipped_bytes(config: ZooConfig) -> dict[str, int]:
+    """Bytes of weights each shipped model will hold: targets, the drafter and one export per exit."""
+    vocab = config.tokenizer.vocab_size
+    sizes = {t.name: count_parameters(t.shape, vocab) for t in config.targets}
+    sizes[DRAFTER_NAME] = count_parameters(config.drafter.shape, vocab)
+    for layers in config.drafter.exit_layers:
+        shape = config.drafter.shape.model_copy(update={"num_layers": layers})
+        sizes[config.exit_dir_name(layers)] = count_parameters(shape, vocab)
+    return {name: params * 2 for name, params in sizes.items()}  # fp16 and bf16: 2 bytes
+
+
+def check_budget(config: ZooConfig) -> int:
+    """Total shipped bytes; raises if they exceed `budget_mib`."""
+    total = sum(shipped_bytes(config).values())
+    if total > config.budget_mib * 2**20:
+        raise ValueError(f"shipped weights {total / 2**20:.1f} MiB exceed the {config.budget_mib} MiB budget")
+    return total
+
+
+def _smoke(out_dir: Path) -> ZooConfig:
+    def train(seed: int) -> TrainSettings:
+        return TrainSettings(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, eval_every=3, seed=seed)
+
+    def shape(hidden: int, layers: int) -> ModelShape:
+        return ModelShape(hidden_size=hidden, num_layers=layers, num_heads=2, num_kv_heads=2, intermediate_size=2 * hidden)
+
+    return ZooConfig(
+        preset="smoke",
+        out_dir=out_dir,
+        corpus=CorpusSettings(valid_fraction=0.2, test_fraction=0.2, max_files=24),
+        tokenizer=TokenizerSettings(vocab_size=400),
+        context=64,
+        targets=[
+            TargetSpec(name="target-s", shape=shape(32, 1), train=train(1)),
+            TargetSpec(name="target-m", shape=shape(32, 2), train=train(2)),
+            TargetSpec(name="target-l", shape=shape(48, 2), train=train(3)),
+        ],
+        drafter=DrafterSpec(shape=shape(32, 3), exit_layers=[1, 2, 3], train=train(4), distill_from="target-l"),
+        valid_tokens=512,
+        eval_tokens=1024,
+        eval_batch_size=4,
+        threads=1,
+    )
+
+
+def _full(out_dir: Path) -> ZooConfig:
+    def train(lr: float, seed: int) -> TrainSettings:
+        return TrainSettings(steps=4000, batch_size=16, lr=lr, warmup_steps=300, eval_every=250, seed=seed)
+
+    def shape(hidden: int, layers: int, heads: int, mlp: int) -> ModelShape:
+        return ModelShape(hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=heads, intermediate_size=mlp)
+
+    return ZooConfig(
+        preset="full",
+        out_dir=out_dir,
+        corpus=CorpusSettings(valid_fraction=0.025, test_fraction=0.025),
+        tokenizer=TokenizerSettings(vocab_size=4096),
+        context=512,
+        targets=[  # about 2.6M, 7.5M and 13.7M parameters
+            TargetSpec(name="target-s", shape=shape(192, 4, 4, 512), train=train(2e-3, 1)),
+            TargetSpec(name="target-m", shape=shape(256, 8, 4, 704), train=train(1.5e-3, 2)),
+            TargetSpec(name="target-l", shape=shape(320, 10, 5, 864), train=train(1e-3, 3)),
+        ],
+        drafter=DrafterSpec(shape=shape(128, 6, 4, 352), exit_layers=[2, 4, 6], train=train(2e-3, 4), distill_from="target-l"),
+        valid_tokens=65536,
+        eval_tokens=131072,
+    )
+
+
+def _cpu(out_dir: Path) -> ZooConfig:
+    """A zoo that trains in about an hour on two CPU cores, for machines without a GPU.
+
+    Same corpus and tokenizer as `full`, but narrower models, a 256-token context
+    and about 1M training tokens per model: it ranks sizes and exits correctly and
+    drafts usefully, but is far from converged. Deep, narrow targets beside a
+    shallow drafter keep drafting cheap relative to verification.
+    """
+
+    def train(lr: float, seed: int) -> TrainSettings:
+        return TrainSettings(steps=500, batch_size=8, lr=lr, warmup_steps=50, eval_every=100, seed=seed)
+
+    def shape(hidden: int, layers: int, mlp: int) -> ModelShape:
+        return ModelShape(hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=4, intermediate_size=mlp)
+
+    return ZooConfig(
+        preset="cpu",
+        out_dir=out_dir,
+        corpus=CorpusSettings(valid_fraction=0.025, test_fraction=0.025),
+        tokenizer=TokenizerSettings(vocab_size=4096),
+        context=256,
+        targets=[
+            TargetSpec(name="target-s", shape=shape(128, 2, 352), train=train(3e-3, 1)),
+            TargetSpec(name="target-m", shape=shape(160, 4, 432), train=train(2e-3, 2)),
+            TargetSpec(name="target-l", shape=shape(192, 8, 512), train=train(1.5e-3, 3)),
+        ],
+        drafter=DrafterSpec(shape=shape(96, 4, 256), exit_layers=[1, 2, 4], train=train(3e-3, 4), distill_from="target-l"),
+        valid_tokens=16384,
+        eval_tokens=32768,
+        threads=1,
+    )
+
+
+PRESETS = {"smoke": _smoke, "cpu": _cpu, "full": _full}
+
+
+def preset(name: str, out_dir: Path) -> ZooConfig:
+    """The named preset writing to `out_dir`."""
+    return PRESETS[name](out_dir)

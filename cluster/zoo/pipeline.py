@@ -1,0 +1,198 @@
+"""`zoo train`: corpus manifest -> tokenizer -> targets -> sorted drafter -> exported exits.
+
+Every step writes into `config.out_dir`, and a later run reuses the manifest and tokenizer found
+there, so models can be trained in separate runs (`only=[...]`) and still share one tokenizer.
+"""
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cluster.zoo.cards import model_card, training_section
+from cluster.zoo.checkpoint import WEIGHTS_FILE, load_model, save_checkpoint
+from cluster.zoo.config import DRAFTER_NAME, TOKENIZER_DIR, TargetSpec, TrainSettings, ZooConfig, check_budget
+from cluster.zoo.corpus import Manifest, build_manifest, load_manifest, read_split, save_manifest
+from cluster.zoo.export import export_exit
+from cluster.zoo.tokenizer import encode_documents, load_tokenizer, train_tokenizer
+from cluster.zoo.train import LossFn, TrainResult, build_model, heldout_windows, lm_loss, sorted_loss, train_model
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "zoo_config.json"
+MANIFEST_FILE = "corpus_manifest.json"
+TRAINING_FILE = "training.json"
+
+
+@dataclass
+class _Data:
+    """What every model of one run trains on."""
+
+    manifest: Manifest
+    tokenizer: PreTrainedTokenizerFast
+    train_tokens: torch.Tensor  # [N]
+    valid_windows: torch.Tensor  # [W, context + 1]
+
+
+def model_names(config: ZooConfig) -> list[str]:
+    return [t.name for t in config.targets] + [DRAFTER_NAME]
+
+
+def train_zoo(config: ZooConfig, only: list[str] | None = None) -> dict[str, int]:
+    """Train the selected models (default: all); returns the weight bytes of every model directory."""
+    unknown = set(only or []) - set(model_names(config))
+    if unknown:
+        raise ValueError(f"unknown models {sorted(unknown)}; choose from {model_names(config)}")
+    check_budget(config)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    (config.out_dir / CONFIG_FILE).write_text(config.model_dump_json(indent=1))
+    with torch_threads(config.threads):
+        data = _prepare_data(config)
+        for target in config.targets:
+            if only is None or target.name in only:
+                _train_target(config, target, data)
+        if only is None or DRAFTER_NAME in only:
+            _train_drafter(config, data)
+            _export_exits(config, data)
+    return weight_bytes(config.out_dir)
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Use `count` torch threads inside the block (None: leave as is), then restore the previous count."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _prepare_data(config: ZooConfig) -> _Data:
+    manifest = _prepare_manifest(config)
+    train_texts = read_split(manifest, "train")
+    tokenizer_dir = config.out_dir / TOKENIZER_DIR
+    if (tokenizer_dir / "tokenizer.json").exists():
+        log.info("reusing the tokenizer in %s", tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = train_tokenizer(train_texts, config.tokenizer)
+        tokenizer.save_pretrained(tokenizer_dir)
+    train_tokens = encode_documents(tokenizer, train_texts)
+    valid_tokens = encode_documents(tokenizer, read_split(manifest, "valid"))
+    log.info("corpus: %d training tokens, %d valid tokens", len(train_tokens), len(valid_tokens))
+    return _Data(manifest, tokenizer, train_tokens, heldout_windows(valid_tokens, config.context, config.valid_tokens))
+
+
+def _prepare_manifest(config: ZooConfig) -> Manifest:
+    """Build the manifest; refuse to mix it with models built on another corpus in the same directory."""
+    manifest = build_manifest(config.corpus)
+    path = config.out_dir / MANIFEST_FILE
+    if path.exists() and load_manifest(path).digest() != manifest.digest():
+        raise ValueError(f"{path} describes another corpus; train into a fresh directory")
+    save_manifest(manifest, path)
+    return manifest
+
+
+def _train_target(config: ZooConfig, spec: TargetSpec, data: _Data) -> TrainResult:
+    model = build_model(spec.shape, config.tokenizer.vocab_size, config.context, data.tokenizer.eos_token_id, spec.train.seed)
+    rank = [t.name for t in config.targets].index(spec.name) + 1
+    role = (
+        f"Target {rank} of {len(config.targets)} of the specfleet zoo (targets grow in size in that order): "
+        "a causal LM that speculative decoding verifies drafts against. All zoo models share one tokenizer."
+    )
+
+    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return lm_loss(model(inputs).logits, targets)
+
+    return _fit(config, data, spec.name, model, role, "next-token cross-entropy", spec.train, loss, loss)
+
+
+def _train_drafter(config: ZooConfig, data: _Data) -> TrainResult:
+    spec = config.drafter
+    exits = spec.exit_layers
+    model = build_model(spec.shape, config.tokenizer.vocab_size, config.context, data.tokenizer.eos_token_id, spec.train.seed)
+    model.config.exit_layers = exits
+    teacher = _teacher(config.out_dir, spec.distill_from)
+    objective = f"SortedNet (S2D): the mean over exits {exits} of each exit's next-token cross-entropy"
+    if teacher is not None:
+        weight = spec.distill_weight
+        objective += f", each mixed as {1 - weight:g} x CE + {weight:g} x KL(teacher || exit) with teacher `{spec.distill_from}`"
+    objective += " (the valid loss is the mean exit cross-entropy)"
+    role = (
+        f"The sorted (S2D) multi-exit drafter of the specfleet zoo. Exit L runs embeddings -> decoder layers 0..L-1 -> "
+        f"the shared final norm `model.norm` -> `lm_head`; the exits are `config.exit_layers` = {exits}. Loaded as-is it "
+        f"is its deepest exit; every exit is also exported as a standalone model in `{DRAFTER_NAME}-exit-L`."
+    )
+
+    def train_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(inputs).logits if teacher is not None else None  # [B, T, V]
+        return sorted_loss(model, inputs, targets, exits, teacher_logits, spec.distill_weight)[0]
+
+    def valid_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return sorted_loss(model, inputs, targets, exits)[0]
+
+    return _fit(config, data, DRAFTER_NAME, model, role, objective, spec.train, train_loss, valid_loss)
+
+
+def _teacher(out_dir: Path, name: str | None) -> LlamaForCausalLM | None:
+    if name is None:
+        return None
+    if not (out_dir / name / WEIGHTS_FILE).exists():
+        raise ValueError(f"the drafter distils from {name}: train it first (--models {name})")
+    return load_model(out_dir / name)
+
+
+def _fit(
+    config: ZooConfig,
+    data: _Data,
+    name: str,
+    model: LlamaForCausalLM,
+    role: str,
+    objective: str,
+    settings: TrainSettings,
+    train_loss: LossFn,
+    valid_loss: LossFn,
+) -> TrainResult:
+    """Train, saving each new best checkpoint; finally record the whole run in the card and training.json."""
+    path = config.out_dir / name
+
+    def card(result: TrainResult) -> str:
+        return model_card(name, role, model, config, data.manifest, training_section(settings, result, objective))
+
+    def save(result: TrainResult) -> None:
+        save_checkpoint(model, data.tokenizer, path, config.save_dtype, card(result))
+
+    log.info("training %s", name)
+    result = train_model(
+        model, train_loss, valid_loss, data.train_tokens, data.valid_windows, settings, config.context, config.eval_batch_size, save
+    )
+    (path / "README.md").write_text(card(result))
+    (path / TRAINING_FILE).write_text(result.model_dump_json(indent=1))
+    return result
+
+
+def _export_exits(config: ZooConfig, data: _Data) -> None:
+    drafter = load_model(config.out_dir / DRAFTER_NAME)
+    for layer in config.drafter.exit_layers:
+        name = config.exit_dir_name(layer)
+        role = (
+            f"Exit {layer} of the sorted drafter `{DRAFTER_NAME}`, exported as an ordinary Llama: the drafter's first "
+            f"{layer} decoder layers, its final norm, embeddings and lm_head, copied unchanged, so its logits equal "
+            f"the drafter's exit {layer}."
+        )
+        training = f"Not trained separately; see `../{DRAFTER_NAME}/README.md`."
+        model = export_exit(drafter, layer)
+        card = model_card(name, role, model, config, data.manifest, training)
+        save_checkpoint(model, data.tokenizer, config.out_dir / name, config.save_dtype, card)
+
+
+def weight_bytes(out_dir: Path) -> dict[str, int]:
+    """Size of the safetensors weights of every model directory under out_dir."""
+    return {p.parent.name: p.stat().st_size for p in sorted(out_dir.glob(f"*/{WEIGHTS_FILE}"))}

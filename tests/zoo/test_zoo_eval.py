@@ -1,0 +1,54 @@
+import math
+
+import pytest
+import torch
+
+from cluster.zoo.evaluate import EvalReport, acceptance_sums, expected_accepted_length, to_markdown
+
+
+def test_expected_accepted_length_formula() -> None:
+    assert expected_accepted_length(0.0, 4) == 1.0
+    assert expected_accepted_length(1.0, 4) == 5.0
+    assert expected_accepted_length(0.5, 4) == pytest.approx(1 + 0.5 + 0.25 + 0.125 + 0.0625)
+
+
+def test_acceptance_sums_bounds() -> None:
+    logits = torch.randn(2, 5, 11)
+    assert acceptance_sums(logits, logits) == pytest.approx((10.0, 10.0))
+    one_hot = torch.full((1, 1, 3), -1e9)
+    one_hot[0, 0, 0] = 0.0
+    other = torch.full((1, 1, 3), -1e9)
+    other[0, 0, 2] = 0.0
+    assert acceptance_sums(one_hot, other) == pytest.approx((0.0, 0.0))
+    q, p = torch.tensor([[[0.0, 0.0]]]), torch.log(torch.tensor([[[0.8, 0.2]]]))
+    assert acceptance_sums(q, p)[1] == pytest.approx(0.5 + 0.2)
+
+
+def test_report_has_every_model_with_finite_heldout_loss(smoke_report: dict) -> None:
+    report = EvalReport.model_validate(smoke_report)
+    names = [m.name for m in report.models]
+    assert names == ["target-s", "target-m", "target-l", "drafter-exit-1", "drafter-exit-2", "drafter-exit-3"]
+    for model in report.models:
+        assert math.isfinite(model.loss) and 0 < model.loss < math.log(400)
+        assert model.perplexity == pytest.approx(math.exp(model.loss))
+    params = [m.parameters for m in report.models]
+    assert params[0] < params[1] < params[2] and params[3] < params[4] < params[5]
+    assert report.tokens == 1024 and report.test_files > 0
+
+
+def test_acceptance_matrix_is_complete_and_in_range(smoke_report: dict) -> None:
+    report = EvalReport.model_validate(smoke_report)
+    cells = {(p.exit_layer, p.target): p for p in report.matrix}
+    assert set(cells) == {(e, t) for e in (1, 2, 3) for t in ("target-s", "target-m", "target-l")}
+    for pair in report.matrix:
+        assert 0 <= pair.greedy_agreement <= 1 and 0 < pair.alpha <= 1
+        assert 1 <= pair.mal <= report.k + 1 and 1 <= pair.mal_greedy <= report.k + 1
+        assert pair.mal == pytest.approx(expected_accepted_length(pair.alpha, report.k))
+        assert pair.mal_greedy == pytest.approx(expected_accepted_length(pair.greedy_agreement, report.k))
+
+
+def test_markdown_tables(smoke_report: dict) -> None:
+    markdown = to_markdown(EvalReport.model_validate(smoke_report))
+    assert "| exit \\ target | target-s | target-m | target-l |" in markdown
+    assert markdown.count("| exit 2 |") == 4 and "| drafter-exit-3 |" in markdown
+    assert "(1 - a^(k+1)) / (1 - a)" in markdown

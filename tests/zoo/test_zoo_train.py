@@ -1,0 +1,128 @@
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cluster.zoo.config import TrainSettings, ZooConfig, check_budget, preset, shipped_bytes
+from cluster.zoo.exits import exit_logits
+from cluster.zoo.pipeline import CONFIG_FILE, TRAINING_FILE, model_names, weight_bytes
+from cluster.zoo.train import TrainResult, heldout_windows, lr_at, training_batches
+
+from zoo_helpers import run_cli
+
+SMOKE_DIRS = ["target-s", "target-m", "target-l", "drafter", "drafter-exit-1", "drafter-exit-2", "drafter-exit-3"]
+
+
+def test_full_preset_fits_the_weight_budget(tmp_path: Path) -> None:
+    config = preset("full", tmp_path)
+    sizes = shipped_bytes(config)
+    assert check_budget(config) == sum(sizes.values()) <= 64 * 2**20
+    targets = [sizes[t.name] for t in config.targets]
+    assert targets == sorted(targets) and len(targets) == 3
+    assert sizes["drafter"] < targets[0] and len(config.drafter.exit_layers) >= 3
+
+
+def test_budget_is_enforced(tmp_path: Path) -> None:
+    config = preset("full", tmp_path)
+    with pytest.raises(ValueError, match="budget"):
+        check_budget(config.model_copy(update={"budget_mib": 10.0}))
+
+
+def test_training_batches_cover_each_epoch_with_disjoint_windows() -> None:
+    tokens = torch.arange(101)
+    batches = training_batches(tokens, context=10, batch_size=3, seed=0)
+    epoch = torch.cat([next(batches) for _ in range(3)])  # 9 of the 9 or 10 windows of one epoch
+    assert epoch.shape == (9, 11)
+    assert torch.equal(epoch[:, 1:] - epoch[:, :-1], torch.ones(9, 10, dtype=torch.long))  # contiguous windows
+    starts = sorted(epoch[:, 0].tolist())
+    assert len({s % 10 for s in starts}) == 1 and all(b - a >= 10 for a, b in zip(starts, starts[1:]))
+
+
+def test_heldout_windows_are_fixed_and_capped() -> None:
+    windows = heldout_windows(torch.arange(50), context=8, max_tokens=24)
+    assert windows.shape == (3, 9) and windows[1, 0] == 8 and windows[2, -1] == 24
+    with pytest.raises(ValueError):
+        heldout_windows(torch.arange(5), context=8, max_tokens=24)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    settings = TrainSettings(steps=100, batch_size=1, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, eval_every=10, seed=0)
+    rates = [lr_at(step, settings) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    assert lr_at(100, settings) == pytest.approx(0.1)
+
+
+def test_smoke_run_writes_every_model_within_budget(smoke_zoo: Path) -> None:
+    config = ZooConfig.model_validate_json((smoke_zoo / CONFIG_FILE).read_text())
+    sizes = weight_bytes(smoke_zoo)
+    assert sorted(sizes) == sorted(SMOKE_DIRS)
+    expected = shipped_bytes(config)
+    for name, size in sizes.items():
+        assert expected[name] <= size < expected[name] + 64 * 1024  # fp16 weights plus the safetensors header
+    assert (smoke_zoo / "tokenizer" / "tokenizer.json").exists()
+    assert json.loads((smoke_zoo / "corpus_manifest.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("name", SMOKE_DIRS)
+def test_every_model_dir_loads_standalone_and_generates(smoke_zoo: Path, name: str) -> None:
+    path = smoke_zoo / name
+    with safe_open(path / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float16}
+    assert "# specfleet" in (path / "README.md").read_text()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    assert tokenizer.eos_token == "<|endoftext|>" and model.config.eos_token_id == tokenizer.eos_token_id
+    prompt = tokenizer("def main():\n    ", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 5)
+    assert isinstance(tokenizer.decode(out[0]), str)
+
+
+def test_drafter_records_its_exits_and_exports_match_them(smoke_zoo: Path) -> None:
+    drafter = AutoModelForCausalLM.from_pretrained(smoke_zoo / "drafter", dtype=torch.float32).eval()
+    assert drafter.config.exit_layers == [1, 2, 3]
+    ids = torch.randint(0, drafter.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        exits = exit_logits(drafter, ids, [1, 2, 3])
+        for layer in (1, 2, 3):
+            exported = AutoModelForCausalLM.from_pretrained(smoke_zoo / f"drafter-exit-{layer}", dtype=torch.float32)
+            assert exported.config.num_hidden_layers == layer
+            torch.testing.assert_close(exported(ids).logits, exits[layer], rtol=0, atol=1e-5)
+
+
+def test_training_learned_and_kept_the_best_checkpoint(smoke_zoo: Path) -> None:
+    config = ZooConfig.model_validate_json((smoke_zoo / CONFIG_FILE).read_text())
+    for name in model_names(config):
+        result = TrainResult.model_validate_json((smoke_zoo / name / TRAINING_FILE).read_text())
+        assert result.steps == 6 and [p.step for p in result.history] == [3, 6]
+        assert result.best_valid_loss == min(p.valid_loss for p in result.history) < math.log(config.tokenizer.vocab_size)
+        assert f"step {result.best_step}, valid loss {result.best_valid_loss:.4f}" in (smoke_zoo / name / "README.md").read_text()
+
+
+def test_retraining_one_model_reuses_the_tokenizer_and_is_reproducible(smoke_zoo: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "zoo"
+    shutil.copytree(smoke_zoo, copy)
+    config = json.loads((copy / CONFIG_FILE).read_text())
+    config["out_dir"] = str(copy)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokenizer_time = (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    (copy / "target-s" / "model.safetensors").unlink()
+    assert run_cli(["zoo", "train", "--config", str(tmp_path / "config.json"), "--models", "target-s"]) == 0
+    assert (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == tokenizer_time
+    assert (copy / "target-s" / "model.safetensors").read_bytes() == (smoke_zoo / "target-s" / "model.safetensors").read_bytes()
+
+
+def test_unknown_model_names_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        run_cli(["zoo", "train", "--preset", "smoke", "--out", str(tmp_path), "--models", "target-xl"])
+
+
+def test_drafter_needs_its_teacher_trained_first(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="train it first"):
+        run_cli(["zoo", "train", "--preset", "smoke", "--out", str(tmp_path), "--models", "drafter"])
