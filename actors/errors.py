@@ -20,3 +20,7 @@ class ModelNotFound(SpecfleetError, LookupError):
 
 class IncompatibleModels(SpecfleetError, ValueError):
     """Two models that cannot be paired, e.g. drafter and target vocabularies differ."""
+
+
+class DrafterUnavailable(SpecfleetError):
+    """The drafter cannot serve (dead actor, timeout): callers fall back to plain decoding."""

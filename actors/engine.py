@@ -1,0 +1,239 @@
+"""SpeculationEngine: continuous batching of speculative decoding for one target.
+
+Sequences join with `add` and leave when they finish or are cancelled; each
+`step` runs one round for every live sequence:
+
+1. sequences added since the last step are prefilled together;
+2. the drafter proposes up to k tokens per sequence (one batched call);
+3. the target scores `[pending, x_1..x_k]` per sequence in one batched forward;
+4. each row is verified, both models roll back to what was emitted, and the
+   new tokens are returned.
+
+The target's cache holds every emitted token but the last, the *pending* one;
+the next round feeds it first, so one forward both extends the cache and
+judges the draft. With no drafter the same loop is plain autoregressive
+decoding (k = 0), the baseline every speedup is measured against.
+
+If the drafter fails (`DrafterUnavailable`, e.g. its actor died), the engine
+drops it and goes on decoding plainly: slower, never a wrong or lost token.
+"""
+
+import itertools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from actors.drafters import Draft, DraftRequest, Drafter
+from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
+from actors.runner import ModelRunner, SeqId
+from actors.sampling import SamplingParams, logits_to_probs, make_generator
+from actors.verification import Verdict, verify_greedy, verify_sampled
+
+log = logging.getLogger(__name__)
+
+MAX_DRAFT_LENGTH = 64  # beyond this a round costs more than any drafter saves
+
+
+@dataclass
+class SpeculationStats:
+    """Counters of one sequence or of a whole run (MAL counts the bonus token)."""
+
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens kept by the verifier
+    target_forwards: int = 0  # decoding rounds: one target forward each (prefill excluded)
+    emitted: int = 0  # tokens produced by the rounds, before truncation at a stop
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per target forward, bonus included; plain decoding gives 1.0."""
+        return self.emitted / self.target_forwards if self.target_forwards else 0.0
+
+    def add(self, other: "SpeculationStats") -> None:
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.target_forwards += other.target_forwards
+        self.emitted += other.emitted
+
+
+@dataclass(frozen=True)
+class SequenceUpdate:
+    """What one step did for one sequence."""
+
+    seq_id: SeqId
+    new_tokens: list[int]  # tokens appended this step (the stopping end-of-sequence token excluded)
+    finish_reason: str | None  # "stop" (end-of-sequence token), "length" (max_tokens) or None while live
+    stats: SpeculationStats  # cumulative for the sequence
+
+
+@dataclass
+class _Live:
+    """A sequence being generated."""
+
+    seq_id: SeqId
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    pending: int  # last emitted token, not yet in the target's cache
+    prefilled: bool = False
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+
+
+class SpeculationEngine:
+    """Generates for many sequences of one target, speculating with a drafter when one is given."""
+
+    def __init__(self, target: ModelRunner, drafter: Drafter | None = None, k: int = 4, exit_layer: int | None = None):
+        if drafter is not None:
+            check_pairing(target, drafter)
+            if not 1 <= k <= MAX_DRAFT_LENGTH:
+                raise InvalidRequest(f"draft length k must be in 1..{MAX_DRAFT_LENGTH}, got {k}")
+            if exit_layer is not None:
+                drafter.check_exit(exit_layer)
+        self.target, self.drafter = target, drafter
+        self.k = k if drafter is not None else 0
+        self.exit_layer = exit_layer
+        self._live: dict[SeqId, _Live] = {}
+        self._ids = itertools.count()
+
+    @property
+    def num_live(self) -> int:
+        return len(self._live)
+
+    def add(self, prompt: Sequence[int], params: SamplingParams, seq_id: SeqId | None = None) -> SeqId:
+        """Validate and admit a sequence; it is prefilled at the next step."""
+        self._check_prompt(prompt, params)
+        seq_id = next(self._ids) if seq_id is None else seq_id
+        if seq_id in self._live:
+            raise InvalidRequest(f"sequence {seq_id!r} is already being generated")
+        seq = _Live(seq_id, list(prompt), params, make_generator(params.seed), pending=prompt[-1])
+        self.target.add_sequence(seq_id)
+        if self.drafter is not None:
+            self._call_drafter(lambda d: d.start(seq_id, seq.prompt, params))
+        self._live[seq_id] = seq
+        return seq_id
+
+    def cancel(self, seq_id: SeqId) -> bool:
+        """Stop a sequence and free its state on both models; False if it was not live."""
+        seq = self._live.pop(seq_id, None)
+        if seq is not None:
+            self._release(seq)
+        return seq is not None
+
+    def step(self) -> list[SequenceUpdate]:
+        """One round for every live sequence; finished sequences are released."""
+        running = list(self._live.values())
+        if not running:
+            return []
+        self._prefill([s for s in running if not s.prefilled])
+        drafts = self._propose(running)
+        logits = self.target.forward(
+            [s.seq_id for s in running], [[s.pending] + d.tokens for s, d in zip(running, drafts)]
+        )  # per row [k_i + 1, V]
+        updates = [self._advance(s, d, self._verify(s, d, l)) for s, d, l in zip(running, drafts, logits)]
+        for update in updates:
+            if update.finish_reason is not None:
+                self._release(self._live.pop(update.seq_id))
+        return updates
+
+    def close(self) -> None:
+        """Cancel every live sequence."""
+        for seq_id in list(self._live):
+            self.cancel(seq_id)
+
+    # -- validation --------------------------------------------------------------
+
+    def _check_prompt(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        if len(prompt) == 0:
+            raise InvalidRequest("prompt is empty: give at least one token")
+        if not all(isinstance(t, int) and 0 <= t < self.target.vocab_size for t in prompt):
+            raise InvalidRequest(f"prompt token ids must be integers in [0, {self.target.vocab_size})")
+        if len(prompt) + params.max_tokens > self.target.max_context:
+            raise InvalidRequest(
+                f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"the target's context of {self.target.max_context} tokens"
+            )
+
+    # -- one round -------------------------------------------------------------------
+
+    def _prefill(self, fresh: list[_Live]) -> None:
+        """Cache every prompt token but the last, all fresh sequences in one forward."""
+        rows = [s for s in fresh if len(s.prompt) > 1]
+        if rows:
+            self.target.forward([s.seq_id for s in rows], [s.prompt[:-1] for s in rows], last_only=True)
+        for seq in fresh:
+            seq.prefilled = True
+
+    def _propose(self, running: list[_Live]) -> list[Draft]:
+        no_drafts = [Draft([], None) for _ in running]
+        if self.drafter is None:
+            return no_drafts
+        requests = [DraftRequest(s.seq_id, self._draft_length(s), self.exit_layer) for s in running]
+        drafts = self._call_drafter(lambda d: d.propose(requests))
+        return no_drafts if drafts is None else drafts
+
+    def _draft_length(self, seq: _Live) -> int:
+        """k, cut so the round cannot emit past max_tokens (it emits at most k + 1)."""
+        return max(0, min(self.k, seq.params.max_tokens - len(seq.tokens) - 1))
+
+    @staticmethod
+    def _verify(seq: _Live, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+        draft_tokens = torch.tensor(draft.tokens, dtype=torch.long)
+        if seq.params.greedy:
+            return verify_greedy(draft_tokens, target_logits)
+        target_probs = logits_to_probs(target_logits, seq.params)  # [k + 1, V]
+        return verify_sampled(draft_tokens, draft.probs, target_probs, seq.generator)
+
+    def _advance(self, seq: _Live, draft: Draft, verdict: Verdict) -> SequenceUpdate:
+        """Record the round, roll both models back to what was emitted, and check for a stop."""
+        emitted = verdict.emitted(draft.tokens)
+        seq.stats.add(SpeculationStats(len(draft.tokens), verdict.num_accepted, 1, len(emitted)))
+        cached_before = self.target.cached_length(seq.seq_id) - len(draft.tokens) - 1
+        self.target.rollback(seq.seq_id, cached_before + 1 + verdict.num_accepted)
+        if self.drafter is not None:
+            self._call_drafter(lambda d: d.commit(seq.seq_id, emitted))
+        seq.pending = emitted[-1]
+        new_tokens = self._append(seq, emitted)
+        return SequenceUpdate(seq.seq_id, new_tokens, seq.finish_reason, replace(seq.stats))
+
+    def _append(self, seq: _Live, emitted: list[int]) -> list[int]:
+        eos = self.target.eos_token_id
+        added = []
+        for token in emitted:
+            if token == eos and not seq.params.ignore_eos:
+                seq.finish_reason = "stop"
+                break
+            added.append(token)
+            if len(seq.tokens) + len(added) >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+                break
+        seq.tokens.extend(added)
+        return added
+
+    def _release(self, seq: _Live) -> None:
+        self.target.free(seq.seq_id)
+        if self.drafter is not None:
+            self._call_drafter(lambda d: d.finish(seq.seq_id))
+
+    def _call_drafter(self, call):
+        """Run a drafter call; on `DrafterUnavailable` drop the drafter and decode plainly from now on."""
+        try:
+            return call(self.drafter)
+        except DrafterUnavailable as err:
+            log.warning("drafter unavailable, falling back to plain decoding: %s", err)
+            self.drafter, self.k = None, 0
+            return None
+
+
+def check_pairing(target: ModelRunner, drafter: Drafter) -> None:
+    """A drafter must score the same token ids as its target."""
+    if drafter.vocab_size is not None and drafter.vocab_size != target.vocab_size:
+        raise IncompatibleModels(
+            f"drafter vocabulary ({drafter.vocab_size} ids) differs from the target's ({target.vocab_size} ids)"
+        )

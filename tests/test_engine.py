@@ -1,0 +1,81 @@
+"""SpeculationEngine: continuous batching, cancellation, and falling back when the drafter dies."""
+
+import pytest
+
+from actors.drafters import ModelDrafter
+from actors.engine import SpeculationEngine
+from actors.errors import DrafterUnavailable, InvalidRequest
+from actors.generator import SpeculativeGenerator
+from actors.sampling import make_sampling_params
+
+GREEDY = make_sampling_params(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+def run_to_end(engine: SpeculationEngine) -> dict:
+    tokens: dict = {}
+    while engine.num_live:
+        for update in engine.step():
+            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
+    return tokens
+
+
+@pytest.fixture
+def plain(target, prompts) -> list[list[int]]:
+    return [r.tokens for r in SpeculativeGenerator(target).generate(prompts, GREEDY)]
+
+
+def test_sequences_joining_mid_run_get_the_same_tokens(target, drafter_runner, prompts, plain):
+    engine = SpeculationEngine(target, ModelDrafter(drafter_runner), k=3, exit_layer=2)
+    tokens: dict = {}
+    waiting = list(enumerate(prompts))
+    while waiting or engine.num_live:
+        if waiting:  # one newcomer per step, while the others are mid-generation
+            index, prompt = waiting.pop(0)
+            engine.add(prompt, GREEDY, seq_id=index)
+        for update in engine.step():
+            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
+    assert [tokens[i] for i in range(len(prompts))] == plain
+
+
+def test_cancel_frees_the_sequence_on_both_models(target, drafter_runner, prompts):
+    engine = SpeculationEngine(target, ModelDrafter(drafter_runner), k=4)
+    engine.add(prompts[0], GREEDY, seq_id="keep")
+    engine.add(prompts[1], GREEDY, seq_id="drop")
+    engine.step()
+    assert target.has_sequence("drop") and drafter_runner.has_sequence("drop")
+    assert engine.cancel("drop") and not engine.cancel("drop")
+    assert not target.has_sequence("drop") and not drafter_runner.has_sequence("drop")
+    assert run_to_end(engine)["keep"]
+    assert target.num_sequences == 0 and drafter_runner.num_sequences == 0
+
+
+class DyingDrafter(ModelDrafter):
+    """A model drafter whose every call fails once `die_after` proposals were served."""
+
+    def __init__(self, runner, die_after: int):
+        super().__init__(runner)
+        self.calls_left = die_after
+
+    def propose(self, requests):
+        if self.calls_left == 0:
+            raise DrafterUnavailable("drafter actor died")
+        self.calls_left -= 1
+        return super().propose(requests)
+
+
+def test_a_dying_drafter_falls_back_to_plain_decoding_without_losing_tokens(target, drafter_runner, prompts, plain):
+    engine = SpeculationEngine(target, DyingDrafter(drafter_runner, die_after=3), k=4, exit_layer=4)
+    for index, prompt in enumerate(prompts):
+        engine.add(prompt, GREEDY, seq_id=index)
+    tokens = run_to_end(engine)
+    assert [tokens[i] for i in range(len(prompts))] == plain
+    assert engine.drafter is None and engine.k == 0
+
+
+def test_duplicate_ids_are_refused(target):
+    engine = SpeculationEngine(target)
+    engine.add([1, 2], GREEDY, seq_id="x")
+    with pytest.raises(InvalidRequest, match="already being generated"):
+        engine.add([1, 2], GREEDY, seq_id="x")
+    engine.close()
+    assert target.num_sequences == 0
