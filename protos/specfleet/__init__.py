@@ -1,0 +1,1 @@
+"""Generated Python modules of specfleet's wire contract (see protos/README.md)."""
