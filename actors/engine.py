@@ -80,6 +80,8 @@ class _Live:
     params: SamplingParams
     generator: torch.Generator
     pending: int  # last emitted token, not yet in the target's cache
+    k: int | None = None  # this sequence's draft length (0: no speculation); None follows the engine's
+    exit_layer: int | None = None  # this sequence's drafter exit; None follows the engine's
     prefilled: bool = False
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -106,13 +108,25 @@ class SpeculationEngine:
     def num_live(self) -> int:
         return len(self._live)
 
-    def add(self, prompt: Sequence[int], params: SamplingParams, seq_id: SeqId | None = None) -> SeqId:
-        """Validate and admit a sequence; it is prefilled at the next step."""
+    def add(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        seq_id: SeqId | None = None,
+        k: int | None = None,
+        exit_layer: int | None = None,
+    ) -> SeqId:
+        """Validate and admit a sequence; it is prefilled at the next step.
+
+        `k` and `exit_layer` override the engine's speculation for this sequence
+        (k = 0 decodes it plainly).
+        """
         self._check_prompt(prompt, params)
+        self._check_speculation(k, exit_layer)
         seq_id = next(self._ids) if seq_id is None else seq_id
         if seq_id in self._live:
             raise InvalidRequest(f"sequence {seq_id!r} is already being generated")
-        seq = _Live(seq_id, list(prompt), params, make_generator(params.seed), pending=prompt[-1])
+        seq = _Live(seq_id, list(prompt), params, make_generator(params.seed), pending=prompt[-1], k=k, exit_layer=exit_layer)
         self.target.add_sequence(seq_id)
         if self.drafter is not None:
             self._call_drafter(lambda d: d.start(seq_id, seq.prompt, params))
@@ -160,6 +174,14 @@ class SpeculationEngine:
                 f"the target's context of {self.target.max_context} tokens"
             )
 
+    def _check_speculation(self, k: int | None, exit_layer: int | None) -> None:
+        if k is not None and not 0 <= k <= MAX_DRAFT_LENGTH:
+            raise InvalidRequest(f"draft length k must be in 0..{MAX_DRAFT_LENGTH}, got {k}")
+        if exit_layer is not None and self.drafter is None:
+            raise InvalidRequest("this target has no drafter, so no exit to choose")
+        if exit_layer is not None:
+            self.drafter.check_exit(exit_layer)
+
     # -- one round -------------------------------------------------------------------
 
     def _prefill(self, fresh: list[_Live]) -> None:
@@ -174,13 +196,14 @@ class SpeculationEngine:
         no_drafts = [Draft([], None) for _ in running]
         if self.drafter is None:
             return no_drafts
-        requests = [DraftRequest(s.seq_id, self._draft_length(s), self.exit_layer) for s in running]
+        requests = [DraftRequest(s.seq_id, self._draft_length(s), s.exit_layer or self.exit_layer) for s in running]
         drafts = self._call_drafter(lambda d: d.propose(requests))
         return no_drafts if drafts is None else drafts
 
     def _draft_length(self, seq: _Live) -> int:
         """k, cut so the round cannot emit past max_tokens (it emits at most k + 1)."""
-        return max(0, min(self.k, seq.params.max_tokens - len(seq.tokens) - 1))
+        k = self.k if seq.k is None or self.drafter is None else seq.k
+        return max(0, min(k, seq.params.max_tokens - len(seq.tokens) - 1))
 
     @staticmethod
     def _verify(seq: _Live, draft: Draft, target_logits: torch.Tensor) -> Verdict:

@@ -5,6 +5,7 @@ import sys
 
 from actors.errors import SpecfleetError
 from cluster.generate_command import add_generate_command
+from cluster.up_command import add_up_command
 from cluster.zoo.cli import add_zoo_commands
 
 
@@ -12,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="specfleet", description="Speculative decoding, one drafter for many targets.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_command(subparsers)
+    add_up_command(subparsers)
     add_zoo_commands(subparsers)
     return parser
 

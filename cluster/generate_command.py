@@ -3,26 +3,33 @@
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from actors.drafters import Drafter, ModelDrafter, NgramDrafter
 from actors.errors import InvalidRequest
-from actors.generator import GenerationResult, SpeculativeGenerator
+from actors.generator import SpeculativeGenerator
 from actors.loading import check_same_vocabulary, load_tokenizer
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from cluster.client import generate_remote
 from cluster.defaults import default_drafter, default_target
+from specfleet.v1 import generation_pb2 as pb
 
 
 def add_generate_command(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate a completion in-process (speculative by default)")
     parser.add_argument("prompt", help="the text to complete")
     parser.add_argument("--target", type=Path, default=None, help="target checkpoint folder (default: the zoo's largest target)")
+    parser.add_argument("--server", help="call a running `specfleet up` at HOST:PORT instead of loading models here")
+    parser.add_argument("--model", default="target-l", help="with --server: the target model's name")
+    parser.add_argument("--exit", type=int, default=None, help="with --server and --k: the drafter exit to use")
+    parser.add_argument("--timeout", type=float, default=300.0, help="with --server: deadline of the call in seconds")
     drafting = parser.add_mutually_exclusive_group()
     drafting.add_argument("--drafter", default=None, help="drafter checkpoint folder, optionally PATH:EXIT (default: the zoo's drafter)")
     drafting.add_argument("--ngram", action="store_true", help="draft by prompt lookup (n-gram) instead of a model")
     drafting.add_argument("--no-spec", action="store_true", help="decode with the target alone")
-    parser.add_argument("--k", type=int, default=4, help="draft tokens per round")
+    parser.add_argument("--k", type=int, default=None, help="draft tokens per round (default 4; with --server, the cluster's plan)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -38,6 +45,8 @@ def run_generate(args: argparse.Namespace) -> int:
     params = make_sampling_params(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
     )
+    if args.server:
+        return _run_remote(args, params)
     target_path = args.target or default_target()
     tokenizer = load_tokenizer(target_path)
     prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
@@ -45,16 +54,40 @@ def run_generate(args: argparse.Namespace) -> int:
         raise InvalidRequest("prompt is empty: give some text to complete")
     target = ModelRunner.from_pretrained(target_path, args.dtype, args.device)
     drafter, exit_layer, drafter_name = _build_drafter(args, tokenizer)
-    generator = SpeculativeGenerator(target, drafter, k=args.k, exit_layer=exit_layer)
+    generator = SpeculativeGenerator(target, drafter, k=4 if args.k is None else args.k, exit_layer=exit_layer)
     result = generator.generate([prompt], params)[0]
-    text = tokenizer.decode(result.tokens)
-    summary = _summary(result, generator.elapsed_s, drafter_name, exit_layer, generator.k)
+    stats = result.stats
+    summary = _summary(len(result.tokens), stats.target_forwards, stats.mean_accepted_length, stats.acceptance_rate,
+                       generator.elapsed_s, drafter_name, exit_layer, generator.k)
+    _print(args, tokenizer.decode(result.tokens), result.tokens, result.finish_reason, summary)
+    return 0
+
+
+def _run_remote(args: argparse.Namespace, params) -> int:
+    request = pb.GenerateRequest(model=args.model, text=args.prompt, max_tokens=params.max_tokens,
+                                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+    if params.seed is not None:
+        request.seed = params.seed
+    if args.no_spec:
+        request.speculation.mode = pb.Speculation.OFF
+    elif args.k is not None:
+        request.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.FIXED, k=args.k, exit_layer=args.exit or 0))
+    started = time.perf_counter()
+    response = generate_remote(args.server, request, args.timeout)
+    spec = response.speculation
+    summary = _summary(len(response.token_ids), spec.target_forwards, spec.mean_accepted_length, spec.acceptance_rate,
+                       time.perf_counter() - started, spec.drafter or "none", spec.exit_layer or None, spec.k)
+    finish = pb.FinishReason.Name(response.finish_reason).lower()
+    _print(args, response.text, list(response.token_ids), finish, summary)
+    return 0
+
+
+def _print(args, text: str, tokens: list[int], finish_reason: str, summary: dict) -> None:
     if args.json:
-        print(json.dumps({"text": text, "tokens": result.tokens, "finish_reason": result.finish_reason, **summary}))
+        print(json.dumps({"text": text, "tokens": tokens, "finish_reason": finish_reason, **summary}))
     else:
         print(text)
         print(" ".join(f"{key}={value}" for key, value in summary.items()), file=sys.stderr)
-    return 0
 
 
 def _build_drafter(args, target_tokenizer) -> tuple[Drafter | None, int | None, str]:
@@ -76,14 +109,14 @@ def parse_drafter_spec(spec: str) -> tuple[Path, int | None]:
     return Path(path), int(exit_text)
 
 
-def _summary(result: GenerationResult, elapsed_s: float, drafter: str, exit_layer: int | None, k: int) -> dict:
-    stats = result.stats
+def _summary(tokens: int, forwards: int, mal: float, acceptance: float, elapsed_s: float, drafter: str,
+             exit_layer: int | None, k: int) -> dict:
     return {
-        "tokens": len(result.tokens),
-        "target_forwards": stats.target_forwards,
-        "mean_accepted_length": round(stats.mean_accepted_length, 3),
-        "acceptance_rate": round(stats.acceptance_rate, 3),
-        "tokens_per_s": round(len(result.tokens) / elapsed_s, 1) if elapsed_s > 0 else 0.0,
+        "tokens": tokens,
+        "target_forwards": forwards,
+        "mean_accepted_length": round(mal, 3),
+        "acceptance_rate": round(acceptance, 3),
+        "tokens_per_s": round(tokens / elapsed_s, 1) if elapsed_s > 0 else 0.0,
         "drafter": drafter,
         "exit": exit_layer,
         "k": k,

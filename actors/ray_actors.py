@@ -1,0 +1,130 @@
+"""The Ray actors of the data plane: a shared drafter and the targets it serves.
+
+`DrafterActor` hosts a multi-exit drafter for any number of targets and merges
+their concurrent draft calls into one forward per draft step (`DraftBatcher`).
+`TargetActor` hosts a target and owns the speculation loop of its sequences
+(fewest hops: the verifier asks for drafts, nobody relays them), reaching its
+drafter through `RemoteDrafter`. If the drafter dies or stalls, the loop drops
+it and decodes plainly (see `SpeculationEngine`), so no stream is lost.
+"""
+
+from collections.abc import Iterator, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.draft_batcher import DraftBatcher
+from actors.drafters import Draft, DraftRequest, Drafter, ModelDrafter
+from actors.engine import SequenceUpdate, SpeculationEngine
+from actors.engine_loop import EngineLoop
+from actors.errors import DrafterUnavailable
+from actors.runner import ModelRunner, SeqId
+from actors.sampling import SamplingParams
+
+
+class DrafterActor:
+    """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
+
+    def __init__(self, path: str, dtype: str = "float32", device: str = "cpu"):
+        runner = ModelRunner.from_pretrained(path, dtype, device)
+        self.batcher = DraftBatcher(ModelDrafter(runner))
+
+    def info(self) -> dict:
+        runner = self.batcher.drafter.runner
+        return {"vocab_size": runner.vocab_size, "exit_layers": runner.exit_layers, "max_context": runner.max_context,
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def check_exit(self, exit_layer: int) -> None:
+        self.batcher.drafter.check_exit(exit_layer)
+
+    def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
+        self.batcher.start(seq_id, prompt, params)
+
+    def propose(self, commits: list[tuple[SeqId, list[int]]], requests: Sequence[DraftRequest]) -> list[Draft]:
+        """Apply the caller's pending commits, then draft (batched with other callers)."""
+        for seq_id, emitted in commits:
+            self.batcher.commit(seq_id, emitted)
+        return self.batcher.propose(requests)
+
+    def finish(self, seq_ids: list[SeqId]) -> None:
+        for seq_id in seq_ids:
+            self.batcher.finish(seq_id)
+
+    def live_sequences(self) -> int:
+        return self.batcher.drafter.runner.num_sequences
+
+    def batched_forwards(self) -> int:
+        return self.batcher.forwards
+
+
+class RemoteDrafter(Drafter):
+    """A `Drafter` backed by a `DrafterActor`; any failure surfaces as `DrafterUnavailable`.
+
+    Commits are buffered and ride along with the next `propose`, so a round
+    costs one remote call, not one per sequence.
+    """
+
+    def __init__(self, handle, info: dict, timeout_s: float):
+        self.handle, self.timeout_s = handle, timeout_s
+        self.vocab_size = info["vocab_size"]
+        self.exit_layers = info["exit_layers"]
+        self._commits: list[tuple[SeqId, list[int]]] = []
+
+    def check_exit(self, exit_layer: int) -> None:
+        self._call(self.handle.check_exit.remote(exit_layer))
+
+    def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
+        self._call(self.handle.start.remote(seq_id, prompt, params))
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        commits, self._commits = self._commits, []
+        return self._call(self.handle.propose.remote(commits, list(requests)))
+
+    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
+        self._commits.append((seq_id, emitted))
+
+    def finish(self, seq_id: SeqId) -> None:
+        self._commits = [c for c in self._commits if c[0] != seq_id]
+        self.handle.finish.remote([seq_id])  # fire and forget: the caller need not wait for the free
+
+    def _call(self, ref):
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except (RayActorError, GetTimeoutError) as err:
+            raise DrafterUnavailable(f"drafter actor failed: {type(err).__name__}") from None
+
+
+class TargetActor:
+    """A target model and the speculation loop of its sequences (wrapped with `ray.remote`)."""
+
+    def __init__(self, path: str, dtype: str, device: str, drafter_handle, exit_layer: int | None, k: int, timeout_s: float):
+        runner = ModelRunner.from_pretrained(path, dtype, device)
+        drafter = None
+        if drafter_handle is not None:
+            drafter = RemoteDrafter(drafter_handle, ray.get(drafter_handle.info.remote()), timeout_s)
+        self.loop = EngineLoop(SpeculationEngine(runner, drafter, k, exit_layer))
+
+    def info(self) -> dict:
+        runner = self.loop.engine.target
+        return {"vocab_size": runner.vocab_size, "max_context": runner.max_context, "eos_token_id": runner.eos_token_id,
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def generate(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, **speculation) -> Iterator[SequenceUpdate]:
+        """Stream a sequence's updates, one per round, the last with its finish reason.
+
+        `speculation` may override k (0: plain decoding) and exit_layer for this sequence.
+        """
+        output = self.loop.submit(seq_id, prompt, params, **speculation)
+        while True:
+            update = output.get()
+            if isinstance(update, BaseException):
+                raise update
+            yield update
+            if update.finish_reason is not None:
+                return
+
+    def cancel(self, seq_id: SeqId) -> None:
+        self.loop.cancel(seq_id)
+
+    def live_sequences(self) -> int:
+        return self.loop.engine.target.num_sequences

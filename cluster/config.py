@@ -1,0 +1,125 @@
+"""The cluster config: which models run where, and which drafter serves which target.
+
+A YAML file validated by pydantic. Pools name the kinds of node (cheap
+accelerators for drafters, big ones for targets) as Ray resources, so each
+actor lands only on nodes that carry its pool's resources.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.errors import SpecfleetError
+from cluster.defaults import models_dir
+
+
+class InvalidConfig(SpecfleetError, ValueError):
+    """The cluster config file is malformed or inconsistent."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolConfig(_Strict):
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor of the pool asks for, e.g. {draft: 1}."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs each actor of the pool reserves.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs each actor reserves; fractions share a GPU.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the nodes must have, e.g. 'H100'.")
+
+
+class ModelConfig(_Strict):
+    path: Path = Field(description="Local Hugging Face checkpoint folder (Llama architecture).")
+    pool: str = Field(description="Name of the pool whose nodes host this model's actors.")
+    replicas: int = Field(1, ge=1, le=64, description="Actors serving this model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
+    device: str = Field("cpu", description="torch device inside the actor, e.g. 'cpu' or 'cuda'.")
+
+
+class DrafterConfig(ModelConfig):
+    """A (multi-exit) drafter shared by the targets that name it."""
+
+
+class TargetConfig(ModelConfig):
+    drafter: str | None = Field(None, description="Name of the drafter that serves this target; None decodes plainly.")
+    exit_layer: int | None = Field(None, ge=1, description="Drafter exit to draft with; None uses its deepest exit.")
+    k: int = Field(4, ge=1, le=64, description="Draft tokens per round.")
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that leaves it unset.")
+    max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight before RESOURCE_EXHAUSTED.")
+    drafter_timeout_s: float = Field(
+        10.0, gt=0, description="A drafter call slower than this counts as a dead drafter: the target decodes plainly."
+    )
+
+
+class ClusterConfig(_Strict):
+    pools: dict[str, PoolConfig] = Field(description="Kinds of node, by name.")
+    drafters: dict[str, DrafterConfig] = Field(default_factory=dict, description="Drafter models, by name.")
+    targets: dict[str, TargetConfig] = Field(description="Target models clients can ask for, by name.", min_length=1)
+    server: ServerConfig = Field(default_factory=ServerConfig, description="The gRPC front door.")
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> "ClusterConfig":
+        for name, model in {**self.drafters, **self.targets}.items():
+            if model.pool not in self.pools:
+                raise ValueError(f"model {name!r} names pool {model.pool!r}, which is not among {sorted(self.pools)}")
+        for name, target in self.targets.items():
+            if target.drafter is not None and target.drafter not in self.drafters:
+                raise ValueError(f"target {name!r} names drafter {target.drafter!r}, which is not among {sorted(self.drafters)}")
+        clash = set(self.drafters) & set(self.targets)
+        if clash:
+            raise ValueError(f"names used for both a drafter and a target: {sorted(clash)}")
+        return self
+
+
+def load_config(path: str | Path) -> ClusterConfig:
+    """Read and validate a YAML cluster config; relative model paths resolve against the file's folder."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise InvalidConfig(f"cannot read cluster config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise InvalidConfig(f"{path} is not valid YAML: {err}") from None
+    config = parse_config(raw, source=str(path))
+    return _resolve_paths(config, Path(path).resolve().parent)
+
+
+def parse_config(raw: object, source: str = "cluster config") -> ClusterConfig:
+    if not isinstance(raw, dict):
+        raise InvalidConfig(f"{source}: expected a mapping at the top level")
+    try:
+        return ClusterConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        raise InvalidConfig(f"{source}: {problems}") from None
+
+
+def default_config() -> ClusterConfig:
+    """The embedded default: the zoo's sorted drafter serving its three targets, on two pools."""
+    zoo = models_dir()
+    pools = {"draft": PoolConfig(resources={"draft": 1}), "target": PoolConfig(resources={"target": 1})}
+    targets = {
+        name: TargetConfig(path=zoo / name, pool="target", drafter="drafter", k=4)
+        for name in ("target-s", "target-m", "target-l")
+    }
+    return ClusterConfig(pools=pools, drafters={"drafter": DrafterConfig(path=zoo / "drafter", pool="draft")}, targets=targets)
+
+
+def _resolve_paths(config: ClusterConfig, base: Path) -> ClusterConfig:
+    def resolve(model):
+        return model.model_copy(update={"path": model.path if model.path.is_absolute() else base / model.path})
+
+    return config.model_copy(
+        update={
+            "drafters": {n: resolve(m) for n, m in config.drafters.items()},
+            "targets": {n: resolve(m) for n, m in config.targets.items()},
+        }
+    )

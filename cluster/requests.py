@@ -1,0 +1,59 @@
+"""Turning a wire request into prompt ids and sampling parameters, or a readable refusal."""
+
+from dataclasses import dataclass
+
+from actors.errors import InvalidRequest
+from actors.sampling import SamplingParams, make_sampling_params
+from cluster.config import TargetConfig
+from specfleet.v1 import generation_pb2 as pb
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    max_context: int
+
+
+def prompt_ids(request: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> list[int]:
+    """The prompt as token ids: tokenized text, or the ids given, checked against the model."""
+    kind = request.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("the request has no prompt: set text or token_ids")
+    ids = tokenizer(request.text, add_special_tokens=False)["input_ids"] if kind == "text" else list(request.token_ids.ids)
+    if not ids:
+        raise InvalidRequest("prompt is empty: give at least one token")
+    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise InvalidRequest(f"token ids must lie in [0, {limits.vocab_size}); got {bad[:5]}")
+    if len(ids) >= limits.max_context:
+        raise InvalidRequest(f"prompt of {len(ids)} tokens leaves no room in the model's context of {limits.max_context}")
+    return ids
+
+
+def sampling_params(request: pb.GenerateRequest, default_max_tokens: int, prompt_length: int, limits: ModelLimits) -> SamplingParams:
+    max_tokens = request.max_tokens or min(default_max_tokens, limits.max_context - prompt_length)
+    if prompt_length + max_tokens > limits.max_context:
+        raise InvalidRequest(
+            f"prompt ({prompt_length} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {limits.max_context}"
+        )
+    values = {"max_tokens": max_tokens, "ignore_eos": request.ignore_eos}
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if request.HasField(name):
+            values[name] = getattr(request, name)
+    return make_sampling_params(**values)
+
+
+def speculation_overrides(speculation: pb.Speculation, target: TargetConfig) -> dict:
+    """Per-request speculation as engine overrides: {} follows the plan, {"k": 0} decodes plainly."""
+    mode = speculation.mode
+    if mode in (pb.Speculation.MODE_UNSPECIFIED, pb.Speculation.AUTO):
+        return {}
+    if mode == pb.Speculation.OFF:
+        return {"k": 0}
+    if target.drafter is None:
+        raise InvalidRequest("this target has no drafter to speculate with; use AUTO or OFF")
+    if speculation.drafter and speculation.drafter != target.drafter:
+        raise InvalidRequest(f"this target is paired with drafter {target.drafter!r}, not {speculation.drafter!r}")
+    if speculation.k < 1:
+        raise InvalidRequest("FIXED speculation needs k >= 1")
+    return {"k": speculation.k, "exit_layer": speculation.exit_layer or None}

@@ -1,0 +1,32 @@
+"""The gRPC server: Generation service, standard health checking and reflection."""
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.placement import Fleet
+from cluster.router import GenerationService
+from specfleet.v1 import generation_pb2 as pb
+from specfleet.v1 import generation_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "specfleet.v1.Generation"
+SHUTDOWN_GRACE_S = 5.0
+
+
+async def start_server(fleet: Fleet, host: str | None = None, port: int | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start serving on host:port (the config's by default); returns the server and its bound port."""
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServicer_to_server(GenerationService(fleet), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    config = fleet.config.server
+    bound = server.add_insecure_port(f"{host or config.host}:{config.grpc_port if port is None else port}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
+
+
+async def stop_server(server: grpc.aio.Server) -> None:
+    await server.stop(SHUTDOWN_GRACE_S)
