@@ -93,14 +93,14 @@ class ModelDrafter(Drafter):
             feeds = [self._pending(s) if step == 0 else tokens[s][-1:] for s in rows]
             logits = self.runner.forward(rows, feeds, [exits[s] for s in rows], last_only=True)
             for seq_id, row_logits in zip(rows, logits):
-                state = self._states[seq_id]
+                state = self._state(seq_id)
                 q = logits_to_probs(row_logits, state.params)  # [1, V]
                 tokens[seq_id].append(int(sample(q, state.generator)))
                 probs[seq_id].append(q[0])
         return [self._draft(tokens[r.seq_id], probs[r.seq_id]) for r in requests]
 
     def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
-        state = self._states[seq_id]
+        state = self._state(seq_id)
         committed = len(state.context)
         state.context.extend(emitted)
         self.runner.keep_common_prefix(seq_id, state.context, start=min(committed, self.runner.cached_length(seq_id)))
@@ -109,16 +109,22 @@ class ModelDrafter(Drafter):
         self._states.pop(seq_id, None)
         self.runner.free(seq_id)
 
+    def _state(self, seq_id: SeqId) -> _ModelDraftState:
+        try:
+            return self._states[seq_id]
+        except KeyError:
+            raise InvalidRequest(f"the drafter has no sequence {seq_id!r}") from None
+
     def _affordable_k(self, request: DraftRequest) -> int:
         """k, cut so the drafter's cache (context + k - 1 drafts) fits its context window."""
         if request.k < 0:
             raise InvalidRequest(f"draft length must be >= 0, got {request.k}")
-        room = self.runner.max_context - len(self._states[request.seq_id].context) + 1
+        room = self.runner.max_context - len(self._state(request.seq_id).context) + 1
         return max(0, min(request.k, room))
 
     def _pending(self, seq_id: SeqId) -> list[int]:
         """Context tokens the drafter's cache has not seen yet (the whole prompt at first)."""
-        return self._states[seq_id].context[self.runner.cached_length(seq_id) :]
+        return self._state(seq_id).context[self.runner.cached_length(seq_id) :]
 
     @staticmethod
     def _draft(tokens: list[int], probs: list[torch.Tensor]) -> Draft:

@@ -1,0 +1,67 @@
+"""Cluster config: YAML in, typed config out, readable errors for malformed files."""
+
+import pytest
+
+from cluster.config import InvalidConfig, default_config, load_config
+from cluster.defaults import models_dir
+from cluster.placement import actor_options
+from cluster.up_command import local_ray_resources
+
+GOOD = """
+pools:
+  draft: {resources: {draft: 1}, num_cpus: 0.5}
+  target: {resources: {target: 1}, num_gpus: 0.5, accelerator_type: H100}
+drafters:
+  sorted: {path: zoo/drafter, pool: draft}
+targets:
+  big: {path: /abs/target, pool: target, drafter: sorted, exit_layer: 2, k: 5, replicas: 2}
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_file_loads_with_paths_resolved_against_it(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    assert config.drafters["sorted"].path == tmp_path / "zoo" / "drafter"
+    assert str(config.targets["big"].path) == "/abs/target"
+    assert config.targets["big"].k == 5 and config.server.grpc_port == 50051
+
+
+def test_pools_become_ray_options(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    options = actor_options(config.pools["target"])
+    assert options["resources"] == {"target": 1} and options["num_gpus"] == 0.5
+    assert options["accelerator_type"] == "H100"
+    assert local_ray_resources(config)["resources"] == {"draft": 1, "target": 2}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("pools: [", "not valid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+        (GOOD.replace("pool: draft}", "pool: cheap}"), "names pool 'cheap'"),
+        (GOOD.replace("drafter: sorted,", "drafter: other,"), "names drafter 'other'"),
+        (GOOD.replace("k: 5", "k: 0"), "targets.big.k"),
+        (GOOD.replace("k: 5", "k: 5, colour: red"), "colour"),
+        (GOOD.replace("targets:\n  big", "targets: {}\nunused:\n  big"), "targets"),
+    ],
+)
+def test_malformed_configs_say_what_is_wrong(tmp_path, text, message):
+    with pytest.raises(InvalidConfig, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(InvalidConfig, match="cannot read cluster config"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_the_default_serves_the_zoo_targets_from_its_drafter():
+    config = default_config()
+    assert set(config.targets) == {"target-s", "target-m", "target-l"}
+    assert all(t.drafter == "drafter" and t.path.parent == models_dir() for t in config.targets.values())
