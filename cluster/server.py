@@ -1,5 +1,8 @@
 """The gRPC server: Generation service, standard health checking and reflection."""
 
+import asyncio
+import threading
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -30,3 +33,26 @@ async def start_server(fleet: Fleet, host: str | None = None, port: int | None =
 
 async def stop_server(server: grpc.aio.Server) -> None:
     await server.stop(SHUTDOWN_GRACE_S)
+
+
+class BackgroundServer:
+    """The asyncio gRPC server on its own thread, for callers that are not async (tests, benchmarks)."""
+
+    def __init__(self, fleet: Fleet, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 120.0):
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            self.server, self.port = self._loop.run_until_complete(start_server(fleet, host, port))
+            ready.set()
+            self._loop.run_forever()
+
+        threading.Thread(target=serve, name="grpc-server", daemon=True).start()
+        if not ready.wait(start_timeout_s):
+            raise TimeoutError("the gRPC server did not start")
+        self.address = f"{host}:{self.port}"
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(stop_server(self.server), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)

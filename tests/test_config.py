@@ -1,5 +1,7 @@
 """Cluster config: YAML in, typed config out, readable errors for malformed files."""
 
+from pathlib import Path
+
 import pytest
 
 from cluster.config import InvalidConfig, default_config, load_config
@@ -65,3 +67,15 @@ def test_the_default_serves_the_zoo_targets_from_its_drafter():
     config = default_config()
     assert set(config.targets) == {"target-s", "target-m", "target-l"}
     assert all(t.drafter == "drafter" and t.path.parent == models_dir() for t in config.targets.values())
+
+
+def test_the_example_config_is_the_default():
+    example = load_config(Path(__file__).resolve().parent.parent / "deploy" / "configs" / "zoo.yaml")
+    default = default_config()
+    assert example.model_dump(exclude={"drafters", "targets"}) == default.model_dump(exclude={"drafters", "targets"})
+    for kind in ("drafters", "targets"):
+        mine, theirs = getattr(example, kind), getattr(default, kind)
+        assert set(mine) == set(theirs)
+        for name in mine:
+            assert mine[name].path.resolve() == theirs[name].path.resolve()
+            assert mine[name].model_dump(exclude={"path"}) == theirs[name].model_dump(exclude={"path"})

@@ -4,8 +4,6 @@ Three nodes on this machine: a head, a node carrying the `draft` resource and
 one carrying `target`. One drafter serves three targets concurrently.
 """
 
-import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +18,7 @@ from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
 from cluster.placement import start_fleet, stop_fleet
-from cluster.server import start_server, stop_server
+from cluster.server import BackgroundServer
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 from tiny_models import build_llama
@@ -63,31 +61,10 @@ def fleet(ray_cluster, target_paths, drafter_path):
     stop_fleet(fleet)
 
 
-class ServerThread:
-    """The asyncio gRPC server on its own thread, so the test can call it synchronously."""
-
-    def __init__(self, fleet):
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(fleet,), daemon=True)
-        self.thread.start()
-        assert self.ready.wait(60), "server did not start"
-
-    def _run(self, fleet):
-        asyncio.set_event_loop(self.loop)
-        self.server, self.port = self.loop.run_until_complete(start_server(fleet, "127.0.0.1", 0))
-        self.ready.set()
-        self.loop.run_forever()
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(stop_server(self.server), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
 @pytest.fixture(scope="module")
 def channel(fleet):
-    server = ServerThread(fleet)
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    server = BackgroundServer(fleet)
+    with grpc.insecure_channel(server.address) as channel:
         yield channel
     server.stop()
 
