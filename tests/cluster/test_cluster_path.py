@@ -179,6 +179,14 @@ def test_a_cancelled_stream_frees_its_state_on_both_actors(stub, fleet, prompts)
     assert wait_until(lambda: ray.get(drafter.live_sequences.remote()) == 0)
 
 
+def test_a_passed_deadline_ends_the_call_and_frees_its_state(stub, fleet, prompts):
+    target = fleet.targets["medium"][0]
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Generate(greedy_request("medium", prompts[2], max_tokens=230), timeout=0.3)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(lambda: ray.get(target.live_sequences.remote()) == 0)
+
+
 def test_killing_the_drafter_mid_stream_loses_no_token(stub, fleet, prompts, expected):
     """Last in this module: the drafter stays dead, and every later stream decodes plainly."""
     streams = [(name, i, stub.GenerateStream(greedy_request(name, prompt), timeout=120))
