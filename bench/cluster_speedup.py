@@ -13,6 +13,8 @@ Writes bench/reports/cluster_speedup.{json,md}.
 
 import argparse
 import json
+import os
+import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -164,6 +166,8 @@ def to_markdown(report: dict) -> str:
         "# Cluster speedup (greedy, zoo, CPU)",
         "",
         f"Settings: {json.dumps(report['settings'])}. Command: `python -m bench.cluster_speedup`.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no GPU; every actor and the "
+        "client share these cores, so the multi-target rows measure contention as much as drafting.",
         "",
         "| path | plain tok/s | speculative tok/s | MAL | speedup |",
         "|---|---:|---:|---:|---:|",
