@@ -7,7 +7,6 @@ the sequence is cancelled on the actor, which frees it on both models.
 """
 
 import itertools
-import logging
 import uuid
 from dataclasses import dataclass
 
@@ -17,13 +16,13 @@ from ray.exceptions import RayActorError
 from actors.engine import SequenceUpdate
 from actors.errors import InvalidRequest
 from actors.loading import load_tokenizer
-from cluster.placement import Fleet
 from actors.sampling import SamplingParams
+from cluster.placement import Fleet
 from cluster.requests import ModelLimits, prompt_ids, sampling_params, speculation_overrides
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
+FINISH_REASONS = {"stop": pb.STOP, "length": pb.LENGTH}
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,6 @@ class _Admitted:
     prompt: list[int]
     params: SamplingParams
     speculation: dict  # per-sequence overrides: k, exit_layer
-
-FINISH_REASONS = {"stop": pb.STOP, "length": pb.LENGTH}
 
 
 class GenerationService(pb_grpc.GenerationServicer):
