@@ -56,7 +56,7 @@ class GenerationService(pb_grpc.GenerationServicer):
         return pb.GenerateResponse(
             model=request.model, text=admitted.tokenizer.decode(tokens), token_ids=tokens,
             finish_reason=FINISH_REASONS[last.finish_reason], usage=_usage(admitted.prompt, tokens),
-            speculation=self._stats(request.model, last),
+            speculation=self._stats(admitted, request.model, last),
         )
 
     async def GenerateStream(self, request, context):
@@ -72,7 +72,7 @@ class GenerationService(pb_grpc.GenerationServicer):
             if done:
                 message.finish_reason = FINISH_REASONS[update.finish_reason]
                 message.usage.CopyFrom(_usage(admitted.prompt, tokens))
-                message.speculation.CopyFrom(self._stats(request.model, update))
+                message.speculation.CopyFrom(self._stats(admitted, request.model, update))
             yield message
 
     async def ListModels(self, request, context):
@@ -125,14 +125,19 @@ class GenerationService(pb_grpc.GenerationServicer):
             if not finished:  # client cancelled, deadline passed, or an error: free the sequence on the actors
                 admitted.handle.cancel.remote(admitted.seq_id)
 
-    def _stats(self, model: str, update: SequenceUpdate) -> pb.SpeculationStats:
-        target = self.fleet.config.targets[model]
-        s = update.stats
-        return pb.SpeculationStats(
+    def _stats(self, admitted: "_Admitted", model: str, update: SequenceUpdate) -> pb.SpeculationStats:
+        """The request's counters, and the speculation it asked for (its overrides, else the target's plan)."""
+        target, s = self.fleet.config.targets[model], update.stats
+        stats = pb.SpeculationStats(
             drafted=s.drafted, accepted=s.accepted, target_forwards=s.target_forwards,
             mean_accepted_length=s.mean_accepted_length, acceptance_rate=s.acceptance_rate,
-            drafter=target.drafter or "", exit_layer=target.exit_layer or 0, k=target.k if target.drafter else 0,
         )
+        k = admitted.speculation.get("k", target.k) if target.drafter else 0
+        if k:
+            deepest = max(self.fleet.infos[target.drafter][0]["exit_layers"])
+            stats.drafter, stats.k = target.drafter, k
+            stats.exit_layer = admitted.speculation.get("exit_layer") or target.exit_layer or deepest
+        return stats
 
 
 def _usage(prompt: list[int], tokens: list[int]) -> pb.Usage:

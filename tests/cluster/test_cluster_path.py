@@ -131,9 +131,12 @@ def test_speculation_off_and_fixed_per_request(stub, prompts, expected):
     off.speculation.mode = pb.Speculation.OFF
     response = stub.Generate(off, timeout=120)
     assert list(response.token_ids) == expected["small"][0] and response.speculation.drafted == 0
+    assert response.speculation.drafter == "" and response.speculation.k == 0
     fixed = greedy_request("small", prompts[0])
     fixed.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.FIXED, k=5, exit_layer=4))
-    assert list(stub.Generate(fixed, timeout=120).token_ids) == expected["small"][0]
+    response = stub.Generate(fixed, timeout=120)
+    assert list(response.token_ids) == expected["small"][0]
+    assert (response.speculation.drafter, response.speculation.k, response.speculation.exit_layer) == ("sorted", 5, 4)
 
 
 @pytest.mark.parametrize(
