@@ -44,17 +44,23 @@ def in_process(prompts, max_tokens: int, exit_layer: int, k: int) -> dict:
     target = ModelRunner.from_pretrained(zoo / "target-l")
     drafter = ModelDrafter(ModelRunner.from_pretrained(zoo / "drafter"))
     params = make_sampling_params(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    plain = _timed(lambda p: SpeculativeGenerator(target).generate([p], params)[0], prompts)
-    spec = _timed(lambda p: SpeculativeGenerator(target, drafter, k, exit_layer).generate([p], params)[0], prompts)
+    plain = _timed(lambda p: _counts(SpeculativeGenerator(target).generate([p], params)[0]), prompts)
+    spec = _timed(lambda p: _counts(SpeculativeGenerator(target, drafter, k, exit_layer).generate([p], params)[0]), prompts)
     return _compare(plain, spec)
 
 
+def _counts(result) -> tuple[int, int]:
+    """(tokens, target forwards) of an in-process `GenerationResult`."""
+    return len(result.tokens), result.stats.target_forwards
+
+
 def _timed(run_one, prompts) -> dict:
+    """Run `run_one(prompt) -> (tokens, target forwards)` over the prompts in turn; throughput and MAL."""
     started, tokens, forwards = time.perf_counter(), 0, 0
     for prompt in prompts:
-        result = run_one(prompt)
-        tokens += len(result.tokens)
-        forwards += result.stats.target_forwards
+        produced, rounds = run_one(prompt)
+        tokens += produced
+        forwards += rounds
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "mal": tokens / forwards}
 
@@ -98,13 +104,11 @@ def _request(model: str, prompt: list[int], max_tokens: int, speculate: bool) ->
 
 
 def _timed_remote(stub, model: str, prompts, max_tokens: int, speculate: bool) -> dict:
-    started, tokens, forwards = time.perf_counter(), 0, 0
-    for prompt in prompts:
+    def run_one(prompt):
         response = stub.Generate(_request(model, prompt, max_tokens, speculate), timeout=600)
-        tokens += len(response.token_ids)
-        forwards += response.speculation.target_forwards
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "mal": tokens / forwards}
+        return len(response.token_ids), response.speculation.target_forwards
+
+    return _timed(run_one, prompts)
 
 
 def cluster_single(prompts, max_tokens: int, exit_layer: int, k: int) -> dict:
