@@ -23,7 +23,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Speculation(_message.Message):
-    __slots__ = ("mode", "drafter", "exit_layer", "k")
+    __slots__ = ("mode", "drafter", "exit_layer", "k", "cascade")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[Speculation.Mode]
@@ -38,11 +38,31 @@ class Speculation(_message.Message):
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    CASCADE_FIELD_NUMBER: _ClassVar[int]
     mode: Speculation.Mode
     drafter: str
     exit_layer: int
     k: int
-    def __init__(self, mode: _Optional[_Union[Speculation.Mode, str]] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+    cascade: Cascade
+    def __init__(self, mode: _Optional[_Union[Speculation.Mode, str]] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., cascade: _Optional[_Union[Cascade, _Mapping]] = ...) -> None: ...
+
+class Cascade(_message.Message):
+    __slots__ = ("rule", "alpha")
+    class Rule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        RULE_UNSPECIFIED: _ClassVar[Cascade.Rule]
+        CHOW: _ClassVar[Cascade.Rule]
+        DIFF: _ClassVar[Cascade.Rule]
+        OPT: _ClassVar[Cascade.Rule]
+    RULE_UNSPECIFIED: Cascade.Rule
+    CHOW: Cascade.Rule
+    DIFF: Cascade.Rule
+    OPT: Cascade.Rule
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    rule: Cascade.Rule
+    alpha: float
+    def __init__(self, rule: _Optional[_Union[Cascade.Rule, str]] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "text", "token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "speculation", "ignore_eos")
@@ -79,7 +99,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("drafted", "accepted", "target_forwards", "mean_accepted_length", "acceptance_rate", "drafter", "exit_layer", "k")
+    __slots__ = ("drafted", "accepted", "target_forwards", "mean_accepted_length", "acceptance_rate", "drafter", "exit_layer", "k", "deferred")
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +108,7 @@ class SpeculationStats(_message.Message):
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_FIELD_NUMBER: _ClassVar[int]
     drafted: int
     accepted: int
     target_forwards: int
@@ -96,7 +117,8 @@ class SpeculationStats(_message.Message):
     drafter: str
     exit_layer: int
     k: int
-    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., target_forwards: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+    deferred: int
+    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., target_forwards: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., deferred: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("model", "text", "token_ids", "finish_reason", "usage", "speculation")
@@ -157,3 +179,63 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PairStats(_message.Message):
+    __slots__ = ("target", "drafter", "exit_layer", "k", "rounds", "drafted", "accepted", "emitted", "acceptance_rate", "mean_accepted_length", "goodput_tokens_per_s", "mean_draft_ms", "mean_verify_ms", "deferred")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    EMITTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GOODPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    drafter: str
+    exit_layer: int
+    k: int
+    rounds: int
+    drafted: int
+    accepted: int
+    emitted: int
+    acceptance_rate: float
+    mean_accepted_length: float
+    goodput_tokens_per_s: float
+    mean_draft_ms: float
+    mean_verify_ms: float
+    deferred: int
+    def __init__(self, target: _Optional[str] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., emitted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., mean_draft_ms: _Optional[float] = ..., mean_verify_ms: _Optional[float] = ..., deferred: _Optional[int] = ...) -> None: ...
+
+class TargetPlan(_message.Message):
+    __slots__ = ("target", "drafter", "exit_layer", "k", "replicas", "reason")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    drafter: str
+    exit_layer: int
+    k: int
+    replicas: int
+    reason: str
+    def __init__(self, target: _Optional[str] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("pairs", "plans")
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    PLANS_FIELD_NUMBER: _ClassVar[int]
+    pairs: _containers.RepeatedCompositeFieldContainer[PairStats]
+    plans: _containers.RepeatedCompositeFieldContainer[TargetPlan]
+    def __init__(self, pairs: _Optional[_Iterable[_Union[PairStats, _Mapping]]] = ..., plans: _Optional[_Iterable[_Union[TargetPlan, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,11 @@ class GenerationStub:
                 request_serializer=specfleet_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=specfleet_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/specfleet.v1.Generation/GetStats',
+                request_serializer=specfleet_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=specfleet_dot_v1_dot_generation__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -75,6 +80,13 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Acceptance telemetry per (target, drafter, exit, k) and the controller's current plan.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=specfleet_dot_v1_dot_generation__pb2.ListModelsRequest.FromString,
                     response_serializer=specfleet_dot_v1_dot_generation__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=specfleet_dot_v1_dot_generation__pb2.GetStatsRequest.FromString,
+                    response_serializer=specfleet_dot_v1_dot_generation__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +192,33 @@ class Generation:
             '/specfleet.v1.Generation/ListModels',
             specfleet_dot_v1_dot_generation__pb2.ListModelsRequest.SerializeToString,
             specfleet_dot_v1_dot_generation__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/specfleet.v1.Generation/GetStats',
+            specfleet_dot_v1_dot_generation__pb2.GetStatsRequest.SerializeToString,
+            specfleet_dot_v1_dot_generation__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
