@@ -7,6 +7,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.frontend import Frontend
 from cluster.placement import Fleet
 from cluster.router import GenerationService
 from specfleet.v1 import generation_pb2 as pb
@@ -16,10 +17,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "specfl
 SHUTDOWN_GRACE_S = 5.0
 
 
-async def start_server(fleet: Fleet, host: str | None = None, port: int | None = None) -> tuple[grpc.aio.Server, int]:
-    """Start serving on host:port (the config's by default); returns the server and its bound port."""
+async def start_server(
+    fleet: Fleet, host: str | None = None, port: int | None = None, controller=None
+) -> tuple[grpc.aio.Server, int]:
+    """Start serving on host:port (the config's by default); returns the server and its bound port.
+
+    `controller`: the fleet controller's handle; it receives request metrics and answers GetStats.
+    """
     server = grpc.aio.server()
-    pb_grpc.add_GenerationServicer_to_server(GenerationService(fleet), server)
+    pb_grpc.add_GenerationServicer_to_server(_service(fleet, controller), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -29,6 +35,12 @@ async def start_server(fleet: Fleet, host: str | None = None, port: int | None =
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
+
+
+def _service(fleet: Fleet, controller) -> GenerationService:
+    if controller is None:
+        return GenerationService(Frontend(fleet))
+    return GenerationService(Frontend(fleet, controller.observe_request), controller.stats)
 
 
 async def stop_server(server: grpc.aio.Server) -> None:
