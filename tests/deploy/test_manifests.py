@@ -255,6 +255,13 @@ def test_gpu_models_run_on_gpu_pools_on_gpu_nodes(rayservice):
 
 
 @pytest.mark.parametrize("rayservice", rayservices(), ids=doc_id)
+def test_workers_keep_kuberays_serve_aware_readiness(rayservice):
+    """KubeRay sends HTTP (the serve Service) to every Ready worker: readiness must include its Serve proxy."""
+    for group in worker_groups(rayservice):
+        assert "readinessProbe" not in container(group["template"]), group["groupName"]
+
+
+@pytest.mark.parametrize("rayservice", rayservices(), ids=doc_id)
 def test_the_head_hosts_no_drafter_or_target(rayservice):
     pool_resources = {name for pool in cluster_config(rayservice).pools.values() for name in pool.resources}
     head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
