@@ -1,0 +1,99 @@
+"""OpenAI-style errors: `{"error": {"message", "type", "param", "code"}}` with the right HTTP status.
+
+The frontend's errors map as the gRPC router maps them (see cluster/frontend.py);
+request bodies that fail validation get 400, not FastAPI's 422. Once a stream
+has started its status is sent, so a later error travels as an SSE `error`
+event with the same body, and the stream ends.
+"""
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from actors.errors import InvalidRequest, ModelNotFound, SpecfleetError
+from cluster.frontend import Overloaded, ReplicaFailed
+
+log = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response; nobody reads it
+
+# error class -> (HTTP status, OpenAI error type, code)
+ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
+    ModelNotFound: (404, "invalid_request_error", "model_not_found"),
+    InvalidRequest: (400, "invalid_request_error", None),
+    Overloaded: (429, "rate_limit_error", "overloaded"),
+    ReplicaFailed: (503, "server_error", "replica_failed"),
+}
+INTERNAL = (500, "server_error", None)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready."""
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+def not_ready() -> JSONResponse:
+    return error_response(503, "the cluster is not ready to serve", "server_error", code="not_ready")
+
+
+def error_event(err: Exception) -> str:
+    """An error after the stream started, as one server-sent event (the openai client raises it as APIError)."""
+    _, body = _describe(err)
+    return f"event: error\ndata: {json.dumps(body)}\n\n"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for kind in (*ERRORS, SpecfleetError, Exception):
+        app.add_exception_handler(kind, _specfleet_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnected, lambda request, err: Response(status_code=CLIENT_CLOSED_REQUEST))
+
+
+def _describe(err: Exception) -> tuple[int, dict]:
+    known = next((entry for kind, entry in ERRORS.items() if isinstance(err, kind)), None)
+    if known is None:
+        log.error("request failed", exc_info=err)
+        status, kind, code = INTERNAL
+        return status, error_body(f"internal error ({type(err).__name__}); the server log has the details", kind, None, code)
+    status, kind, code = known
+    return status, error_body(str(err), kind, "model" if isinstance(err, ModelNotFound) else None, code)
+
+
+async def _specfleet_error(request: Request, err: Exception) -> JSONResponse:
+    status, body = _describe(err)
+    return JSONResponse(body, status_code=status)
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    problems = [_problem(e) for e in err.errors()]
+    message = "; ".join(f"{where}: {what}" if where else what for where, what in problems)
+    return error_response(400, message, "invalid_request_error", problems[0][0] or None)
+
+
+def _problem(error: dict) -> tuple[str, str]:
+    """(dotted parameter path, what is wrong) for one pydantic error."""
+    where = ".".join(str(part) for part in error["loc"] if part != "body")
+    if error["type"] == "json_invalid":
+        return "", f"the request body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+    if error["type"] == "missing" and not where:
+        return "", "the request needs a JSON object body"
+    if error["type"] == "extra_forbidden":
+        return where, "this server does not support this parameter"
+    return where, error["msg"].removeprefix("Value error, ")
+
+
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+    kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+    return error_response(err.status_code, str(err.detail), kind)
