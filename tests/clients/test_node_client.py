@@ -8,8 +8,11 @@ run time, so it sees exactly the wire contract Python clients see.
 import json
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +39,7 @@ def _require(tool: str) -> str:
 def node() -> str:
     """The node binary, with the client's packages installed from package-lock.json."""
     node_binary = _require("node")
-    if not (NODE_CLIENT / "node_modules").is_dir():
+    if not (NODE_CLIENT / "node_modules" / ".package-lock.json").is_file():  # npm writes it when an install completes
         install = subprocess.run(
             [_require("npm"), "ci", "--no-audit", "--no-fund"], cwd=NODE_CLIENT, capture_output=True, text=True, timeout=600
         )
@@ -47,7 +50,8 @@ def node() -> str:
 @pytest.fixture(scope="module")
 def server_address(tmp_path_factory, target_path, drafter_path):
     """`specfleet up` on the tiny fixture models, on a free port; killed at the end."""
-    config = tmp_path_factory.mktemp("node_client") / "cluster.yaml"
+    workdir = tmp_path_factory.mktemp("node_client")
+    config, server_log = workdir / "cluster.yaml", workdir / "up.stderr"
     config.write_text(f"""
 pools:
   draft: {{resources: {{draft: 1}}, num_cpus: 0.5}}
@@ -58,15 +62,41 @@ targets:
   small: {{path: {target_path}, pool: target, drafter: sorted, k: 3}}
 server: {{grpc_port: 0}}
 """)
-    process = subprocess.Popen([*CLI, "up", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with server_log.open("w") as log:  # a file, not a pipe: the server's output must never block it
+        process = subprocess.Popen([*CLI, "up", "--config", str(config), "--http-port", str(_free_port())],
+                                   stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
-        for line in process.stdout:
-            found = re.search(r"serving gRPC on ([\d.]+:\d+)", line)
-            if found:
-                yield found.group(1)
-                return
-        pytest.fail(f"specfleet up exited with {process.wait()}: {process.stderr.read()[-2000:]}")
+        yield _wait_for_address(process, server_log)
     finally:
+        _stop(process)
+
+
+def _free_port() -> int:
+    """A port free now, for the server's HTTP side (this test speaks gRPC, on the port the server picks)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_address(process: subprocess.Popen, log: Path, timeout_s: float = 300.0) -> str:
+    """The host:port `specfleet up` prints once it serves."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = re.search(r"serving gRPC on ([\d.]+:\d+)", log.read_text())
+        if found:
+            return found.group(1)
+        if process.poll() is not None:
+            pytest.fail(f"specfleet up exited with {process.returncode}: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"specfleet up did not serve within {timeout_s:.0f} s: {log.read_text()[-2000:]}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ctrl-C, so the server shuts its Ray cluster down; kill it if that takes too long."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
 

@@ -214,11 +214,12 @@ def actors_per_pod(group: dict, pool_resources: dict[str, float]) -> int:
     return min(int(offered.get(name, 0) // amount) for name, amount in pool_resources.items())
 
 
-def models_by_pool(config: ClusterConfig) -> dict[str, int]:
-    """Pool name -> actors it must host (replicas of every model on it)."""
-    counts = dict.fromkeys(config.pools, 0)
+def actors_by_pool(config: ClusterConfig) -> dict[str, tuple[int, int]]:
+    """Pool name -> (actors at start, most actors the controller may scale to) over every model on it."""
+    counts = dict.fromkeys(config.pools, (0, 0))
     for model in [*config.drafters.values(), *config.targets.values()]:
-        counts[model.pool] += model.replicas
+        at_start, most = counts[model.pool]
+        counts[model.pool] = (at_start + model.replicas, most + (model.autoscale.max_replicas if model.autoscale else model.replicas))
     return counts
 
 
@@ -231,12 +232,13 @@ def test_the_gpu_manifest_uses_the_gpu_cluster_config():
 @pytest.mark.parametrize("rayservice", rayservices(), ids=doc_id)
 def test_worker_groups_offer_each_pool_room_for_all_its_actors(rayservice):
     config = cluster_config(rayservice)
-    for pool_name, actors in models_by_pool(config).items():
+    for pool_name, (at_start, most) in actors_by_pool(config).items():
         pool = config.pools[pool_name]
         assert pool.resources, f"pool {pool_name!r} needs a custom Ray resource to tie it to a worker group"
         group = group_of_pool(rayservice, pool.resources)
         per_pod = actors_per_pod(group, pool.resources)
-        assert per_pod >= 1 and group["minReplicas"] * per_pod >= actors, (pool_name, group["groupName"])
+        assert per_pod >= 1 and group["minReplicas"] * per_pod >= at_start, (pool_name, group["groupName"], "at start")
+        assert group["maxReplicas"] * per_pod >= most, (pool_name, group["groupName"], "scaled up")
         assert per_pod * pool.num_gpus <= gpu_limit(group["template"]), f"{group['groupName']}: too few GPUs per pod"
         assert per_pod * pool.num_cpus <= ray_cpus(group), f"{group['groupName']}: too few CPUs per pod"
 
