@@ -96,4 +96,4 @@ def _problem(error: dict) -> tuple[str, str]:
 
 async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-    return error_response(err.status_code, str(err.detail), kind)
+    return JSONResponse(error_body(str(err.detail), kind), status_code=err.status_code, headers=err.headers)

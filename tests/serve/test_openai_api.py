@@ -317,6 +317,9 @@ def test_bodies_that_are_not_a_json_object_get_400(client, raw):
 def test_unknown_routes_get_openai_errors(client):
     response = client.get("/v1/nothing")
     assert response.status_code == 404 and response.json()["error"]["message"] == "Not Found"
+    response = client.get("/v1/completions")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_client_leaving_mid_stream_cancels_its_sequence(client, source, fleet):
