@@ -20,6 +20,7 @@ drops it and goes on decoding plainly: slower, never a wrong or lost token.
 
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -29,6 +30,7 @@ from actors.drafters import Draft, DraftRequest, Drafter
 from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, logits_to_probs, make_generator
+from actors.telemetry import PLAIN, RoundBuffer, RoundRecord
 from actors.verification import Verdict, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,16 @@ class _Live:
 class SpeculationEngine:
     """Generates for many sequences of one target, speculating with a drafter when one is given."""
 
-    def __init__(self, target: ModelRunner, drafter: Drafter | None = None, k: int = 4, exit_layer: int | None = None):
+    def __init__(
+        self,
+        target: ModelRunner,
+        drafter: Drafter | None = None,
+        k: int = 4,
+        exit_layer: int | None = None,
+        target_name: str = "",
+        drafter_name: str = "",
+    ):
+        """`target_name` and `drafter_name` only label the round telemetry (`drain_telemetry`)."""
         if drafter is not None:
             check_pairing(target, drafter)
             if not 1 <= k <= MAX_DRAFT_LENGTH:
@@ -101,6 +112,8 @@ class SpeculationEngine:
         self.target, self.drafter = target, drafter
         self.k = k if drafter is not None else 0
         self.exit_layer = exit_layer
+        self.target_name, self.drafter_name = target_name, drafter_name
+        self.telemetry = RoundBuffer()
         self._live: dict[SeqId, _Live] = {}
         self._ids = itertools.count()
 
@@ -146,11 +159,15 @@ class SpeculationEngine:
         if not running:
             return []
         self._prefill([s for s in running if not s.prefilled])
+        arms, before = [self._arm(s) for s in running], [replace(s.stats) for s in running]
+        started = time.perf_counter()
         drafts = self._propose(running)
+        drafted_at = time.perf_counter()
         logits = self.target.forward(
             [s.seq_id for s in running], [[s.pending] + d.tokens for s, d in zip(running, drafts)]
         )  # per row [k_i + 1, V]
         updates = [self._advance(s, d, self._verify(s, d, l)) for s, d, l in zip(running, drafts, logits)]
+        self._record_round(running, arms, before, drafted_at - started, time.perf_counter() - drafted_at)
         for update in updates:
             if update.finish_reason is not None:
                 self._release(self._live.pop(update.seq_id))
@@ -160,6 +177,24 @@ class SpeculationEngine:
         """Cancel every live sequence."""
         for seq_id in list(self._live):
             self.cancel(seq_id)
+
+    def set_plan(self, k: int, exit_layer: int | None = None) -> None:
+        """Change how sequences without overrides speculate, from the next step on.
+
+        k = 0 turns speculation off: while no live sequence drafts, the drafter
+        is not called at all. Outputs stay exact under any sequence of plans:
+        verification never depends on what was drafted, and a drafter that
+        skipped rounds still receives every commit and catches up by common
+        prefix at its next proposal. exit_layer None drafts from the deepest exit.
+        """
+        self._check_speculation(k, exit_layer)
+        if k and self.drafter is None:
+            raise InvalidRequest("this target has no drafter (or lost it): only k = 0, plain decoding, is possible")
+        self.k, self.exit_layer = k, exit_layer
+
+    def drain_telemetry(self) -> list[RoundRecord]:
+        """The round records written since the last drain (thread-safe)."""
+        return self.telemetry.drain()
 
     # -- validation --------------------------------------------------------------
 
@@ -194,9 +229,9 @@ class SpeculationEngine:
 
     def _propose(self, running: list[_Live]) -> list[Draft]:
         no_drafts = [Draft([], None) for _ in running]
-        if self.drafter is None:
-            return no_drafts
         requests = [DraftRequest(s.seq_id, self._draft_length(s), s.exit_layer or self.exit_layer) for s in running]
+        if self.drafter is None or not any(r.k for r in requests):
+            return no_drafts  # nobody drafts this round: skip the call (commits still reach the drafter)
         drafts = self._call_drafter(lambda d: d.propose(requests))
         return no_drafts if drafts is None else drafts
 
@@ -204,6 +239,28 @@ class SpeculationEngine:
         """k, cut so the round cannot emit past max_tokens (it emits at most k + 1)."""
         k = self.k if seq.k is None or self.drafter is None else seq.k
         return max(0, min(k, seq.params.max_tokens - len(seq.tokens) - 1))
+
+    def _arm(self, seq: _Live) -> tuple[int | None, int]:
+        """(exit, k) this sequence speculates with now; (None, 0) when it decodes plainly."""
+        k = self.k if seq.k is None or self.drafter is None else seq.k
+        return (seq.exit_layer or self.exit_layer, k) if k else (None, 0)
+
+    def _record_round(
+        self, running: list[_Live], arms: list, before: list[SpeculationStats], draft_s: float, verify_s: float
+    ) -> None:
+        """Write one `RoundRecord` per arm the round's sequences used (`before`: their stats before the round)."""
+        groups: dict[tuple[int | None, int], list[tuple[SpeculationStats, SpeculationStats]]] = {}
+        for seq, arm, old in zip(running, arms, before):
+            groups.setdefault(arm, []).append((old, seq.stats))
+        for (exit_layer, k), stats in groups.items():
+            self.telemetry.append(RoundRecord(
+                exit_layer, k, len(stats), len(running),
+                drafted=sum(new.drafted - old.drafted for old, new in stats),
+                accepted_lengths=tuple(new.accepted - old.accepted for old, new in stats),
+                emitted=sum(new.emitted - old.emitted for old, new in stats),
+                draft_s=draft_s, verify_s=verify_s,
+                target=self.target_name, drafter=self.drafter_name if k else PLAIN,
+            ))
 
     @staticmethod
     def _verify(seq: _Live, draft: Draft, target_logits: torch.Tensor) -> Verdict:

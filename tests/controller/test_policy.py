@@ -1,0 +1,90 @@
+"""SpeculationPolicy: round records in, plans out; on synthetic records and on a real engine."""
+
+import random
+
+import pytest
+from pydantic import ValidationError
+
+from actors.drafters import ModelDrafter
+from actors.engine import SpeculationEngine
+from actors.generator import SpeculativeGenerator
+from actors.sampling import make_sampling_params
+from actors.telemetry import RoundRecord
+from cluster.controller.policy import OFF, PolicyConfig, SpeculationPolicy
+
+GREEDY = make_sampling_params(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+def rounds(arm, goodput: float, count: int = 1, sequences: int = 2, round_sequences: int = 2) -> list[RoundRecord]:
+    """Records of `count` rounds of an arm that emitted `goodput` tokens per second of round time."""
+    exit_layer, k = arm
+    return [RoundRecord(exit_layer, k, sequences, round_sequences, drafted=k * sequences, accepted_lengths=(0,) * sequences,
+                        emitted=int(goodput / 10), draft_s=0.05, verify_s=0.05) for _ in range(count)]
+
+
+def test_the_arms_are_off_and_every_exit_k_pair():
+    policy = SpeculationPolicy(PolicyConfig(exits=[1, 4], ks=[2, 3]))
+    assert policy.arms == [OFF, (1, 2), (1, 3), (4, 2), (4, 3)]
+
+
+@pytest.mark.parametrize("field, value", [("exits", []), ("ks", [0, 2]), ("exits", [2, 2]), ("bandit", {"window": 1})])
+def test_bad_configs_are_refused(field, value):
+    with pytest.raises(ValidationError):
+        PolicyConfig(**{field: value})
+
+
+def test_only_whole_rounds_of_known_arms_become_rewards():
+    policy = SpeculationPolicy(PolicyConfig(exits=[2], ks=[1]))
+    used = policy.observe(rounds((2, 1), 400) + rounds(OFF, 300)  # two whole rounds: rewards
+                          + rounds((2, 1), 400, sequences=1)  # shared with another arm: unattributable
+                          + rounds((2, 6), 900)  # an arm outside the policy (e.g. a FIXED request)
+                          + rounds((None, 3), 900))  # the drafter's default exit
+    assert used == 2
+    assert policy.bandit.counts() == {OFF: 1, (2, 1): 1}
+    assert policy.bandit.means()[(2, 1)] == pytest.approx(400)
+
+
+def test_it_explores_then_plans_the_best_arm_with_a_reason():
+    policy = SpeculationPolicy(PolicyConfig(exits=[1, 2], ks=[1, 4]))
+    goodput = {OFF: 300, (1, 1): 390, (1, 4): 230, (2, 1): 410, (2, 4): 250}
+    rng = random.Random(0)
+    plans = []
+    for _ in range(400):
+        plan = policy.plan()
+        plans.append(plan)
+        policy.observe(rounds(plan.arm, rng.gauss(goodput[plan.arm], 20)))
+    assert [p.arm for p in plans[:5]] == policy.arms  # each arm measured once first
+    assert plans[0].reason == "exploring: off not measured yet"
+    assert sum(p.arm == (2, 1) for p in plans[-100:]) > 80
+    assert policy.plan().reason.startswith("exit 2 k 1: 4")  # ~410 tok/s over its window, seeded
+    assert "exploring; best measured exit 2 k 1" in next(p.reason for p in plans[100:] if p.arm != (2, 1))
+
+
+def test_it_turns_speculation_off_when_no_arm_beats_plain_decoding():
+    policy = SpeculationPolicy(PolicyConfig(exits=[1, 2, 4], ks=[1, 2, 4]))
+    rng = random.Random(1)
+    for _ in range(300):
+        arm = policy.plan().arm
+        policy.observe(rounds(arm, rng.gauss(500 if arm == OFF else 350, 25)))
+    plan = policy.plan()
+    assert (plan.k, plan.exit_layer) == (0, None)
+    assert plan.reason.startswith("off: 5")
+
+
+def test_the_policy_steers_a_real_engine_round_by_round_without_changing_its_output(target, drafter_runner, prompts):
+    expected = [r.tokens for r in SpeculativeGenerator(target).generate(prompts, GREEDY)]
+    engine = SpeculationEngine(target, ModelDrafter(drafter_runner), k=1)
+    policy = SpeculationPolicy(PolicyConfig(exits=[1, 4], ks=[1, 3]))
+    for index, prompt in enumerate(prompts):
+        engine.add(prompt, GREEDY, seq_id=index)
+    tokens, steps, used = {}, 0, 0
+    while engine.num_live:
+        plan = policy.plan()
+        engine.set_plan(plan.k, plan.exit_layer)
+        for update in engine.step():
+            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
+        used += policy.observe(engine.drain_telemetry())
+        steps += 1
+    assert [tokens[i] for i in range(len(prompts))] == expected
+    assert used == steps == policy.bandit.pulls  # every round taught it something
+    assert set(policy.bandit.counts()) == set(policy.arms) and min(policy.bandit.counts().values()) >= 1
