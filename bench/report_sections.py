@@ -1,0 +1,266 @@
+"""The sections of BENCHMARKS.md, each a list of markdown lines built from the report JSON."""
+
+from collections import defaultdict
+from pathlib import Path
+
+from bench.results import LABELS, job_of, label, pooled_view, select
+
+ORDER = list(LABELS)  # systems and modes in the order of LABELS
+METRIC_NOTES = [
+    "tokens/s: completion tokens of all requests / wall time (first send to last token): total throughput.",
+    "speedup: tokens/s of speculative decoding / tokens/s of the same system decoding the same target alone, "
+    "same cell, same run.",
+    "MAL: tokens emitted per target forward, bonus token included (plain decoding = 1.0); acceptance: accepted / drafted.",
+    "TTFT: send to first token. ITL: each streamed chunk's gap spread over its tokens, one sample per token "
+    "(a speculative round delivers several tokens at once).",
+    "greedy identical: requests whose greedy completion equals the target alone (specfleet, plain) token for token.",
+    "Peak memory: the high-water mark of each process's resident set (VmHWM), read just before it stops.",
+]
+
+
+def fmt(value, pattern: str = "{:.1f}", missing: str = "-") -> str:
+    return missing if value is None else pattern.format(value)
+
+
+def _table(header: list[str], body: list[list[str]], align_first_left: bool = True) -> list[str]:
+    rule = ["---" if i == 0 and align_first_left else "---:" for i in range(len(header))]
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |",
+            *("| " + " | ".join(row) + " |" for row in body), ""]
+
+
+def _present(rows: list[dict]) -> list[tuple[str, str]]:
+    seen = {(r["system"], r["mode"]) for r in rows if "error" not in r}
+    return [key for key in ORDER if key in seen]
+
+
+def headline(report: dict) -> list[str]:
+    rows = report["rows"]
+    bits = []
+    for system, mode in (("specfleet-grpc", "speculative"), ("specfleet", "speculative"), ("vllm", "speculative"),
+                         ("hf", "speculative")):
+        row = pooled_view(rows, system, mode, 0.0, 1)
+        if row:
+            bits.append(f"{label(system, mode)} {fmt(row['tokens_per_s'])} tokens/s, "
+                        f"**{fmt(row.get('speedup'), '{:.2f}x')}** over its own target alone (MAL {fmt(row['mal'], '{:.2f}')})")
+        elif system in ("vllm", "specfleet-grpc"):
+            job = job_of(system, mode)
+            bits.append(f"{label(system, mode)}: not run ({report['systems'].get(job, {}).get('reason', 'not requested')})")
+    text = "; ".join(bits) or "no speculative system ran"
+    return ["## Headline", "", f"Single stream, greedy, all categories pooled, on the zoo ({_models(report)}): {text}.", ""]
+
+
+def _models(report: dict) -> str:
+    s = report["settings"]
+    return f"target {Path(s['target']).name}, drafter {Path(s['drafter']).name} exit {s['exit_layer']}, k = {s['k']}"
+
+
+def goals_section(report: dict) -> list[str]:
+    body = [[g["goal"], g["target"], fmt(g["value"], "{:.2f}"), f"**{g['status']}**", g["detail"]] for g in report["goals"]]
+    return ["## Goals", "", *_table(["goal", "target", "measured", "status", "how measured / why not"], body)]
+
+
+def setup_section(report: dict) -> list[str]:
+    s, m = report["settings"], report["machine"]
+    requests = f"max({s['min_requests']}, concurrency)"
+    lines = [
+        "## Setup", "",
+        f"- Command: `{report['command']}`",
+        f"- Models: {_models(report)}; vLLM and HF draft with the single-exit export `{Path(s['drafter_export']).name}` "
+        "(the same layers). float32 everywhere.",
+        f"- Prompts: {s['prompts_per_category']} per category, {s['prompt_tokens']} tokens "
+        f"({s['long_prompt_tokens']} for long_context); {s['max_tokens']} completion tokens each (end-of-sequence ignored); "
+        f"temperatures {s['temperatures']}; concurrency {s['concurrency']}; {requests} requests per cell, "
+        f"in a closed loop; seeds {s['seed']} + request index.",
+        f"- Threads per model process: {s['threads']} (vLLM: its own default binding, see its info below).",
+        f"- Machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB, "
+        f"GPU: {m['gpu'] or 'none'}; Python {m['python']}, torch {m['torch']}; commit {m['git_commit']}. "
+        f"Load average (1/5/15 min) at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}: "
+        "the machine is shared, so other work may slow any row.",
+        "", "Categories:", "",
+        *(f"- `{name}`: {text}" for name, text in report["categories"].items()),
+        "", "Systems:", "",
+    ]
+    body = [[name, e["status"], fmt((e.get("info") or {}).get("load_s")), _info(e)] for name, e in report["systems"].items()]
+    lines += _table(["system", "status", "load / start s", "details"], body)
+    return lines + ["Definitions:", "", *(f"- {note}" for note in METRIC_NOTES), ""]
+
+
+def _info(entry: dict) -> str:
+    if entry["status"] != "ok":
+        return entry.get("reason", "")
+    info = dict(entry.get("info") or {})
+    info.pop("load_s", None)
+    details = [f"{k} {v}" for k, v in info.items() if v not in (None, {})]
+    details += [f"**mode {mode} failed**: {error}" for mode, error in (entry.get("mode_errors") or {}).items()]
+    return ", ".join(details).replace("|", "/")
+
+
+def _greedy(rows: list[dict], system: str, mode: str, concurrency: int) -> str:
+    chosen = [r for r in select(rows, system=system, mode=mode, temperature=0.0, concurrency=concurrency) if "greedy_compared" in r]
+    compared = sum(r["greedy_compared"] for r in chosen)
+    return f"{sum(r['greedy_identical'] for r in chosen)}/{compared}" if compared else "-"
+
+
+def single_stream_table(rows: list[dict], temperature: float) -> list[str]:
+    body = []
+    for system, mode in _present(rows):
+        row = pooled_view(rows, system, mode, temperature, 1)
+        if row:
+            body.append([label(system, mode), fmt(row["tokens_per_s"]), fmt(row.get("speedup"), "{:.2f}x"),
+                         fmt(row["mal"], "{:.2f}"), fmt(row["acceptance_rate"], "{:.2f}"), fmt(row["ttft_ms_p50"]),
+                         fmt(row["itl_ms_p50"]), fmt(row["itl_ms_p99"]),
+                         _greedy(rows, system, mode, 1) if temperature == 0 else "n/a"])
+    header = ["system", "tokens/s", "speedup", "MAL", "acceptance", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "greedy identical"]
+    return [f"Temperature {temperature:g}:", "", *_table(header, body)]
+
+
+def speedup_by_category(rows: list[dict], categories: list[str], temperature: float) -> list[str]:
+    systems = [s for s, m in _present(rows) if m == "speculative"]
+    body = []
+    for category in categories:
+        cells = []
+        for system in systems:
+            chosen = select(rows, system=system, mode="speculative", category=category, temperature=temperature, concurrency=1)
+            r = chosen[0] if chosen else None
+            cells.append(f"{fmt(r.get('speedup'), '{:.2f}x')} (MAL {fmt(r['mal'], '{:.2f}')}, acc {fmt(r['acceptance_rate'], '{:.2f}')})"
+                         if r else "-")
+        body.append([category, *cells])
+    return [f"Temperature {temperature:g}:", "", *_table(["category", *(label(s, "speculative") for s in systems)], body)]
+
+
+def throughput_table(rows: list[dict], temperature: float, concurrency: list[int]) -> list[str]:
+    body = []
+    for system, mode in _present(rows):
+        cells = []
+        for c in concurrency:
+            row = pooled_view(rows, system, mode, temperature, c)
+            extra = f" ({fmt(row.get('speedup'), '{:.2f}x')})" if row and mode == "speculative" else ""
+            cells.append(fmt(row and row["tokens_per_s"]) + extra if row else "-")
+        body.append([label(system, mode), *cells])
+    return ["Total tokens/s (speculative rows: speedup over the same system's plain decoding):", "",
+            *_table(["system", *(f"{c} streams" for c in concurrency)], body)]
+
+
+def latency_table(rows: list[dict], temperature: float, concurrency: list[int]) -> list[str]:
+    body = []
+    for system, mode in _present(rows):
+        cells = []
+        for c in concurrency:
+            row = pooled_view(rows, system, mode, temperature, c)
+            cells.append(f"{fmt(row['ttft_ms_p50'], '{:.0f}')} / {fmt(row['itl_ms_p50'], '{:.1f}')} / {fmt(row['itl_ms_p99'], '{:.1f}')}"
+                         if row else "-")
+        body.append([label(system, mode), *cells])
+    return ["Latency, TTFT p50 / ITL p50 / ITL p99 in ms:", "", *_table(["system", *(f"{c} streams" for c in concurrency)], body)]
+
+
+def profile_section(profile: dict) -> list[str]:
+    lines = ["## Where a round's time goes", ""]
+    if profile.get("status") != "ok":
+        return lines + [f"Not run: {profile.get('reason', 'not requested')}.", ""]
+    engines = profile["engines"]
+    columns = [(name, p) for name, runs in engines.items() for p in runs]
+    parts = list(dict.fromkeys(part for _, p in columns for part in p["ms_per_round"]))
+    body = [[part, *(_part_cell(p, part) for _, p in columns)] for part in parts]
+    body.append(["**round**", *(f"**{fmt(p['round_ms'], '{:.2f}')}**" for _, p in columns)])
+    body.append(["tokens per round", *(fmt(p["tokens_per_round"], "{:.2f}") for _, p in columns)])
+    header = ["ms per round (share)", *(f"{name}, {p['concurrency']} streams" for name, p in columns)]
+    lines += [f"Greedy `{profile['category']}` prompts, k = {profile['k']}, exit {profile['exit_layer']}. "
+              "Parts are timed by wrapping the engine's calls (bench/profile_round.py); `draft:` and `verify:` lines "
+              "are parts of draft and verify.", "", *_table(header, body)]
+    return lines + _profile_findings(engines)
+
+
+def _part_cell(profile: dict, part: str) -> str:
+    ms = profile["ms_per_round"].get(part)
+    share = profile["share"].get(part)
+    return fmt(ms, "{:.2f}") + (f" ({share:.0%})" if share is not None else "")
+
+
+def _profile_findings(engines: dict) -> list[str]:
+    """Break-even arithmetic: a speculative round must emit more tokens than it costs plain rounds."""
+    plain = {p["concurrency"]: p for p in engines.get("plain", [])}
+    lines = []
+    for name, runs in engines.items():
+        for p in runs:
+            base = plain.get(p["concurrency"])
+            if name == "plain" or not base or not base["round_ms"] or not p["round_ms"]:
+                continue
+            cost = p["round_ms"] / base["round_ms"]
+            gain = p["tokens_per_round"] / base["tokens_per_round"]
+            largest = max((k for k in p["share"]), key=lambda k: p["share"][k])
+            lines.append(f"- {name}, {p['concurrency']} streams: a round costs {cost:.2f}x a plain round and emits "
+                         f"{gain:.2f}x its tokens, so the round profile predicts {gain / cost:.2f}x; the largest part is "
+                         f"{largest} ({p['share'][largest]:.0%}).")
+    return (["Reading it:", "", *lines, ""] if lines else [])
+
+
+def multi_target_section(multi: dict) -> list[str]:
+    lines = ["## One drafter for three targets", ""]
+    if multi.get("status") != "ok":
+        return lines + [f"Not run: {multi.get('reason', 'not requested')}.", ""]
+    body = []
+    for target in multi["targets"]:
+        shared, dedicated = multi["shared"][target], multi["dedicated"][target]
+        body.append([target, fmt(shared["plain"]["tokens_per_s"]), fmt(shared["speculative"]["tokens_per_s"]),
+                     fmt(shared["speculative"]["mal"], "{:.2f}"), fmt(shared["speedup"], "{:.2f}x"),
+                     fmt(dedicated["speedup"], "{:.2f}x"), fmt(multi["ratio"][target], "{:.0%}")])
+    header = ["target", "plain tok/s", "shared: spec tok/s", "MAL", "shared speedup", "dedicated speedup", "shared / dedicated"]
+    return lines + [f"All three targets stream at once through `specfleet up` (gRPC), {multi['requests_per_target']} greedy "
+                    "requests each, one at a time per target; first one drafter actor for all, then one per target.", "",
+                    *_table(header, body)]
+
+
+def memory_section(report: dict) -> list[str]:
+    sources = {name: e.get("processes") for name, e in report["systems"].items()}
+    sources["profile"] = (report.get("profile") or {}).get("processes")
+    multi = (report.get("multi_target") or {}).get("processes") or {}
+    sources |= {f"multi-target ({layout})": peaks for layout, peaks in multi.items()}
+    body = []
+    for name, processes in sources.items():
+        if not processes:
+            continue
+        groups = defaultdict(list)
+        for p in processes:
+            groups[_role(p["name"])].append(p["peak_rss_mib"])
+        for role, peaks in groups.items():
+            body.append([name, role, str(len(peaks)), fmt(sum(peaks), "{:.0f}")])
+        body.append([name, "**all processes**", str(len(processes)), f"**{sum(p['peak_rss_mib'] for p in processes):.0f}**"])
+    return ["## Peak memory per process", "", "Peak RSS (MiB) of each benchmark process and every process it started "
+            "(Ray daemons and actor workers of `specfleet up`, vLLM's engine core). Peaks of different processes "
+            "need not coincide, so the sums are upper bounds.", "", *_table(["system", "process", "count", "peak RSS MiB"], body)]
+
+
+def _role(name: str) -> str:
+    if name.startswith("ray::"):
+        return "Ray idle / other workers" if name in ("ray::IDLE", "ray::") else name
+    if "bench.child" in name:
+        return "benchmark process (engine or client)"
+    if "cluster.cli up" in name:
+        return "specfleet up (gRPC router, Ray driver)"
+    daemons = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent")
+    if any(d in name for d in daemons):
+        return "Ray daemons"
+    return name.split()[0][:40]
+
+
+def gpu_section(gpu: dict) -> list[str]:
+    lines = ["## GPU", ""]
+    if gpu.get("status") == "ran":
+        return lines + [f"This run was on {gpu['device']}.", ""]
+    return lines + [f"Not run: {gpu.get('reason')}. The engine-level benchmark (specfleet in-process) with transformers "
+                    f"assisted generation as the peer runs on a GPU machine with `{gpu.get('command')}`.", ""]
+
+
+def cells_table(report: dict) -> str:
+    header = ["system", "mode", "category", "T", "streams", "requests", "tokens", "tok/s", "speedup", "MAL", "acceptance",
+              "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "greedy identical", "error"]
+    body = []
+    for r in sorted(report["rows"], key=lambda r: (r["system"], r["mode"], r["category"], r["temperature"], r["concurrency"])):
+        body.append([r["system"], r["mode"], r["category"], f"{r['temperature']:g}", str(r["concurrency"]),
+                     str(r.get("requests", "-")), str(r.get("tokens", "-")), fmt(r.get("tokens_per_s")),
+                     fmt(r.get("speedup"), "{:.2f}x"), fmt(r.get("mal"), "{:.2f}"), fmt(r.get("acceptance_rate"), "{:.2f}"),
+                     fmt(r.get("ttft_ms_p50")), fmt(r.get("itl_ms_p50")), fmt(r.get("itl_ms_p99")),
+                     f"{r['greedy_identical']}/{r['greedy_compared']}" if "greedy_compared" in r else "-",
+                     r.get("error", "")])
+    return "\n".join([f"# Every cell of the {report['preset']} run ({report['date']})", "",
+                      f"Command: `{report['command']}`. Generated from bench.json.", "", *_table(header, body)])
