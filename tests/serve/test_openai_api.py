@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import openai
 import pytest
 import ray
 import uvicorn
@@ -346,6 +347,23 @@ def http_port(source):
     yield server.servers[0].sockets[0].getsockname()[1]
     server.should_exit = True
     thread.join(30)
+
+
+def test_the_openai_client_reads_completions_streams_and_errors(http_port, tokenizer, expected):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+    extra = {"ignore_eos": True, "speculation": {"mode": "fixed", "exit_layer": 2, "k": 4}}
+    reply = client.completions.create(model="small", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra)
+    assert reply.choices[0].text == tokenizer.decode(expected) and reply.usage.completion_tokens == MAX_TOKENS
+    assert reply.model_extra["speculation"]["k"] == 4
+    stream = client.completions.create(model="small", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}, extra_body=extra)
+    parts = list(stream)
+    assert "".join(c.choices[0].text for c in parts if c.choices) == reply.choices[0].text
+    assert parts[-1].usage.completion_tokens == MAX_TOKENS
+    with pytest.raises(openai.BadRequestError, match="prompt is empty"):
+        client.completions.create(model="small", prompt="")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.parametrize("stream", [False, True])
