@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 
 from actors.engine import SequenceUpdate, SpeculationEngine, SpeculationStats
 from actors.runner import SeqId
@@ -38,6 +39,19 @@ class EngineLoop:
     def cancel(self, seq_id: SeqId) -> None:
         """Stop a sequence; its queue then receives a last update with finish reason "cancelled"."""
         self._inbox.put(lambda: self._drop(seq_id))
+
+    def call(self, function: Callable[[SpeculationEngine], object]) -> object:
+        """Run `function(engine)` on the loop thread between two rounds; return its result or raise its error."""
+        done: Future = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(function(self.engine))
+            except Exception as err:  # the caller re-raises it; the loop goes on
+                done.set_exception(err)
+
+        self._inbox.put(run)
+        return done.result()
 
     def _admit(self, seq_id, prompt, params, speculation: dict, output: queue.Queue) -> None:
         try:

@@ -8,6 +8,7 @@ drafter through `RemoteDrafter`. If the drafter dies or stalls, the loop drops
 it and decodes plainly (see `SpeculationEngine`), so no stream is lost.
 """
 
+import os
 from collections.abc import Iterator, Sequence
 
 import ray
@@ -32,7 +33,7 @@ class DrafterActor:
     def info(self) -> dict:
         runner = self.batcher.drafter.runner
         return {"vocab_size": runner.vocab_size, "exit_layers": runner.exit_layers, "max_context": runner.max_context,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def check_exit(self, exit_layer: int) -> None:
         self.batcher.drafter.check_exit(exit_layer)
@@ -95,19 +96,24 @@ class RemoteDrafter(Drafter):
 
 
 class TargetActor:
-    """A target model and the speculation loop of its sequences (wrapped with `ray.remote`)."""
+    """A target model and the speculation loop of its sequences (wrapped with `ray.remote`).
 
-    def __init__(self, path: str, dtype: str, device: str, drafter_handle, exit_layer: int | None, k: int, timeout_s: float):
+    The controller steers it between rounds, without pausing its streams:
+    `set_plan` (draft length and exit), `set_drafter` (a replacement or
+    re-paired drafter replica), and reads its rounds with `drain_telemetry`.
+    """
+
+    def __init__(self, path: str, dtype: str, device: str, drafter_handle, exit_layer: int | None, k: int,
+                 timeout_s: float, name: str = "", drafter_name: str = ""):
         runner = ModelRunner.from_pretrained(path, dtype, device)
-        drafter = None
-        if drafter_handle is not None:
-            drafter = RemoteDrafter(drafter_handle, ray.get(drafter_handle.info.remote()), timeout_s)
-        self.loop = EngineLoop(SpeculationEngine(runner, drafter, k, exit_layer))
+        self.timeout_s = timeout_s
+        drafter = self._remote_drafter(drafter_handle)
+        self.loop = EngineLoop(SpeculationEngine(runner, drafter, k, exit_layer, name, drafter_name))
 
     def info(self) -> dict:
         runner = self.loop.engine.target
         return {"vocab_size": runner.vocab_size, "max_context": runner.max_context, "eos_token_id": runner.eos_token_id,
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def generate(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, **speculation) -> Iterator[SequenceUpdate]:
         """Stream a sequence's updates, one per round, the last with its finish reason.
@@ -128,3 +134,25 @@ class TargetActor:
 
     def live_sequences(self) -> int:
         return self.loop.engine.target.num_sequences
+
+    def set_plan(self, k: int, exit_layer: int | None) -> None:
+        """Speculate with k tokens from `exit_layer` (k = 0: plain decoding) from the next round on."""
+        self.loop.call(lambda engine: engine.set_plan(k, exit_layer))
+
+    def set_drafter(self, drafter_handle, k: int, exit_layer: int | None) -> None:
+        """Draft with another drafter replica from the next round on; live sequences move to it."""
+        drafter = self._remote_drafter(drafter_handle)
+        self.loop.call(lambda engine: engine.replace_drafter(drafter, k, exit_layer))
+
+    def has_drafter(self) -> bool:
+        """False once the engine dropped a failed drafter and decodes plainly."""
+        return self.loop.call(lambda engine: engine.drafter is not None)
+
+    def drain_telemetry(self) -> list:
+        """The `RoundRecord`s of the rounds since the last drain."""
+        return self.loop.engine.drain_telemetry()
+
+    def _remote_drafter(self, drafter_handle) -> "RemoteDrafter | None":
+        if drafter_handle is None:
+            return None
+        return RemoteDrafter(drafter_handle, ray.get(drafter_handle.info.remote()), self.timeout_s)

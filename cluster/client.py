@@ -12,8 +12,16 @@ class ServerError(SpecfleetError):
 
 
 def generate_remote(address: str, request: pb.GenerateRequest, timeout_s: float) -> pb.GenerateResponse:
+    return _call(address, "Generate", request, timeout_s)
+
+
+def stats_remote(address: str, timeout_s: float) -> pb.GetStatsResponse:
+    return _call(address, "GetStats", pb.GetStatsRequest(), timeout_s)
+
+
+def _call(address: str, method: str, request, timeout_s: float):
     with grpc.insecure_channel(address) as channel:
         try:
-            return pb_grpc.GenerationStub(channel).Generate(request, timeout=timeout_s)
+            return getattr(pb_grpc.GenerationStub(channel), method)(request, timeout=timeout_s)
         except grpc.RpcError as err:
             raise ServerError(f"{err.code().name}: {err.details()}") from None

@@ -80,14 +80,18 @@ RequestObserver = Callable[[Admitted, str, RequestTiming], None]  # (request, ou
 
 class Frontend:
     def __init__(self, fleet: Fleet, observe: RequestObserver | None = None):
-        self.fleet = fleet
         self.config = fleet.config
         self.observe = observe
         self.tokenizers = {name: load_tokenizer(t.path) for name, t in self.config.targets.items()}
-        self.limits = {name: ModelLimits(fleet.infos[name][0]["vocab_size"], fleet.infos[name][0]["max_context"])
-                       for name in fleet.targets}
+        self.use_fleet(fleet)
         self._load: dict[int, int] = {}  # id(handle) -> requests in flight on that replica
         self._in_flight = 0
+
+    def use_fleet(self, fleet: Fleet) -> None:
+        """Route new requests to this fleet (the controller replaced or added replicas)."""
+        self.fleet = fleet
+        self.limits = {name: ModelLimits(fleet.infos[name][0]["vocab_size"], fleet.infos[name][0]["max_context"])
+                       for name in fleet.targets}
 
     def admit(self, request: pb.GenerateRequest) -> Admitted:
         """Validate a request and bind it to a replica; raises the errors listed in the module docstring."""
@@ -148,7 +152,7 @@ class Frontend:
         target, s = self.config.targets[admitted.model], update.stats
         stats = pb.SpeculationStats(
             drafted=s.drafted, accepted=s.accepted, target_forwards=s.target_forwards,
-            mean_accepted_length=s.mean_accepted_length, acceptance_rate=s.acceptance_rate,
+            mean_accepted_length=s.mean_accepted_length, acceptance_rate=s.acceptance_rate, deferred=s.deferred,
         )
         k = admitted.speculation.get("k", target.k) if target.drafter else 0
         if k:

@@ -84,7 +84,7 @@ def _run_remote(args: argparse.Namespace, params) -> int:
 
 def _print(args, text: str, tokens: list[int], finish_reason: str, summary: dict) -> None:
     if args.json:
-        print(json.dumps({"text": text, "tokens": tokens, "finish_reason": finish_reason, **summary}))
+        print(json.dumps({"text": text, "token_ids": tokens, "finish_reason": finish_reason, **summary}))
     else:
         print(text)
         print(" ".join(f"{key}={value}" for key, value in summary.items()), file=sys.stderr)

@@ -7,6 +7,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.controller.client import ControllerClient
 from cluster.frontend import Frontend
 from cluster.placement import Fleet
 from cluster.router import GenerationService
@@ -18,29 +19,28 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 async def start_server(
-    fleet: Fleet, host: str | None = None, port: int | None = None, controller=None
+    fleet: Fleet, host: str | None = None, port: int | None = None, controller: "ControllerClient | None" = None
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving on host:port (the config's by default); returns the server and its bound port.
 
-    `controller`: the fleet controller's handle; it receives request metrics and answers GetStats.
+    With a `controller`, requests follow its fleet as it changes, report their
+    metrics to it, and GetStats answers from it.
     """
     server = grpc.aio.server()
-    pb_grpc.add_GenerationServicer_to_server(_service(fleet, controller), server)
+    if controller is None:
+        service = GenerationService(Frontend(fleet))
+    else:
+        service = GenerationService(await controller.frontend(), controller.stats)
+    pb_grpc.add_GenerationServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     config = fleet.config.server
     bound = server.add_insecure_port(f"{host or config.host}:{config.grpc_port if port is None else port}")
     await server.start()
-    for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for service_name in ("", SERVICE_NAME):
+        await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     return server, bound
-
-
-def _service(fleet: Fleet, controller) -> GenerationService:
-    if controller is None:
-        return GenerationService(Frontend(fleet))
-    return GenerationService(Frontend(fleet, controller.observe_request), controller.stats)
 
 
 async def stop_server(server: grpc.aio.Server) -> None:
@@ -50,13 +50,14 @@ async def stop_server(server: grpc.aio.Server) -> None:
 class BackgroundServer:
     """The asyncio gRPC server on its own thread, for callers that are not async (tests, benchmarks)."""
 
-    def __init__(self, fleet: Fleet, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 120.0):
+    def __init__(self, fleet: Fleet, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 120.0,
+                 controller: "ControllerClient | None" = None):
         self._loop = asyncio.new_event_loop()
         ready = threading.Event()
 
         def serve() -> None:
             asyncio.set_event_loop(self._loop)
-            self.server, self.port = self._loop.run_until_complete(start_server(fleet, host, port))
+            self.server, self.port = self._loop.run_until_complete(start_server(fleet, host, port, controller))
             ready.set()
             self._loop.run_forever()
 

@@ -37,7 +37,7 @@ def test_sampled_run_is_reproducible_with_a_seed(capsys, target_path, drafter_pa
     args = ["--target", target_path, "--drafter", drafter_path, "--temperature", 0.8, "--top-p", 0.9, "--seed", 3, "--json", "import"]
     first = json.loads(run_cli(capsys, *args)[1])
     second = json.loads(run_cli(capsys, *args)[1])
-    assert first["tokens"] == second["tokens"]
+    assert first["token_ids"] == second["token_ids"] and len(first["token_ids"]) == first["tokens"]
 
 
 @pytest.mark.parametrize(

@@ -3,12 +3,20 @@
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 CLI = [sys.executable, "-m", "cluster.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +30,8 @@ drafters:
   sorted: {{path: {drafter_path}, pool: draft}}
 targets:
   small: {{path: {target_path}, pool: target, drafter: sorted, k: 3}}
-server: {{grpc_port: 0}}
+server: {{grpc_port: 0, http_port: {free_port()}}}
+controller: {{adaptive: false}}
 """)
     process = subprocess.Popen([*CLI, "up", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:
@@ -46,7 +55,8 @@ def test_generate_through_the_server_matches_local_plain_decoding(server, target
     local = run("generate", "--target", target_path, "--no-spec", "--max-tokens", 12, "--json", "def f(x):")
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
     remote_report, local_report = json.loads(remote.stdout), json.loads(local.stdout)
-    assert remote_report["tokens"] == local_report["tokens"] and remote_report["text"] == local_report["text"]
+    assert remote_report["token_ids"] == local_report["token_ids"] and len(local_report["token_ids"]) == 12
+    assert remote_report["text"] == local_report["text"]
     assert remote_report["drafter"] == "sorted" and remote_report["k"] == 3
 
 
@@ -55,6 +65,19 @@ def test_server_errors_reach_the_user_as_one_line(server):
     unknown = run("generate", "--server", address, "--model", "nope", "hi")
     assert unknown.returncode == 2 and "NOT_FOUND: unknown model 'nope'" in unknown.stderr
     assert "Traceback" not in unknown.stderr
+
+
+def test_status_shows_the_plan_and_the_arms_used(server):
+    _, address = server
+    assert run("generate", "--server", address, "--model", "small", "--max-tokens", 12, "def g(y):").returncode == 0
+    time.sleep(2.5)  # a control step collects the rounds
+    status = run("status", "--server", address, "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["plans"] == [{"target": "small", "drafter": "sorted", "exit_layer": 0, "k": 3, "replicas": 1, "reason": "configured"}]
+    arm = next(p for p in report["pairs"] if p["drafter"] == "sorted")
+    assert int(arm["rounds"]) > 0 and int(arm["drafted"]) >= int(arm["accepted"])
+    assert "acceptance per arm" in run("status", "--server", address).stdout
 
 
 def test_interrupt_shuts_down_cleanly(server):

@@ -1,0 +1,226 @@
+"""The fleet controller: one per cluster, it owns the actors and steers them from telemetry.
+
+Every `period_s` it takes one control step:
+
+1. **heal**: ping every actor; start a replacement for a dead one and re-pair
+   the targets that drafted with a dead drafter (they decode plainly meanwhile,
+   see `SpeculationEngine`), or re-attach a target that dropped a slow drafter;
+2. **collect**: drain each target's round telemetry into per-arm totals,
+   Prometheus metrics and the targets' policies;
+3. **steer**: ask each target's policy for its plan (exit and k, or no
+   speculation) and push changes to its replicas between rounds;
+4. **scale**: add or remove replicas within each model's autoscale bounds
+   from its live sequences per replica.
+
+Front doors read the fleet with `snapshot` (its `version` changes whenever a
+replica is replaced, added or removed) and report finished requests.
+"""
+
+import logging
+import threading
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
+from actors.telemetry import TelemetryAggregator
+from cluster.config import ClusterConfig
+from cluster.controller.policy import Plan, PolicyConfig, SpeculationPolicy
+from cluster.metrics import SpecfleetMetrics
+from cluster.placement import Fleet, pair, start_drafter, start_fleet, start_target
+from specfleet.v1 import generation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+PING_TIMEOUT_S = 5.0
+
+
+class FleetController:
+    def __init__(self, config: ClusterConfig):
+        self.config = config
+        self.fleet = start_fleet(config)
+        self._version = 0
+        self.totals = TelemetryAggregator()
+        self.metrics = SpecfleetMetrics()
+        self.plans = {name: Plan(t.exit_layer, t.k if t.drafter else 0, "configured") for name, t in config.targets.items()}
+        self.policies = {name: self._policy(name) for name, t in config.targets.items()
+                         if t.drafter and config.controller.adaptive}
+        self._lock = threading.RLock()  # the control thread and the callers share the fleet
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="fleet-controller", daemon=True).start()
+
+    # -- read by front doors and tools ------------------------------------------
+
+    def snapshot(self) -> tuple[int, Fleet]:
+        with self._lock:
+            return self._version, self.fleet
+
+    def version(self) -> int:
+        return self._version
+
+    def ready(self) -> bool:
+        return not self._stopped.is_set()
+
+    def observe_request(self, target: str, outcome: str, first_token_s: float | None, token_gaps_s: list[float],
+                        total_s: float) -> None:
+        self.metrics.observe_request(target, outcome, total_s, first_token_s, token_gaps_s)
+
+    def stats(self) -> pb.GetStatsResponse:
+        with self._lock:
+            pairs = [pb.PairStats(**totals.as_pair_stats()) for totals in self.totals.pairs()]
+            plans = [pb.TargetPlan(target=name, drafter=self.config.targets[name].drafter or "" if plan.k else "",
+                                   exit_layer=plan.exit_layer or 0, k=plan.k, replicas=len(self.fleet.targets[name]),
+                                   reason=plan.reason)
+                     for name, plan in self.plans.items()]
+        return pb.GetStatsResponse(pairs=pairs, plans=plans)
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        return self.metrics.render(), self.metrics.content_type
+
+    def pin_plan(self, target: str, k: int, exit_layer: int | None) -> None:
+        """An operator's plan for a target: pushed now, and kept (the bandit stops steering that target)."""
+        with self._lock:
+            self.policies.pop(target, None)
+            self.plans[target] = Plan(exit_layer, k, "pinned by an operator")
+            self._push_plan(target, self.fleet.targets[target])
+
+    def step(self) -> None:
+        """One control step (also run by tests that want it now rather than at the next period)."""
+        with self._lock:
+            self._heal()
+            self._collect()
+            self._steer()
+            self._scale()
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            for handle in self.fleet.all_handles():
+                ray.kill(handle)
+
+    # -- the control loop ---------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.config.controller.period_s):
+            try:
+                self.step()
+            except Exception:  # one failed step must not stop the controller
+                log.exception("control step failed")
+
+    def _heal(self) -> None:
+        for name, handles in self.fleet.drafters.items():
+            for replica, handle in enumerate(handles):
+                if not _alive(handle):
+                    log.warning("drafter %s replica %d died; starting a replacement", name, replica)
+                    handles[replica] = start_drafter(self.config, name)
+                    self._changed()
+                    self._repair_pairs(name)
+        for name, handles in self.fleet.targets.items():
+            for replica, handle in enumerate(handles):
+                if not _alive(handle):
+                    log.warning("target %s replica %d died; starting a replacement", name, replica)
+                    handles[replica] = start_target(self.config, name, pair(self.fleet, self.config.targets[name].drafter, replica))
+                    self._push_plan(name, [handles[replica]])
+                    self._changed()
+                elif self.plans[name].k and not ray.get(handle.has_drafter.remote()):
+                    self._attach(name, replica)
+
+    def _collect(self) -> None:
+        for name, handles in self.fleet.targets.items():
+            records = [r for batch in ray.get([h.drain_telemetry.remote() for h in handles]) for r in batch]
+            self.totals.add(records)
+            for record in records:
+                self.metrics.observe_round(record)
+            if name in self.policies:
+                self.policies[name].observe(records)
+
+    def _steer(self) -> None:
+        for name, policy in self.policies.items():
+            plan, current = policy.plan(), self.plans[name]
+            self.plans[name] = plan
+            if plan.arm != current.arm:
+                self._push_plan(name, self.fleet.targets[name])
+
+    def _scale(self) -> None:
+        for name, model in {**self.config.drafters, **self.config.targets}.items():
+            if model.autoscale is None:
+                continue
+            handles = self.fleet.drafters.get(name) or self.fleet.targets[name]
+            live = sum(ray.get([h.live_sequences.remote() for h in handles]))
+            wanted = _replicas_wanted(live, len(handles), model.autoscale)
+            if wanted > len(handles):
+                self._add_replica(name)
+            elif wanted < len(handles):
+                self._remove_idle_replica(name)
+
+    # -- fleet changes ------------------------------------------------------------
+
+    def _add_replica(self, name: str) -> None:
+        if name in self.fleet.drafters:
+            self.fleet.drafters[name].append(start_drafter(self.config, name))
+            self._repair_pairs(name)
+        else:
+            handles = self.fleet.targets[name]
+            handles.append(start_target(self.config, name, pair(self.fleet, self.config.targets[name].drafter, len(handles))))
+            self._push_plan(name, handles[-1:])
+        log.info("scaled %s up to %d replicas", name, len(self.fleet.drafters.get(name) or self.fleet.targets[name]))
+        self._changed()
+
+    def _remove_idle_replica(self, name: str) -> None:
+        """Remove the last replica if it serves nobody (a busy one is left to drain)."""
+        handles = self.fleet.drafters.get(name) or self.fleet.targets[name]
+        if ray.get(handles[-1].live_sequences.remote()):
+            return
+        removed = handles.pop()
+        if name in self.fleet.drafters:
+            self._repair_pairs(name)
+        self._changed()
+        ray.kill(removed)
+        log.info("scaled %s down to %d replicas", name, len(handles))
+
+    def _repair_pairs(self, drafter: str) -> None:
+        """Re-pair every target replica with drafter replica (i mod n), the way placement spreads them."""
+        for name, target in self.config.targets.items():
+            if target.drafter == drafter:
+                for replica in range(len(self.fleet.targets[name])):
+                    self._attach(name, replica)
+
+    def _attach(self, name: str, replica: int) -> None:
+        plan = self.plans[name]
+        drafter = pair(self.fleet, self.config.targets[name].drafter, replica)
+        ray.get(self.fleet.targets[name][replica].set_drafter.remote(drafter, plan.k, plan.exit_layer))
+
+    def _push_plan(self, name: str, handles: list) -> None:
+        plan = self.plans[name]
+        ray.get([h.set_plan.remote(plan.k, plan.exit_layer) for h in handles])
+
+    def _changed(self) -> None:
+        """The fleet's handles changed: refresh infos and let front doors know."""
+        for name, handles in {**self.fleet.drafters, **self.fleet.targets}.items():
+            self.fleet.infos[name] = ray.get([h.info.remote() for h in handles])
+        self._version += 1
+
+    def _policy(self, name: str) -> SpeculationPolicy:
+        target = self.config.targets[name]
+        exits = self.fleet.infos[target.drafter][0]["exit_layers"]
+        return SpeculationPolicy(PolicyConfig(exits=exits, ks=self.config.controller.k_choices))
+
+
+def _alive(handle) -> bool:
+    """False only for an actor Ray reports dead; a slow answer is not a death (its callers time out on their own)."""
+    try:
+        ray.get(handle.live_sequences.remote(), timeout=PING_TIMEOUT_S)
+    except RayActorError:
+        return False
+    except GetTimeoutError:
+        log.warning("an actor did not answer a ping within %.0f s", PING_TIMEOUT_S)
+    return True
+
+
+def _replicas_wanted(live: int, replicas: int, autoscale) -> int:
+    """One more replica above the aimed load, one fewer below a quarter of it, within bounds."""
+    per_replica = live / replicas
+    if per_replica > autoscale.sequences_per_replica:
+        replicas += 1
+    elif per_replica < autoscale.sequences_per_replica / 4:
+        replicas -= 1
+    return max(autoscale.min_replicas, min(autoscale.max_replicas, replicas))

@@ -1,0 +1,57 @@
+"""How the front doors talk to the fleet controller.
+
+The handle is a Serve `DeploymentHandle` inside the Serve app, or a Ray actor
+handle elsewhere; both return awaitables from `.method.remote(...)`.
+"""
+
+import asyncio
+import logging
+
+from cluster.frontend import Admitted, Frontend, RequestTiming
+from cluster.placement import Fleet
+from specfleet.v1 import generation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+FLEET_REFRESH_S = 1.0  # how often a front door checks whether the controller changed the fleet
+
+
+class ControllerClient:
+    def __init__(self, handle):
+        self.handle = handle
+        self._watch: asyncio.Task | None = None
+
+    async def fleet(self) -> Fleet:
+        _, fleet = await self.handle.snapshot.remote()
+        return fleet
+
+    async def frontend(self) -> Frontend:
+        """A `Frontend` over the controller's fleet that follows its replacements and new replicas."""
+        version, fleet = await self.handle.snapshot.remote()
+        frontend = Frontend(fleet, self.observe)
+        self._watch = asyncio.get_running_loop().create_task(self._follow(frontend, version))
+        return frontend
+
+    def observe(self, admitted: Admitted, outcome: str, timing: RequestTiming) -> None:
+        """Report a finished request (fire and forget: metrics must not slow requests down)."""
+        self.handle.observe_request.remote(admitted.model, outcome, timing.first_token_s, timing.token_gaps_s, timing.total_s)
+
+    async def stats(self) -> pb.GetStatsResponse:
+        return await self.handle.stats.remote()
+
+    async def metrics(self) -> tuple[bytes, str]:
+        return await self.handle.metrics_text.remote()
+
+    async def ready(self) -> bool:
+        return await self.handle.ready.remote()
+
+    async def _follow(self, frontend: Frontend, version: int) -> None:
+        while True:
+            await asyncio.sleep(FLEET_REFRESH_S)
+            try:
+                latest = await self.handle.version.remote()
+                if latest != version:
+                    version, fleet = await self.handle.snapshot.remote()
+                    frontend.use_fleet(fleet)
+            except Exception:  # the controller restarting must not end the watch
+                log.warning("cannot reach the fleet controller; keeping the current fleet", exc_info=True)

@@ -1,0 +1,92 @@
+"""The Ray Serve application: fleet controller, gRPC front door and OpenAI-compatible HTTP ingress.
+
+Three deployments composed with `.bind`, so a Serve config file (import path
+`cluster.serve.app:build_app` + args) deploys the whole cluster:
+
+- `FleetController` (one replica): starts and owns the drafter/target actors,
+  reads their telemetry, steers speculation, replaces dead actors.
+- `GrpcFrontDoor` (one replica, on the head node so a Kubernetes Service can
+  reach a fixed port): the `specfleet.v1.Generation` gRPC server with health
+  and reflection.
+- `HttpIngress`: `/v1/completions`, `/v1/chat/completions`, `/v1/models`,
+  `/health`, `/metrics` (cluster/serve/openai_api.py).
+
+Both front doors run the same `Frontend` over the controller's fleet: there is
+one generation path, whatever the transport.
+"""
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from cluster.config import ClusterConfig, default_config, load_config
+from cluster.controller.actor import FleetController
+from cluster.controller.client import ControllerClient
+from cluster.serve.openai_api import create_api
+from cluster.server import start_server
+
+HEAD_NODE = {"node:__internal_head__": 0.001}  # a resource only the Ray head node carries
+
+
+class AppArgs(BaseModel):
+    """The `args` of the Serve config entry that deploys specfleet."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: Path | None = Field(None, description="Cluster config YAML; relative paths resolve against the working directory. None: the embedded zoo.")
+    grpc_host: str = Field("0.0.0.0", description="Address the gRPC front door binds.")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (see GrpcFrontDoor.address).")
+
+
+@serve.deployment(ray_actor_options={"resources": HEAD_NODE, "num_cpus": 0})
+class GrpcFrontDoor:
+    async def __init__(self, controller, host: str, port: int):
+        self.controller = ControllerClient(controller)
+        fleet = await self.controller.fleet()
+        self.server, self.port = await start_server(fleet, host, port, self.controller)
+
+    async def address(self) -> int:
+        """The bound gRPC port."""
+        return self.port
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class HttpIngress:
+    def __init__(self, controller, grpc_front_door):
+        self.controller = ControllerClient(controller)
+        self.grpc_front_door = grpc_front_door  # held so the app owns it; `grpc_port` asks it
+        self._frontend = None
+
+    def __serve_build_asgi_app__(self):
+        """The FastAPI app, built in the replica so its handlers reach this instance as `app.state.source`."""
+        api = create_api()
+        api.state.source = self
+        return api
+
+    async def frontend(self):
+        if self._frontend is None:
+            self._frontend = await self.controller.frontend()
+        return self._frontend
+
+    async def metrics(self) -> tuple[bytes, str]:
+        return await self.controller.metrics()
+
+    async def ready(self) -> bool:
+        return await self.controller.ready()
+
+    async def grpc_port(self) -> int:
+        return await self.grpc_front_door.address.remote()
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve's entry point: `import_path: cluster.serve.app:build_app`."""
+    parsed = AppArgs.model_validate(args or {})
+    return build_app_from_config(load_config(parsed.config) if parsed.config else default_config(),
+                                 parsed.grpc_host, parsed.grpc_port)
+
+
+def build_app_from_config(config: ClusterConfig, grpc_host: str = "0.0.0.0", grpc_port: int = 50051) -> serve.Application:
+    controller = serve.deployment(FleetController, ray_actor_options={"num_cpus": 0}).bind(config)
+    return HttpIngress.bind(controller, GrpcFrontDoor.bind(controller, grpc_host, grpc_port))

@@ -1,0 +1,39 @@
+"""`specfleet status`: the controller's current plan per target and the acceptance of each arm."""
+
+import argparse
+import json
+
+from google.protobuf.json_format import MessageToDict
+
+from cluster.client import stats_remote
+from specfleet.v1 import generation_pb2 as pb
+
+
+def add_status_command(subparsers) -> None:
+    parser = subparsers.add_parser("status", help="show the controller's plans and acceptance per (target, drafter, exit, k)")
+    parser.add_argument("--server", default="127.0.0.1:50051", help="gRPC address of a running `specfleet up`")
+    parser.add_argument("--json", action="store_true", help="print the GetStats response as JSON")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server")
+    parser.set_defaults(func=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    stats = stats_remote(args.server, args.timeout)
+    if args.json:
+        print(json.dumps(MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
+    else:
+        print(format_status(stats))
+    return 0
+
+
+def format_status(stats: pb.GetStatsResponse) -> str:
+    lines = ["plans", f"  {'target':<12} {'drafter':<10} {'exit':>4} {'k':>3} {'replicas':>8}  reason"]
+    for p in stats.plans:
+        exit_text = str(p.exit_layer or "deep") if p.k else "-"
+        lines.append(f"  {p.target:<12} {p.drafter or 'off':<10} {exit_text:>4} {p.k:>3} {p.replicas:>8}  {p.reason}")
+    lines += ["", "acceptance per arm",
+              f"  {'target':<12} {'drafter':<10} {'exit':>4} {'k':>3} {'rounds':>8} {'accept':>7} {'MAL':>5} {'tok/s':>8}"]
+    for p in stats.pairs:
+        lines.append(f"  {p.target:<12} {p.drafter or 'plain':<10} {p.exit_layer or '-':>4} {p.k:>3} {p.rounds:>8} "
+                     f"{p.acceptance_rate:>7.2f} {p.mean_accepted_length:>5.2f} {p.goodput_tokens_per_s:>8.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""The fleet controller on a simulated multi-node Ray cluster: plans, healing, scaling, stats.
+
+The controller runs as a plain Ray actor with a long period; tests call
+`step()` to take a control step when they need one.
+"""
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+from ray.cluster_utils import Cluster
+
+from actors.generator import SpeculativeGenerator
+from actors.runner import ModelRunner
+from actors.sampling import make_sampling_params
+from cluster.config import parse_config
+from cluster.controller.actor import FleetController
+from cluster.controller.client import ControllerClient
+from cluster.server import BackgroundServer
+from specfleet.v1 import generation_pb2 as pb
+from specfleet.v1 import generation_pb2_grpc as pb_grpc
+
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    cluster.add_node(num_cpus=4, resources={"draft": 8})
+    cluster.add_node(num_cpus=4, resources={"target": 8})
+    ray.init(address=cluster.address)
+    yield
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def controller(ray_cluster, target_path, drafter_path):
+    config = parse_config({
+        "pools": {"draft": {"resources": {"draft": 1}, "num_cpus": 0.5}, "target": {"resources": {"target": 1}, "num_cpus": 0.5}},
+        "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft"}},
+        "targets": {"small": {"path": str(target_path), "pool": "target", "drafter": "sorted", "k": 3,
+                              "autoscale": {"min_replicas": 1, "max_replicas": 2, "sequences_per_replica": 2}}},
+        "server": {"grpc_port": 0, "drafter_timeout_s": 5},
+        "controller": {"period_s": 3600, "adaptive": False},
+    })
+    handle = ray.remote(FleetController).options(max_concurrency=16).remote(config)
+    yield handle
+    ray.get(handle.shutdown.remote())
+
+
+@pytest.fixture(scope="module")
+def stub(controller):
+    _, fleet = ray.get(controller.snapshot.remote())
+    server = BackgroundServer(fleet, controller=ControllerClient(controller))
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.GenerationStub(channel)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(target_path, prompts):
+    params = make_sampling_params(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [r.tokens for r in SpeculativeGenerator(ModelRunner.from_pretrained(target_path)).generate(prompts[:4], params)]
+
+
+def request(prompt: list[int]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=prompt), max_tokens=MAX_TOKENS,
+                              temperature=0.0, ignore_eos=True)
+
+
+def stream_tokens(stub, prompt, on_first=None) -> list[int]:
+    tokens = []
+    for message in stub.GenerateStream(request(prompt), timeout=300):
+        if on_first is not None and not tokens:
+            on_first()
+        tokens.extend(message.token_ids)
+    return tokens
+
+
+def test_plan_change_reaches_targets_mid_stream_without_breaking_exactness(controller, stub, prompts, expected):
+    plans = iter([(1, 1), (0, None), (5, 4), (3, 2)])
+
+    def change_plan():
+        k, exit_layer = next(plans, (3, 2))
+        ray.get(controller.pin_plan.remote("small", k, exit_layer))
+
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(lambda p: stream_tokens(stub, p, on_first=change_plan), prompts[:4]))
+    assert outputs == expected
+    ray.get(controller.step.remote())  # collect the rounds' telemetry
+    arms = {(p.k, p.exit_layer) for p in ray.get(controller.stats.remote()).pairs if p.target == "small"}
+    assert len(arms) >= 3, f"the plans should have been used by rounds: {arms}"
+
+
+def test_dead_drafter_is_replaced_and_speculation_resumes(controller, stub, prompts, expected):
+    ray.get(controller.pin_plan.remote("small", 3, 2))
+    version, fleet = ray.get(controller.snapshot.remote())
+    dead = fleet.drafters["sorted"][0]
+    kill = lambda: ray.kill(dead)  # noqa: E731 - kill as soon as the first stream has tokens
+    with ThreadPoolExecutor(3) as pool:
+        outputs = list(pool.map(lambda i: stream_tokens(stub, prompts[i], kill if i == 0 else None), range(3)))
+    assert outputs == expected[:3]  # plain decoding took over, exactly
+    ray.get(controller.step.remote())
+    new_version, new_fleet = ray.get(controller.snapshot.remote())
+    assert new_version > version and new_fleet.drafters["sorted"][0] != dead
+    response = stub.Generate(request(prompts[3]), timeout=300)
+    assert list(response.token_ids) == expected[3]
+    assert response.speculation.drafted > 0, "the replacement drafter should draft again"
+
+
+def test_stats_and_metrics_report_the_rounds(controller, stub, prompts):
+    stub.Generate(request(prompts[0]), timeout=300)
+    ray.get(controller.step.remote())
+    stats = stub.GetStats(pb.GetStatsRequest(), timeout=30)
+    speculating = [p for p in stats.pairs if p.target == "small" and p.drafter == "sorted"]
+    assert speculating and all(p.rounds > 0 and 0 <= p.acceptance_rate <= 1 for p in speculating)
+    assert all(p.mean_accepted_length >= 1 for p in speculating)
+    (plan,) = stats.plans
+    assert (plan.target, plan.k, plan.exit_layer, plan.drafter) == ("small", 3, 2, "sorted")
+    text, _ = ray.get(controller.metrics_text.remote())
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            if sample.labels.get("target") == "small" and sample.labels.get("drafter") == "sorted":
+                totals[sample.name] = totals.get(sample.name, 0) + sample.value
+    # the tiny drafter is a different random model, so few of its tokens are accepted; the counts must agree
+    assert totals["specfleet_rounds_total"] == sum(p.rounds for p in speculating) > 0
+    assert totals["specfleet_draft_tokens_total"] == sum(p.drafted for p in speculating) > 0
+    assert totals["specfleet_accepted_tokens_total"] == sum(p.accepted for p in speculating)
+
+
+def test_busy_target_scales_up_then_back_down(controller, stub, prompts):
+    version, fleet = ray.get(controller.snapshot.remote())
+    assert len(fleet.targets["small"]) == 1
+    long_request = pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=prompts[0]), max_tokens=200,
+                                      temperature=0.0, ignore_eos=True)
+    with ThreadPoolExecutor(6) as pool:
+        calls = [pool.submit(stub.Generate, long_request, timeout=300) for _ in range(6)]
+        deadline = time.time() + 60
+        while time.time() < deadline and ray.get(fleet.targets["small"][0].live_sequences.remote()) < 5:
+            time.sleep(0.1)
+        ray.get(controller.step.remote())
+        _, scaled = ray.get(controller.snapshot.remote())
+        assert len(scaled.targets["small"]) == 2
+        assert all(len(call.result().token_ids) == 200 for call in calls)
+    ray.get(controller.step.remote())
+    _, shrunk = ray.get(controller.snapshot.remote())
+    assert len(shrunk.targets["small"]) == 1

@@ -1,0 +1,173 @@
+"""The Serve application deployed from deploy/serve/specfleet.yaml, reached by real clients.
+
+The official `openai` client (completions and chat, streaming and not), the
+gRPC front door of the same app, 32 concurrent HTTP streams, and the memory
+of every actor after them. The app serves the embedded zoo.
+"""
+
+import asyncio
+import importlib
+import os
+import socket
+from pathlib import Path
+
+import grpc
+import openai
+import pytest
+import ray
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from ray import serve
+
+from actors.generator import SpeculativeGenerator
+from actors.loading import load_tokenizer
+from actors.runner import ModelRunner
+from actors.sampling import make_sampling_params
+from cluster.config import load_config
+from cluster.up_command import local_ray_resources
+from specfleet.v1 import generation_pb2 as pb
+from specfleet.v1 import generation_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+SERVE_CONFIG = REPO / "deploy" / "serve" / "specfleet.yaml"
+PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef main(", "class Stack:\n    def push(self,", "for key, value in"]
+MAX_TOKENS = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app():
+    """Deploy the Serve config's application as `serve deploy` would, on free ports."""
+    os.chdir(REPO)  # the config's relative paths resolve against the working directory
+    entry = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
+    args = {**entry["args"], "grpc_port": 0}
+    http_port = free_port()
+    ray.init(**local_ray_resources(load_config(args["config"])))
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
+    module, builder = entry["import_path"].split(":")
+    ingress = serve.run(getattr(importlib.import_module(module), builder)(args), name=entry["name"],
+                        route_prefix=entry["route_prefix"])
+    yield {"http": f"http://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{ingress.grpc_port.remote().result()}",
+           "config": load_config(args["config"])}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected_text(app):
+    """target-l's own plain greedy completion of each prompt, in this process."""
+    path = app["config"].targets["target-l"].path
+    tokenizer = load_tokenizer(path)
+    params = make_sampling_params(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    results = SpeculativeGenerator(ModelRunner.from_pretrained(path)).generate(prompts, params)
+    return {prompt: tokenizer.decode(r.tokens) for prompt, r in zip(PROMPTS, results)}
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return openai.OpenAI(base_url=app["http"], api_key="unused", max_retries=0, timeout=300)
+
+
+def complete(client, prompt: str, **extra):
+    return client.completions.create(model="target-l", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                     extra_body={"ignore_eos": True}, **extra)
+
+
+def test_completions_equal_the_targets_own_greedy_output(client, expected_text):
+    for prompt in PROMPTS[:2]:
+        response = complete(client, prompt)
+        assert response.choices[0].text == expected_text[prompt]
+        assert response.usage.completion_tokens == MAX_TOKENS
+
+
+def test_streamed_completion_concatenates_to_the_same_text(client, expected_text):
+    chunks = list(complete(client, PROMPTS[2], stream=True))
+    assert len(chunks) > 1
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected_text[PROMPTS[2]]
+
+
+def test_chat_streaming_and_not_agree(client):
+    messages = [{"role": "user", "content": "Write a function that adds two numbers."}]
+    whole = client.chat.completions.create(model="target-m", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    chunks = client.chat.completions.create(model="target-m", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content and streamed == whole.choices[0].message.content
+
+
+def test_models_and_errors(client):
+    assert {m.id for m in client.models.list()} == {"target-s", "target-m", "target-l"}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="target-s", prompt="x", max_tokens=4, temperature=-1)
+
+
+def test_grpc_front_door_of_the_same_app(app, expected_text):
+    with grpc.insecure_channel(app["grpc"]) as channel:
+        response = pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
+            model="target-l", text=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True), timeout=300)
+    assert response.text == expected_text[PROMPTS[0]]
+
+
+async def _stream_wave(base_url: str, count: int) -> list[str]:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+
+    async def one(i: int) -> str:
+        stream = await client.completions.create(model="target-l", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True})
+        return "".join([c.choices[0].text async for c in stream if c.choices])
+
+    try:
+        return await asyncio.gather(*(one(i) for i in range(count)))
+    finally:
+        await client.close()
+
+
+def _actor_memory(app) -> dict[str, int]:
+    """Resident memory (bytes) of every drafter and target actor process, and their live sequences."""
+    controller = serve.get_deployment_handle("FleetController", app_name="specfleet")
+    _, fleet = controller.snapshot.remote().result()
+    memory, live = {}, 0
+    for name, infos in fleet.infos.items():
+        for i, info in enumerate(infos):
+            memory[f"{name}/{i}"] = _rss(info["pid"])
+    for handle in fleet.all_handles():
+        live += ray.get(handle.live_sequences.remote())
+    return memory | {"live_sequences": live}
+
+
+def _rss(pid: int) -> int:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024
+
+
+def test_32_concurrent_streams_complete_correctly_and_memory_stays_bounded(app, expected_text):
+    first = asyncio.run(_stream_wave(app["http"], 32))
+    assert first == [expected_text[PROMPTS[i % len(PROMPTS)]] for i in range(32)]
+    after_first = _actor_memory(app)
+    second = asyncio.run(_stream_wave(app["http"], 32))
+    assert second == first
+    after_second = _actor_memory(app)
+    assert after_first["live_sequences"] == after_second["live_sequences"] == 0  # every sequence freed
+    for actor, rss in after_second.items():
+        if actor != "live_sequences":
+            assert rss < after_first[actor] + 64 * 2**20, f"{actor} grew from {after_first[actor]} to {rss} bytes"
+
+
+def test_metrics_endpoint_counts_the_requests(app):
+    import urllib.request
+
+    asyncio.run(asyncio.sleep(2.5))  # at least one control step collects the rounds
+    text = urllib.request.urlopen(app["http"].removesuffix("/v1") + "/metrics", timeout=30).read().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    requests = sum(s.value for s in samples if s.name == "specfleet_requests_total")
+    rounds = sum(s.value for s in samples if s.name == "specfleet_rounds_total" and s.labels.get("target") == "target-l")
+    assert requests >= 64 and rounds > 0
