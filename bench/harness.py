@@ -87,8 +87,6 @@ def _system_entry(result: dict) -> dict:
 def _profile(config: BenchConfig, settings: dict, prompts: dict, log_dir: Path, echo) -> dict:
     if not config.profile:
         return {"status": "not run", "reason": "profiling was switched off (--no-profile)"}
-    if config.device != "cpu":
-        return {"status": "not run", "reason": "the round profile runs on CPU (its Ray drafter actor is CPU-only)"}
     category = "code" if "code" in prompts else next(iter(prompts))
     pool = prompts[category]
     cells = [{"category": category, "temperature": 0.0, "concurrency": c, "seed": config.seed,

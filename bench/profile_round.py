@@ -15,8 +15,9 @@ the instances only (nothing in actors/ changes):
 - other Python: the rest of the round (engine bookkeeping, building lists).
 
 Three engines run the same greedy requests: the target alone (plain), the
-target with an in-process drafter, and the target with the drafter in a Ray
-actor reached through `RemoteDrafter` (as the cluster's target actor does).
+target with an in-process drafter, and (on CPU) the target with the drafter
+in a Ray actor reached through `RemoteDrafter`, as the cluster's target actor
+does.
 """
 
 import os
@@ -36,10 +37,16 @@ REMOTE_TIMEOUT_S = 120.0
 
 
 class Stopwatch:
-    """Seconds spent per named part, accumulated by wrappers."""
+    """Seconds spent per named part, accumulated by wrappers.
 
-    def __init__(self):
+    On a GPU each timed call ends with a synchronisation, so a part's time is
+    its kernels' time and not just their launch (which makes the round a
+    little slower than unprofiled).
+    """
+
+    def __init__(self, device: str = "cpu"):
         self.seconds: dict[str, float] = defaultdict(float)
+        self._sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         self._wrapped: list[tuple[object, str, object]] = []  # (owner, attribute, its own attribute before, if any)
 
     def wrap(self, owner, attribute: str, name: str, name_of=None) -> None:
@@ -52,6 +59,7 @@ class Stopwatch:
             try:
                 return original(*args, **kwargs)
             finally:
+                self._sync()
                 self.seconds[name_of(args, kwargs) if name_of else name] += time.perf_counter() - started
 
         setattr(owner, attribute, timed)
@@ -86,9 +94,9 @@ class TimedDrafterActor(DrafterActor):
         return value
 
 
-def instrument(engine: SpeculationEngine) -> tuple[Stopwatch, list[int]]:
+def instrument(engine: SpeculationEngine, device: str) -> tuple[Stopwatch, list[int]]:
     """Wrap the engine's parts; returns the stopwatch and a one-item list counting rounds."""
-    watch, rounds = Stopwatch(), [0]
+    watch, rounds = Stopwatch(device), [0]
     target = engine.target
     watch.wrap(target, "forward", "verify", lambda args, kwargs: "prefill" if kwargs.get("last_only") else "verify")
     watch.wrap(target, "_gather_past", "verify: KV gather")
@@ -133,7 +141,7 @@ def breakdown(seconds: dict[str, float], rounds: int, tokens: int, remote_comput
 def profile_engine(engine: SpeculationEngine, cell: dict, settings: dict, remote_handle=None) -> dict:
     import ray
 
-    watch, rounds = instrument(engine)
+    watch, rounds = instrument(engine, settings["device"])
     try:
         traces = run_closed_loop(engine, cell, settings)
     finally:
@@ -143,34 +151,43 @@ def profile_engine(engine: SpeculationEngine, cell: dict, settings: dict, remote
 
 
 def run_whole_job(job: dict) -> dict:
-    import ray
-
+    """Profile the plain and in-process engines at each concurrency, then (on CPU) the remote drafter."""
     settings = job["settings"]
     torch.set_num_threads(settings["threads"])
-    target = ModelRunner.from_pretrained(settings["target"])
-    drafter = ModelDrafter(ModelRunner.from_pretrained(settings["drafter"]))
+    target = ModelRunner.from_pretrained(settings["target"], device=settings["device"])
+    drafter = ModelDrafter(ModelRunner.from_pretrained(settings["drafter"], device=settings["device"]))
     k, exit_layer = settings["k"], settings["exit_layer"]
-    warmup = job["warmup"]
     profiles = defaultdict(list)
     for cell in job["cells"]:
         for name, make in (("plain", lambda: SpeculationEngine(target)),
                            ("in-process drafter", lambda: SpeculationEngine(target, drafter, k, exit_layer))):
-            run_closed_loop(make(), warmup, settings)
+            run_closed_loop(make(), job["warmup"], settings)
             profiles[name].append({"concurrency": cell["concurrency"], **profile_engine(make(), cell, settings)})
+    if settings["device"] == "cpu":  # the drafter actor is a CPU actor
+        profiles["remote drafter (Ray actor)"], processes = _profile_remote(target, job)
+    else:
+        processes = process_tree_peaks(os.getpid())
+    return {"category": job["cells"][0]["category"], "temperature": 0.0, "k": k, "exit_layer": exit_layer,
+            "engines": dict(profiles), "processes": processes}
+
+
+def _profile_remote(target: ModelRunner, job: dict) -> tuple[list[dict], list[dict]]:
+    """The target here, the drafter in a Ray actor reached through `RemoteDrafter`, as in a target actor."""
+    import ray
+
+    settings = job["settings"]
+    k, exit_layer = settings["k"], settings["exit_layer"]
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         handle = ray.remote(TimedDrafterActor).options(
             num_cpus=0, max_concurrency=16, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings["threads"])}},
         ).remote(settings["drafter"], settings["threads"])
         remote = RemoteDrafter(handle, ray.get(handle.info.remote()), REMOTE_TIMEOUT_S)
-        run_closed_loop(SpeculationEngine(target, remote, k, exit_layer), warmup, settings)
+        run_closed_loop(SpeculationEngine(target, remote, k, exit_layer), job["warmup"], settings)
         ray.get(handle.take_compute_s.remote())
-        for cell in job["cells"]:
-            engine = SpeculationEngine(target, remote, k, exit_layer)
-            profiles["remote drafter (Ray actor)"].append({"concurrency": cell["concurrency"],
-                                                           **profile_engine(engine, cell, settings, handle)})
-        processes = process_tree_peaks(os.getpid())
+        runs = [{"concurrency": cell["concurrency"],
+                 **profile_engine(SpeculationEngine(target, remote, k, exit_layer), cell, settings, handle)}
+                for cell in job["cells"]]
+        return runs, process_tree_peaks(os.getpid())
     finally:
         ray.shutdown()
-    return {"category": job["cells"][0]["category"], "temperature": 0.0, "k": k, "exit_layer": exit_layer,
-            "engines": dict(profiles), "processes": processes}

