@@ -30,7 +30,8 @@ class DraftRequest:
 @dataclass(frozen=True)
 class Draft:
     tokens: list[int]  # may be shorter than k, e.g. when an n-gram finds no match
-    probs: torch.Tensor | None  # [len(tokens), V] q rows, or None for a point-mass drafter
+    probs: torch.Tensor | None  # [len(tokens), V] q rows, or None for a point mass (greedy, n-gram)
+    confidence: torch.Tensor | None = None  # [len(tokens), V] the drafter's temperature-1 softmax (cascade rules); None: model-free
 
 
 class Drafter(ABC):
@@ -88,6 +89,7 @@ class ModelDrafter(Drafter):
         exits = {r.seq_id: r.exit_layer or self.default_exit for r in requests}
         tokens: dict[SeqId, list[int]] = {r.seq_id: [] for r in requests}
         probs: dict[SeqId, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
+        confidences: dict[SeqId, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
         for step in range(max(lengths.values(), default=0)):
             rows = [s for s in lengths if lengths[s] > step]
             feeds = [self._pending(s) if step == 0 else tokens[s][-1:] for s in rows]
@@ -97,7 +99,9 @@ class ModelDrafter(Drafter):
                 q = logits_to_probs(row_logits, state.params)  # [1, V]
                 tokens[seq_id].append(int(sample(q, state.generator)))
                 probs[seq_id].append(q[0])
-        return [self._draft(tokens[r.seq_id], probs[r.seq_id]) for r in requests]
+                confidences[seq_id].append(torch.softmax(row_logits[0].float(), dim=-1))
+        return [self._draft(tokens[r.seq_id], probs[r.seq_id], confidences[r.seq_id], self._state(r.seq_id).params)
+                for r in requests]
 
     def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
         state = self._state(seq_id)
@@ -127,8 +131,11 @@ class ModelDrafter(Drafter):
         return self._state(seq_id).context[self.runner.cached_length(seq_id) :]
 
     @staticmethod
-    def _draft(tokens: list[int], probs: list[torch.Tensor]) -> Draft:
-        return Draft(tokens, torch.stack(probs) if probs else None)
+    def _draft(tokens: list[int], probs: list[torch.Tensor], confidences: list[torch.Tensor], params: SamplingParams) -> Draft:
+        """Greedy drafts travel as point masses (probs None): the one-hot rows would only double the payload."""
+        if not tokens:
+            return Draft([], None)
+        return Draft(tokens, None if params.greedy else torch.stack(probs), torch.stack(confidences))
 
 
 class NgramDrafter(Drafter):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from actors.cascades import CascadeParams, accepted_and_deferred, verify_cascade
 from actors.drafters import Draft, DraftRequest, Drafter
 from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
@@ -46,6 +47,7 @@ class SpeculationStats:
     accepted: int = 0  # draft tokens kept by the verifier
     target_forwards: int = 0  # decoding rounds: one target forward each (prefill excluded)
     emitted: int = 0  # tokens produced by the rounds, before truncation at a stop
+    deferred: int = 0  # cascade: judged draft positions that stood on the drafter's q
 
     @property
     def acceptance_rate(self) -> float:
@@ -61,6 +63,7 @@ class SpeculationStats:
         self.accepted += other.accepted
         self.target_forwards += other.target_forwards
         self.emitted += other.emitted
+        self.deferred += other.deferred
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class _Live:
     pending: int  # last emitted token, not yet in the target's cache
     k: int | None = None  # this sequence's draft length (0: no speculation); None follows the engine's
     exit_layer: int | None = None  # this sequence's drafter exit; None follows the engine's
+    cascade: CascadeParams | None = None  # speculative cascade; None verifies losslessly
     prefilled: bool = False
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -128,18 +132,21 @@ class SpeculationEngine:
         seq_id: SeqId | None = None,
         k: int | None = None,
         exit_layer: int | None = None,
+        cascade: CascadeParams | None = None,
     ) -> SeqId:
         """Validate and admit a sequence; it is prefilled at the next step.
 
         `k` and `exit_layer` override the engine's speculation for this sequence
-        (k = 0 decodes it plainly).
+        (k = 0 decodes it plainly); `cascade` verifies it against a speculative
+        cascade instead of the target alone (see `actors.cascades`).
         """
         self._check_prompt(prompt, params)
         self._check_speculation(k, exit_layer)
         seq_id = next(self._ids) if seq_id is None else seq_id
         if seq_id in self._live:
             raise InvalidRequest(f"sequence {seq_id!r} is already being generated")
-        seq = _Live(seq_id, list(prompt), params, make_generator(params.seed), pending=prompt[-1], k=k, exit_layer=exit_layer)
+        seq = _Live(seq_id, list(prompt), params, make_generator(params.seed), pending=prompt[-1], k=k,
+                    exit_layer=exit_layer, cascade=cascade)
         self.target.add_sequence(seq_id)
         if self.drafter is not None:
             self._call_drafter(lambda d: d.start(seq_id, seq.prompt, params))
@@ -236,9 +243,10 @@ class SpeculationEngine:
         return no_drafts if drafts is None else drafts
 
     def _draft_length(self, seq: _Live) -> int:
-        """k, cut so the round cannot emit past max_tokens (it emits at most k + 1)."""
+        """k, cut so the round cannot emit past max_tokens (it emits at most k + 1; a deferring cascade, k)."""
         k = self.k if seq.k is None or self.drafter is None else seq.k
-        return max(0, min(k, seq.params.max_tokens - len(seq.tokens) - 1))
+        bonus = 0 if seq.cascade is not None and seq.cascade.can_defer else 1
+        return max(0, min(k, seq.params.max_tokens - len(seq.tokens) - bonus))
 
     def _arm(self, seq: _Live) -> tuple[int | None, int]:
         """(exit, k) this sequence speculates with now; (None, 0) when it decodes plainly."""
@@ -264,6 +272,8 @@ class SpeculationEngine:
 
     @staticmethod
     def _verify(seq: _Live, draft: Draft, target_logits: torch.Tensor) -> Verdict:
+        if seq.cascade is not None:
+            return verify_cascade(draft, target_logits, seq.params, seq.cascade, seq.generator)
         draft_tokens = torch.tensor(draft.tokens, dtype=torch.long)
         if seq.params.greedy:
             return verify_greedy(draft_tokens, target_logits)
@@ -273,7 +283,8 @@ class SpeculationEngine:
     def _advance(self, seq: _Live, draft: Draft, verdict: Verdict) -> SequenceUpdate:
         """Record the round, roll both models back to what was emitted, and check for a stop."""
         emitted = verdict.emitted(draft.tokens)
-        seq.stats.add(SpeculationStats(len(draft.tokens), verdict.num_accepted, 1, len(emitted)))
+        accepted, deferred = accepted_and_deferred(verdict)
+        seq.stats.add(SpeculationStats(len(draft.tokens), accepted, 1, len(emitted), deferred))
         cached_before = self.target.cached_length(seq.seq_id) - len(draft.tokens) - 1
         self.target.rollback(seq.seq_id, cached_before + 1 + verdict.num_accepted)
         if self.drafter is not None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from actors.cascades import CascadeParams
 from actors.drafters import Drafter
 from actors.engine import SpeculationEngine, SpeculationStats
 from actors.errors import InvalidRequest
@@ -26,8 +27,17 @@ class GenerationResult:
 class SpeculativeGenerator:
     """Generates with a target, speculating with a drafter when one is given."""
 
-    def __init__(self, target: ModelRunner, drafter: Drafter | None = None, k: int = 4, exit_layer: int | None = None):
+    def __init__(
+        self,
+        target: ModelRunner,
+        drafter: Drafter | None = None,
+        k: int = 4,
+        exit_layer: int | None = None,
+        cascade: CascadeParams | None = None,
+    ):
+        """`cascade` verifies every sequence against a speculative cascade (None: lossless)."""
         self.engine = SpeculationEngine(target, drafter, k, exit_layer)
+        self.cascade = cascade
         self.elapsed_s = 0.0  # wall time of the last `generate`
 
     @property
@@ -45,7 +55,7 @@ class SpeculativeGenerator:
         results: dict = {}
         try:
             for prompt, p in zip(prompts, params_list):
-                seq_id = self.engine.add(prompt, p)
+                seq_id = self.engine.add(prompt, p, cascade=self.cascade)
                 results[seq_id] = GenerationResult(list(prompt), [], "")
             while self.engine.num_live:
                 for update in self.engine.step():

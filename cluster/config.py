@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from actors.cascades import CascadeParams
 from actors.errors import SpecfleetError
 from cluster.defaults import models_dir
 
@@ -48,6 +49,15 @@ class TargetConfig(ModelConfig):
     drafter: str | None = Field(None, description="Name of the drafter that serves this target; None decodes plainly.")
     exit_layer: int | None = Field(None, ge=1, description="Drafter exit to draft with; None uses its deepest exit.")
     k: int = Field(4, ge=1, le=64, description="Draft tokens per round.")
+    cascade: CascadeParams | None = Field(
+        None, description="Default speculative cascade (deferral rule and lenience alpha) of this target's requests; "
+        "None verifies losslessly. A request's own rule or alpha overrides it."
+    )
+    via: list[str] = Field(
+        default_factory=list,
+        description="Middle targets of a staged chain, innermost first: drafter -> via[0] -> ... -> this target. "
+        "Each runs as a stage actor on that target's pool, drafting for the next with that target's k as its inner draft length.",
+    )
 
 
 class ServerConfig(_Strict):
@@ -77,7 +87,24 @@ class ClusterConfig(_Strict):
         clash = set(self.drafters) & set(self.targets)
         if clash:
             raise ValueError(f"names used for both a drafter and a target: {sorted(clash)}")
+        for name, target in self.targets.items():
+            _check_chain(name, target, self.targets)
         return self
+
+
+def _check_chain(name: str, target: TargetConfig, targets: dict[str, TargetConfig]) -> None:
+    """A chain needs a drafter to start from and distinct middle targets other than itself."""
+    if not target.via:
+        return
+    if target.drafter is None:
+        raise ValueError(f"target {name!r} has a chain (via {target.via}) but no drafter: a chain needs a drafter to start from")
+    for middle in target.via:
+        if middle not in targets:
+            raise ValueError(f"target {name!r} goes via {middle!r}, which is not among the targets {sorted(targets)}")
+    if name in target.via:
+        raise ValueError(f"target {name!r} cannot pass through itself")
+    if len(set(target.via)) != len(target.via):
+        raise ValueError(f"target {name!r} names a middle target more than once in via {target.via}")
 
 
 def load_config(path: str | Path) -> ClusterConfig:

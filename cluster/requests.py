@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from actors.cascades import CascadeParams, make_cascade_params
 from actors.errors import InvalidRequest
 from actors.sampling import SamplingParams, make_sampling_params
 from cluster.config import TargetConfig
@@ -43,8 +44,35 @@ def sampling_params(request: pb.GenerateRequest, default_max_tokens: int, prompt
     return make_sampling_params(**values)
 
 
+CASCADE_RULES = {pb.Cascade.CHOW: "chow", pb.Cascade.DIFF: "diff", pb.Cascade.OPT: "opt"}
+
+
 def speculation_overrides(speculation: pb.Speculation, target: TargetConfig) -> dict:
-    """Per-request speculation as engine overrides: {} follows the plan, {"k": 0} decodes plainly."""
+    """Per-request speculation as engine overrides: {} follows the plan, {"k": 0} decodes plainly.
+
+    A speculative cascade (the request's, else the target's default) rides along as "cascade".
+    """
+    overrides = _draft_overrides(speculation, target)
+    cascade = None if overrides.get("k") == 0 else cascade_override(speculation, target)
+    return overrides if cascade is None else {**overrides, "cascade": cascade}
+
+
+def cascade_override(speculation: pb.Speculation, target: TargetConfig) -> CascadeParams | None:
+    """The request's cascade: its rule and alpha, each falling back to the target's default; None: lossless."""
+    default = target.cascade
+    if not speculation.HasField("cascade"):
+        return default
+    if target.drafter is None:
+        raise InvalidRequest("this target has no drafter to cascade with")
+    wire = speculation.cascade
+    rule = CASCADE_RULES.get(wire.rule) or (default.rule if default else None)
+    alpha = wire.alpha if wire.HasField("alpha") else (default.alpha if default else None)
+    if rule is None or alpha is None:
+        raise InvalidRequest("a cascade needs a rule and an alpha, and this target has no default cascade to fill them in")
+    return make_cascade_params(rule=rule, alpha=alpha)
+
+
+def _draft_overrides(speculation: pb.Speculation, target: TargetConfig) -> dict:
     mode = speculation.mode
     if mode in (pb.Speculation.MODE_UNSPECIFIED, pb.Speculation.AUTO):
         return {}
