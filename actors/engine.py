@@ -203,6 +203,25 @@ class SpeculationEngine:
         """The round records written since the last drain (thread-safe)."""
         return self.telemetry.drain()
 
+    def replace_drafter(self, drafter: Drafter | None, k: int, exit_layer: int | None = None) -> None:
+        """Draft with another drafter from the next round: a replacement for a dead one, or a re-pairing.
+
+        Live sequences start on the new drafter with everything emitted so far,
+        so it drafts from the true context; the old one forgets them. None (or
+        a drafter that fails at once) decodes plainly.
+        """
+        if drafter is not None:
+            check_pairing(self.target, drafter)
+        old, self.drafter = self.drafter, drafter
+        for seq in self._live.values():
+            if old is not None:
+                _forget(old, seq.seq_id)
+            if self.drafter is not None:
+                self._call_drafter(lambda d: d.start(seq.seq_id, seq.prompt + seq.tokens, seq.params))
+        self.k = 0
+        if self.drafter is not None:
+            self.set_plan(k, exit_layer)
+
     # -- validation --------------------------------------------------------------
 
     def _check_prompt(self, prompt: Sequence[int], params: SamplingParams) -> None:
@@ -266,7 +285,7 @@ class SpeculationEngine:
                 drafted=sum(new.drafted - old.drafted for old, new in stats),
                 accepted_lengths=tuple(new.accepted - old.accepted for old, new in stats),
                 emitted=sum(new.emitted - old.emitted for old, new in stats),
-                draft_s=draft_s, verify_s=verify_s,
+                draft_s=draft_s, verify_s=verify_s, deferred=sum(new.deferred - old.deferred for old, new in stats),
                 target=self.target_name, drafter=self.drafter_name if k else PLAIN,
             ))
 
@@ -320,6 +339,14 @@ class SpeculationEngine:
             log.warning("drafter unavailable, falling back to plain decoding: %s", err)
             self.drafter, self.k = None, 0
             return None
+
+
+def _forget(drafter: Drafter, seq_id: SeqId) -> None:
+    """Free a sequence on a drafter that is being replaced; a dead one has nothing to free."""
+    try:
+        drafter.finish(seq_id)
+    except DrafterUnavailable:
+        pass
 
 
 def check_pairing(target: ModelRunner, drafter: Drafter) -> None:

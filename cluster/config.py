@@ -6,7 +6,7 @@ actor lands only on nodes that carry its pool's resources.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -33,10 +33,27 @@ class PoolConfig(_Strict):
     accelerator_type: str | None = Field(None, description="Ray accelerator type the nodes must have, e.g. 'H100'.")
 
 
+class AutoscaleConfig(_Strict):
+    """Replica bounds the controller scales a model within, from its live sequences."""
+
+    min_replicas: int = Field(1, ge=1, le=64, description="Fewest replicas kept, however idle.")
+    max_replicas: int = Field(4, ge=1, le=64, description="Most replicas started, however busy.")
+    sequences_per_replica: float = Field(
+        8.0, gt=0, description="Live sequences per replica the controller aims at: above it adds a replica, below a quarter of it removes one."
+    )
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "AutoscaleConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        return self
+
+
 class ModelConfig(_Strict):
     path: Path = Field(description="Local Hugging Face checkpoint folder (Llama architecture).")
     pool: str = Field(description="Name of the pool whose nodes host this model's actors.")
-    replicas: int = Field(1, ge=1, le=64, description="Actors serving this model.")
+    replicas: int = Field(1, ge=1, le=64, description="Actors serving this model at start.")
+    autoscale: AutoscaleConfig | None = Field(None, description="Let the controller scale the replicas within bounds; None keeps `replicas`.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
     device: str = Field("cpu", description="torch device inside the actor, e.g. 'cpu' or 'cuda'.")
 
@@ -63,10 +80,21 @@ class TargetConfig(ModelConfig):
 class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API (Ray Serve's proxy).")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that leaves it unset.")
     max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight before RESOURCE_EXHAUSTED.")
     drafter_timeout_s: float = Field(
         10.0, gt=0, description="A drafter call slower than this counts as a dead drafter: the target decodes plainly."
+    )
+
+
+class ControllerConfig(_Strict):
+    period_s: float = Field(1.0, gt=0, description="Seconds between control steps (telemetry, healing, plans, scaling).")
+    adaptive: bool = Field(
+        True, description="Let a bandit choose each target's exit and k, or no speculation, from measured goodput; False keeps the configured plan."
+    )
+    k_choices: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+        [2, 4, 6], min_length=1, description="Draft lengths the bandit chooses among (with every drafter exit)."
     )
 
 
@@ -75,6 +103,7 @@ class ClusterConfig(_Strict):
     drafters: dict[str, DrafterConfig] = Field(default_factory=dict, description="Drafter models, by name.")
     targets: dict[str, TargetConfig] = Field(description="Target models clients can ask for, by name.", min_length=1)
     server: ServerConfig = Field(default_factory=ServerConfig, description="The gRPC front door.")
+    controller: ControllerConfig = Field(default_factory=ControllerConfig, description="The fleet controller's steering.")
 
     @model_validator(mode="after")
     def _references_resolve(self) -> "ClusterConfig":
