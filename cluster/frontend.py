@@ -86,6 +86,7 @@ class Frontend:
         self.use_fleet(fleet)
         self._load: dict[int, int] = {}  # id(handle) -> requests in flight on that replica
         self._in_flight = 0
+        self._stopped_early: dict[str, str] = {}  # seq_id -> the outcome its caller gave it
 
     def use_fleet(self, fleet: Fleet) -> None:
         """Route new requests to this fleet (the controller replaced or added replicas)."""
@@ -130,7 +131,11 @@ class Frontend:
             if outcome not in ("stop", "length"):  # unfinished: free the sequence on the actors
                 admitted.handle.cancel.remote(admitted.seq_id)
             if self.observe is not None:
-                self.observe(admitted, outcome, timing)
+                self.observe(admitted, self._stopped_early.pop(admitted.seq_id, outcome), timing)
+
+    def stop_early(self, admitted: Admitted) -> None:
+        """The caller ends the sequence on purpose (a stop string): count it as "stop", not as a cancellation."""
+        self._stopped_early[admitted.seq_id] = "stop"
 
     def models(self) -> pb.ListModelsResponse:
         infos = self.fleet.infos

@@ -71,6 +71,8 @@ async def completion_pieces(frontend: Frontend, admitted: Admitted, stops: list[
             if not (stopped or done):
                 yield Piece(new_text, update.new_tokens)
                 continue
+            if stopped:
+                frontend.stop_early(admitted)
             yield Piece(new_text if stopped else new_text + matcher.flush(), update.new_tokens,
                         "stop" if stopped else update.finish_reason,
                         usage(admitted.prompt, text.tokens), frontend.stats(admitted, update))
