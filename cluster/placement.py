@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import ray
 
 from actors.ray_actors import DrafterActor, TargetActor
+from actors.stage_actor import StageActor
 from cluster.config import ClusterConfig, ModelConfig, PoolConfig
 
 ACTOR_CONCURRENCY = 256  # threads per actor: one per in-flight stream or draft call
@@ -18,9 +19,10 @@ class Fleet:
     drafters: dict[str, list] = field(default_factory=dict)
     targets: dict[str, list] = field(default_factory=dict)
     infos: dict[str, list[dict]] = field(default_factory=dict)  # per model, info() of each replica
+    stages: dict[str, list] = field(default_factory=dict)  # per chained target, its stage actors, innermost first
 
     def all_handles(self) -> list:
-        return [h for handles in (*self.drafters.values(), *self.targets.values()) for h in handles]
+        return [h for handles in (*self.drafters.values(), *self.stages.values(), *self.targets.values()) for h in handles]
 
 
 def actor_options(pool: PoolConfig) -> dict:
@@ -38,15 +40,40 @@ def start_fleet(config: ClusterConfig) -> Fleet:
     for name, model in config.drafters.items():
         fleet.drafters[name] = [_start(DrafterActor, config, model, str(model.path), model.dtype, model.device)
                                 for _ in range(model.replicas)]
+    start_stages(config, fleet)
     for name, model in config.targets.items():
         fleet.targets[name] = [
             _start(TargetActor, config, model, str(model.path), model.dtype, model.device,
-                   _pair(fleet, model.drafter, replica), model.exit_layer, model.k, config.server.drafter_timeout_s)
+                   _drafter_for(fleet, name, replica), model.exit_layer, model.k, config.server.drafter_timeout_s)
             for replica in range(model.replicas)
         ]
     for name, handles in {**fleet.drafters, **fleet.targets}.items():
         fleet.infos[name] = ray.get([h.info.remote() for h in handles])
     return fleet
+
+
+def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
+    """Start each staged chain's stage actors, innermost first, on their middle targets' pools; wait until ready.
+
+    A chain is shared by its target's replicas: one stage actor per middle
+    target, drafting with the stage below it (the first with the chain's drafter).
+    """
+    for name, target in config.targets.items():
+        if not target.via:
+            continue
+        inner, fleet.stages[name] = _pair(fleet, target.drafter, 0), []
+        for middle in target.via:
+            model = config.targets[middle]
+            inner = _start(StageActor, config, model, str(model.path), model.dtype, model.device, inner, model.k,
+                           config.server.drafter_timeout_s)
+            fleet.stages[name].append(inner)
+        ray.get(inner.info.remote())  # each stage waits for the one below it
+
+
+def _drafter_for(fleet: Fleet, target: str, replica: int):
+    """What a target replica drafts with: the outermost stage of its chain, else a drafter replica."""
+    stages = fleet.stages.get(target)
+    return stages[-1] if stages else _pair(fleet, fleet.config.targets[target].drafter, replica)
 
 
 def stop_fleet(fleet: Fleet) -> None:

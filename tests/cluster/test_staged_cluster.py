@@ -1,0 +1,113 @@
+"""A staged chain across nodes, behind gRPC: drafter (draft node) -> stage actor hosting the middle
+model (head node, `mid` pool) -> the last model (target node); and cascades asked for over the wire.
+
+The middle model here has the last model's weights, so every staged draft must be accepted: proof
+that drafts travel the whole chain. `tests/test_staged.py` checks chains of three different models."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from actors.generator import SpeculativeGenerator
+from actors.runner import ModelRunner
+from actors.sampling import make_sampling_params
+from cluster.config import parse_config
+from cluster.placement import start_fleet, stop_fleet
+from cluster.server import BackgroundServer
+from specfleet.v1 import generation_pb2 as pb
+from specfleet.v1 import generation_pb2_grpc as pb_grpc
+
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"mid": 4}})
+    draft_node = cluster.add_node(num_cpus=1, resources={"draft": 4})
+    target_node = cluster.add_node(num_cpus=1, resources={"target": 4})
+    ray.init(address=cluster.address)
+    yield {"mid": cluster.head_node.node_id, "draft": draft_node.node_id, "target": target_node.node_id}
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster, target_path, drafter_path):
+    config = parse_config({
+        "pools": {pool: {"resources": {pool: 1}, "num_cpus": 0} for pool in ("draft", "mid", "target")},
+        "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft"}},
+        "targets": {
+            "middle": {"path": str(target_path), "pool": "mid", "drafter": "sorted", "k": 3},
+            "chained": {"path": str(target_path), "pool": "target", "drafter": "sorted", "via": ["middle"],
+                        "exit_layer": 2, "k": 4},
+        },
+        "server": {"grpc_port": 0, "drafter_timeout_s": 30},
+    })
+    fleet = start_fleet(config)
+    yield fleet
+    stop_fleet(fleet)
+
+
+@pytest.fixture(scope="module")
+def stub(fleet):
+    server = BackgroundServer(fleet)
+    with grpc.insecure_channel(server.address) as channel:
+        yield pb_grpc.GenerationStub(channel)
+    server.stop()
+
+
+def own_greedy(path, prompts) -> list[list[int]]:
+    params = make_sampling_params(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    return [r.tokens for r in SpeculativeGenerator(ModelRunner.from_pretrained(path)).generate(prompts, params)]
+
+
+def greedy_request(model: str, prompt: list[int], cascade: pb.Cascade | None = None) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(model=model, token_ids=pb.TokenIds(ids=prompt), max_tokens=MAX_TOKENS,
+                                 temperature=0.0, ignore_eos=True)
+    if cascade is not None:
+        request.speculation.cascade.CopyFrom(cascade)
+    return request
+
+
+def test_each_stage_of_the_chain_lives_on_its_pools_node(fleet, ray_cluster):
+    [stage] = fleet.stages["chained"]
+    assert ray.get(stage.info.remote())["node_id"] == ray_cluster["mid"]
+    assert {i["node_id"] for i in fleet.infos["sorted"]} == {ray_cluster["draft"]}
+    assert {i["node_id"] for i in fleet.infos["chained"]} == {ray_cluster["target"]}
+
+
+def test_the_chains_greedy_output_is_the_last_models_own(stub, fleet, target_path, prompts):
+    expected = own_greedy(target_path, prompts[:4])
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda p: stub.Generate(greedy_request("chained", p), timeout=180), prompts[:4]))
+    for i, response in enumerate(responses):
+        assert list(response.token_ids) == expected[i], f"prompt {i}"
+        assert response.speculation.acceptance_rate == 1.0 and response.speculation.drafter == "sorted"
+    [stage] = fleet.stages["chained"]
+    assert ray.get(stage.batched_forwards.remote()) > 0  # the stage drafted,
+    assert ray.get(fleet.drafters["sorted"][0].batched_forwards.remote()) > 0  # speculating with the drafter
+
+
+def test_cascades_over_the_wire_span_the_target_and_the_drafter(stub, target_path, drafter_path, prompts):
+    lossless = stub.Generate(greedy_request("middle", prompts[1], pb.Cascade(rule=pb.Cascade.OPT, alpha=0.0)), timeout=180)
+    assert list(lossless.token_ids) == own_greedy(target_path, prompts[1:2])[0]
+    assert lossless.speculation.deferred == 0
+    drafter_like = stub.Generate(greedy_request("middle", prompts[1], pb.Cascade(rule=pb.Cascade.CHOW, alpha=1.0)), timeout=180)
+    assert list(drafter_like.token_ids) == own_greedy(drafter_path, prompts[1:2])[0]  # the deepest exit is the whole drafter
+    assert drafter_like.speculation.deferred == drafter_like.speculation.drafted > 0
+
+
+@pytest.mark.parametrize(
+    "cascade, message",
+    [
+        (pb.Cascade(rule=pb.Cascade.DIFF, alpha=1.5), "invalid cascade: alpha"),
+        (pb.Cascade(alpha=0.2), "needs a rule and an alpha"),
+    ],
+)
+def test_bad_cascades_get_invalid_argument(stub, prompts, cascade, message):
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.Generate(greedy_request("middle", prompts[0], cascade), timeout=60)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in failure.value.details()
