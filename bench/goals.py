@@ -23,11 +23,13 @@ def _goal(name: str, target: str, value: float | None, threshold: float, detail:
             "value": round(value, 3), "detail": detail}
 
 
-def _why_missing(report: dict, *jobs: str) -> str:
+def _why_missing(report: dict, *jobs: str, concurrency: int = SINGLE) -> str:
     reasons = [f"{job}: {report['systems'][job].get('reason', report['systems'][job]['status'])}"
                for job in jobs if job in report["systems"] and report["systems"][job]["status"] != "ok"]
     absent = [job for job in jobs if job not in report["systems"]]
-    return "; ".join(reasons + [f"{job}: not among the measured systems" for job in absent]) or "no rows for this cell"
+    measured = report.get("settings", {}).get("concurrency")
+    return ("; ".join(reasons + [f"{job}: not among the measured systems" for job in absent])
+            or f"no greedy rows at concurrency {concurrency} in this run (concurrency measured: {measured})")
 
 
 def _cluster_two_x(rows, report) -> dict:
@@ -52,7 +54,7 @@ def _sixteen_streams(rows, report) -> dict:
     value = ours["tokens_per_s"] / theirs["tokens_per_s"] if ours and theirs else None
     return _goal("16 concurrent streams: total tokens/s at least vLLM autoregressive", "ratio >= 1.0",
                  value, 1.0, "tokens/s of specfleet cluster (gRPC, speculative) / vLLM autoregressive, concurrency 16, greedy",
-                 _why_missing(report, "specfleet-cluster", "vllm-autoregressive"))
+                 _why_missing(report, "specfleet-cluster", "vllm-autoregressive", concurrency=SIXTEEN))
 
 
 def _cluster_keeps_in_process(rows, report) -> dict:

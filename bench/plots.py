@@ -42,7 +42,10 @@ def _speedup(rows, system, category, temperature) -> float:
 
 
 def plot_throughput(rows: list[dict], temperature: float, path: Path) -> Path | None:
-    """Lines: total tokens/s against concurrency, every system and mode, all categories pooled."""
+    """Lines: total tokens/s against concurrency, every system and mode, all categories pooled.
+
+    One colour per system; solid lines speculate, dashed lines decode the target alone.
+    """
     series = {}
     for row in select(rows, category="all", temperature=temperature):
         series.setdefault((row["system"], row["mode"]), []).append((row["concurrency"], row["tokens_per_s"]))
@@ -50,11 +53,14 @@ def plot_throughput(rows: list[dict], temperature: float, path: Path) -> Path | 
         return None
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {system: f"C{i}" for i, system in enumerate(SPECULATIVE_SYSTEMS)}  # one colour per system
     for (system, mode), points in sorted(series.items()):
         points.sort()
-        ax.plot([c for c, _ in points], [v for _, v in points], marker="o",
+        ax.plot([c for c, _ in points], [v for _, v in points], marker="o", color=colours.get(system),
                 linestyle="-" if mode == "speculative" else "--", label=label(system, mode))
+    levels = sorted({c for points in series.values() for c, _ in points})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("total tokens/s")
     ax.set_title(f"throughput, all categories, temperature {temperature:g}")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from bench.plots import plot_speedup, plot_throughput
 from bench.report_sections import (
-    cells_table, goals_section, gpu_section, headline, latency_table, memory_section, multi_target_section,
+    cells_table, goals_section, gpu_section, headline, latency_table, memory_section, multi_target_section, notes_section,
     profile_section, reproduce_section, setup_section, single_stream_table, speedup_by_category, throughput_table,
 )
 
@@ -38,6 +38,7 @@ def to_markdown(report: dict, base: Path, out_dir: Path, speedup_png: Path | Non
         "",
         *headline(report),
         *goals_section(report),
+        *notes_section(report),
         *setup_section(report),
         *reproduce_section(report, link(out_dir / "bench.json")),
         "## Single stream (concurrency 1), all categories pooled",

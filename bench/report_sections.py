@@ -18,6 +18,10 @@ METRIC_NOTES = [
 ]
 
 
+def streams(count: int) -> str:
+    return "1 stream" if count == 1 else f"{count} streams"
+
+
 def fmt(value, pattern: str = "{:.1f}", missing: str = "-") -> str:
     return missing if value is None else pattern.format(value)
 
@@ -59,6 +63,22 @@ def goals_section(report: dict) -> list[str]:
     return ["## Goals", "", *_table(["goal", "target", "measured", "status", "how measured / why not"], body)]
 
 
+def notes_section(report: dict) -> list[str]:
+    """Facts in the rows a reader should not miss: speculation that accepted nothing, greedy output that differs."""
+    rows, notes = report["rows"], []
+    for row in rows:
+        if row["category"] == "all" and row.get("drafted") and not row.get("accepted"):
+            notes.append(f"{label(row['system'], row['mode'])} accepted none of its {row['drafted']} draft tokens at "
+                         f"temperature {row['temperature']:g}, {streams(row['concurrency'])} (its own counters): every "
+                         "round paid for a draft and emitted one token.")
+    for row in rows:
+        if "greedy_compared" in row and row["greedy_identical"] < row["greedy_compared"]:
+            notes.append(f"{label(row['system'], row['mode'])}: greedy output differs from the target alone in "
+                         f"{row['greedy_compared'] - row['greedy_identical']} of {row['greedy_compared']} requests "
+                         f"({row['category']}, {streams(row['concurrency'])}).")
+    return ["## Notes", "", *(f"- {note}" for note in notes), ""] if notes else []
+
+
 def setup_section(report: dict) -> list[str]:
     s, m = report["settings"], report["machine"]
     requests = f"max({s['min_requests']}, concurrency)"
@@ -88,7 +108,7 @@ def setup_section(report: dict) -> list[str]:
 def reproduce_section(report: dict, json_link: str) -> list[str]:
     return ["## Reproduce", "", "```sh",
             f"{report['command']}   # this report ({report['preset']} preset)",
-            "specfleet bench --preset quick                  # a few minutes: every system, 2 prompts, 16 tokens",
+            "specfleet bench --preset quick                  # ~10 min: every system, 2 prompts, 16 tokens, 1 and 4 streams",
             "specfleet bench --preset default --vllm-python VENV/bin/python   # about 40 min on 2 CPU cores",
             "specfleet bench --preset gpu                    # on a GPU machine: engine-level, HF assisted as the peer",
             f"specfleet bench --from-json {json_link}   # re-render this page",
@@ -150,7 +170,7 @@ def throughput_table(rows: list[dict], temperature: float, concurrency: list[int
             cells.append(fmt(row and row["tokens_per_s"]) + extra if row else "-")
         body.append([label(system, mode), *cells])
     return ["Total tokens/s (speculative rows: speedup over the same system's plain decoding):", "",
-            *_table(["system", *(f"{c} streams" for c in concurrency)], body)]
+            *_table(["system", *(streams(c) for c in concurrency)], body)]
 
 
 def latency_table(rows: list[dict], temperature: float, concurrency: list[int]) -> list[str]:
@@ -162,7 +182,7 @@ def latency_table(rows: list[dict], temperature: float, concurrency: list[int]) 
             cells.append(f"{fmt(row['ttft_ms_p50'], '{:.0f}')} / {fmt(row['itl_ms_p50'], '{:.1f}')} / {fmt(row['itl_ms_p99'], '{:.1f}')}"
                          if row else "-")
         body.append([label(system, mode), *cells])
-    return ["Latency, TTFT p50 / ITL p50 / ITL p99 in ms:", "", *_table(["system", *(f"{c} streams" for c in concurrency)], body)]
+    return ["Latency, TTFT p50 / ITL p50 / ITL p99 in ms:", "", *_table(["system", *(streams(c) for c in concurrency)], body)]
 
 
 def profile_section(profile: dict) -> list[str]:
@@ -175,7 +195,7 @@ def profile_section(profile: dict) -> list[str]:
     body = [[part, *(_part_cell(p, part) for _, p in columns)] for part in parts]
     body.append(["**round**", *(f"**{fmt(p['round_ms'], '{:.2f}')}**" for _, p in columns)])
     body.append(["tokens per round", *(fmt(p["tokens_per_round"], "{:.2f}") for _, p in columns)])
-    header = ["ms per round (share)", *(f"{name}, {p['concurrency']} streams" for name, p in columns)]
+    header = ["ms per round (share)", *(f"{name}, {streams(p['concurrency'])}" for name, p in columns)]
     lines += [f"Greedy `{profile['category']}` prompts, k = {profile['k']}, exit {profile['exit_layer']}. "
               "Parts are timed by wrapping the engine's calls (bench/profile_round.py); `draft:` and `verify:` lines "
               "are parts of draft and verify.", "", *_table(header, body)]
@@ -200,7 +220,7 @@ def _profile_findings(engines: dict) -> list[str]:
             cost = p["round_ms"] / base["round_ms"]
             gain = p["tokens_per_round"] / base["tokens_per_round"]
             largest = max((k for k in p["share"]), key=lambda k: p["share"][k])
-            lines.append(f"- {name}, {p['concurrency']} streams: a round costs {cost:.2f}x a plain round and emits "
+            lines.append(f"- {name}, {streams(p['concurrency'])}: a round costs {cost:.2f}x a plain round and emits "
                          f"{gain:.2f}x its tokens, so the round profile predicts {gain / cost:.2f}x; the largest part is "
                          f"{largest} ({p['share'][largest]:.0%}).")
     return (["Reading it:", "", *lines, ""] if lines else [])
@@ -243,16 +263,19 @@ def memory_section(report: dict) -> list[str]:
 
 
 def _role(name: str) -> str:
+    """A process's part in the system, from its command line (Ray workers show their actor class)."""
     if name.startswith("ray::"):
-        return "Ray idle / other workers" if name in ("ray::IDLE", "ray::") else name
+        return "Ray idle workers" if name in ("ray::IDLE", "ray::") else name.split(".")[0]
+    if name.startswith("VLLM::"):
+        return name
     if "bench.child" in name:
         return "benchmark process (engine or client)"
     if "cluster.cli up" in name:
-        return "specfleet up (gRPC router, Ray driver)"
+        return "specfleet up (Ray driver)"
     daemons = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent")
     if any(d in name for d in daemons):
         return "Ray daemons"
-    return name.split()[0][:40]
+    return "helpers (multiprocessing resource tracker, forkserver children)"
 
 
 def gpu_section(gpu: dict) -> list[str]:

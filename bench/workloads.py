@@ -63,7 +63,8 @@ class BenchConfig(BaseModel):
 
 
 PRESETS: dict[str, dict] = {
-    # A few minutes: every system and category, two concurrencies, short completions.
+    # Every system and category, two concurrencies, short completions: about 10 minutes on 2 cores, most of it
+    # starting vLLM's two engines and three clusters (a minute or more each).
     "quick": {"prompts_per_category": 2, "max_tokens": 16, "concurrency": [1, 4], "min_requests": 2,
               "long_prompt_tokens": 160, "profile_concurrency": [1], "multi_target_requests": 2},
     # Sized for about 40 minutes on two shared CPU cores.

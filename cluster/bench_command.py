@@ -19,7 +19,7 @@ VALUE_FIELDS = ("prompts_per_category", "max_tokens", "target", "drafter", "draf
 def add_bench_command(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark specfleet against vLLM and HF; writes bench.json and BENCHMARKS.md",
                                    description="Benchmark every system on the same prompts in one run.")
-    parser.add_argument("--preset", default="default", help="quick (minutes), default (~40 min on 2 cores) or gpu")
+    parser.add_argument("--preset", default="default", help="quick (~10 min), default (~30-40 min on 2 cores) or gpu")
     parser.add_argument("--systems", help="comma list of specfleet, specfleet-grpc, specfleet-http, vllm, hf")
     parser.add_argument("--categories", help="comma list of code, docstring, long_context, hex_literals")
     parser.add_argument("--concurrency", help="comma list of streams in flight, e.g. 1,4,16,64")
