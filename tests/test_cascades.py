@@ -91,7 +91,7 @@ def test_a_fully_accepted_lossless_round_keeps_its_bonus():
 
 
 def emitted_histograms(p: torch.Tensor, q: torch.Tensor, cascade: CascadeParams, trials: int, seed: int):
-    """Histograms of the first and second emitted token of rounds whose positions have their own p and q.
+    """Counts of the first and second emitted token of rounds whose positions have their own p and q.
 
     p: [2, V] target rows (also the temperature-1 confidence), q: [2, V] drafter rows.
     """
@@ -104,11 +104,7 @@ def emitted_histograms(p: torch.Tensor, q: torch.Tensor, cascade: CascadeParams,
         verdict = verify_cascade(Draft(tokens, q, q), target_logits, params, cascade, generator)
         for position, token in enumerate(verdict.emitted(tokens)[:2]):
             counts[position, token] += 1
-    return counts / counts.sum(dim=-1, keepdim=True)
-
-
-def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
-    return 0.5 * float((a - b).abs().sum())
+    return counts
 
 
 def test_sampled_cascade_tokens_follow_the_mixture_position_by_position():
@@ -117,9 +113,16 @@ def test_sampled_cascade_tokens_follow_the_mixture_position_by_position():
     p = torch.tensor([[0.2, 0.3, 0.2, 0.1, 0.1, 0.1], [0.1, 0.1, 0.6, 0.1, 0.05, 0.05]])
     cascade = CascadeParams(rule="diff", alpha=0.2)
     assert defer_to_drafter(cascade, q, p).tolist() == [True, False]
-    empirical = emitted_histograms(p, q, cascade, trials=6000, seed=3)
-    assert total_variation(empirical[0], q[0]) < 0.03 < total_variation(empirical[0], p[0]) / 4
-    assert total_variation(empirical[1], p[1]) < 0.03 < total_variation(empirical[1], q[1]) / 4
+    counts = emitted_histograms(p, q, cascade, trials=2000, seed=3)
+    assert chi_square_sd(counts[0], q[0]) < 5 and chi_square_sd(counts[0], p[0]) > 20
+    assert chi_square_sd(counts[1], p[1]) < 5 and chi_square_sd(counts[1], q[1]) > 20
+
+
+def chi_square_sd(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square in standard deviations above its mean (every bin here expects >= 20 samples)."""
+    expected = probs * counts.sum()
+    df = counts.numel() - 1
+    return (float(((counts - expected) ** 2 / expected).sum()) - df) / (2 * df) ** 0.5
 
 
 # -- the engine ---------------------------------------------------------------------
@@ -140,10 +143,11 @@ def test_alpha_zero_is_the_lossless_greedy_output(target, drafter_runner, prompt
 
 def test_alpha_zero_samples_exactly_what_lossless_speculation_samples(target, drafter_runner, prompts):
     """Same seeds, same tokens: the cascade at alpha = 0 makes the lossless round's very random draws."""
-    params = [make_sampling_params(temperature=1.2, top_k=50, seed=s, max_tokens=20, ignore_eos=True) for s in range(8)]
-    lossless = SpeculativeGenerator(target, ModelDrafter(drafter_runner), k=3).generate(prompts, params)
+    some = prompts[::2]
+    params = [make_sampling_params(temperature=1.2, top_k=50, seed=s, max_tokens=16, ignore_eos=True) for s in range(len(some))]
+    lossless = SpeculativeGenerator(target, ModelDrafter(drafter_runner), k=3).generate(some, params)
     cascade = SpeculativeGenerator(target, ModelDrafter(drafter_runner), k=3, cascade=CascadeParams(rule="opt", alpha=0.0))
-    assert [r.tokens for r in cascade.generate(prompts, params)] == [r.tokens for r in lossless]
+    assert [r.tokens for r in cascade.generate(some, params)] == [r.tokens for r in lossless]
 
 
 def test_chow_at_alpha_one_reproduces_the_drafters_own_greedy_output(target, drafter_runner, drafter_path, prompts):
