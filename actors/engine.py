@@ -74,6 +74,7 @@ class SequenceUpdate:
     new_tokens: list[int]  # tokens appended this step (the stopping end-of-sequence token excluded)
     finish_reason: str | None  # "stop" (end-of-sequence token), "length" (max_tokens) or None while live
     stats: SpeculationStats  # cumulative for the sequence
+    arm: tuple[int | None, int] = (None, 0)  # (exit, k) of this step's round; (None, 0) decoded plainly
 
 
 @dataclass
@@ -310,7 +311,7 @@ class SpeculationEngine:
             self._call_drafter(lambda d: d.commit(seq.seq_id, emitted))
         seq.pending = emitted[-1]
         new_tokens = self._append(seq, emitted)
-        return SequenceUpdate(seq.seq_id, new_tokens, seq.finish_reason, replace(seq.stats))
+        return SequenceUpdate(seq.seq_id, new_tokens, seq.finish_reason, replace(seq.stats), self._arm(seq))
 
     def _append(self, seq: _Live, emitted: list[int]) -> list[int]:
         eos = self.target.eos_token_id

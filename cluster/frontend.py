@@ -153,17 +153,16 @@ class Frontend:
         return pb.ListModelsResponse(models=models)
 
     def stats(self, admitted: Admitted, update: SequenceUpdate) -> pb.SpeculationStats:
-        """The request's counters, and the speculation it asked for (its overrides, else the target's plan)."""
+        """The request's counters, and the speculation of its last round (the plan may change mid-request)."""
         target, s = self.config.targets[admitted.model], update.stats
         stats = pb.SpeculationStats(
             drafted=s.drafted, accepted=s.accepted, target_forwards=s.target_forwards,
             mean_accepted_length=s.mean_accepted_length, acceptance_rate=s.acceptance_rate, deferred=s.deferred,
         )
-        k = admitted.speculation.get("k", target.k) if target.drafter else 0
+        exit_layer, k = update.arm
         if k:
-            deepest = max(self.fleet.infos[target.drafter][0]["exit_layers"])
             stats.drafter, stats.k = target.drafter, k
-            stats.exit_layer = admitted.speculation.get("exit_layer") or target.exit_layer or deepest
+            stats.exit_layer = exit_layer or max(self.fleet.infos[target.drafter][0]["exit_layers"])
         return stats
 
     def _enter(self, admitted: Admitted, delta: int) -> None:

@@ -38,18 +38,27 @@ def start_fleet(config: ClusterConfig) -> Fleet:
     """Start every drafter, then every target paired with a drafter replica; wait until all are ready."""
     fleet = Fleet(config)
     for name, model in config.drafters.items():
-        fleet.drafters[name] = [_start(DrafterActor, config, model, str(model.path), model.dtype, model.device)
-                                for _ in range(model.replicas)]
+        fleet.drafters[name] = [start_drafter(config, name) for _ in range(model.replicas)]
     start_stages(config, fleet)
     for name, model in config.targets.items():
-        fleet.targets[name] = [
-            _start(TargetActor, config, model, str(model.path), model.dtype, model.device,
-                   _drafter_for(fleet, name, replica), model.exit_layer, model.k, config.server.drafter_timeout_s)
-            for replica in range(model.replicas)
-        ]
+        fleet.targets[name] = [start_target(config, name, drafter_for(fleet, name, replica))
+                               for replica in range(model.replicas)]
     for name, handles in {**fleet.drafters, **fleet.targets}.items():
         fleet.infos[name] = ray.get([h.info.remote() for h in handles])
     return fleet
+
+
+def start_drafter(config: ClusterConfig, name: str):
+    """One replica of a drafter (not yet ready: its `info` call waits for the model)."""
+    model = config.drafters[name]
+    return _start(DrafterActor, config, model, str(model.path), model.dtype, model.device)
+
+
+def start_target(config: ClusterConfig, name: str, drafter_handle):
+    """One replica of a target, drafting with `drafter_handle` (None: plain decoding)."""
+    model = config.targets[name]
+    return _start(TargetActor, config, model, str(model.path), model.dtype, model.device, drafter_handle,
+                  model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "")
 
 
 def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
@@ -61,7 +70,7 @@ def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
     for name, target in config.targets.items():
         if not target.via:
             continue
-        inner, fleet.stages[name] = _pair(fleet, target.drafter, 0), []
+        inner, fleet.stages[name] = pair(fleet, target.drafter, 0), []
         for middle in target.via:
             model = config.targets[middle]
             inner = _start(StageActor, config, model, str(model.path), model.dtype, model.device, inner, model.k,
@@ -70,10 +79,10 @@ def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
         ray.get(inner.info.remote())  # each stage waits for the one below it
 
 
-def _drafter_for(fleet: Fleet, target: str, replica: int):
+def drafter_for(fleet: Fleet, target: str, replica: int):
     """What a target replica drafts with: the outermost stage of its chain, else a drafter replica."""
     stages = fleet.stages.get(target)
-    return stages[-1] if stages else _pair(fleet, fleet.config.targets[target].drafter, replica)
+    return stages[-1] if stages else pair(fleet, fleet.config.targets[target].drafter, replica)
 
 
 def stop_fleet(fleet: Fleet) -> None:
@@ -85,7 +94,7 @@ def _start(actor_class, config: ClusterConfig, model: ModelConfig, *args):
     return ray.remote(actor_class).options(**actor_options(config.pools[model.pool])).remote(*args)
 
 
-def _pair(fleet: Fleet, drafter: str | None, replica: int):
+def pair(fleet: Fleet, drafter: str | None, replica: int):
     """Target replica i drafts with drafter replica i mod n (spreads targets over drafters)."""
     if drafter is None:
         return None

@@ -68,4 +68,11 @@ class BackgroundServer:
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(stop_server(self.server), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop.call_soon_threadsafe(_cancel_tasks_and_stop, self._loop)
+
+
+def _cancel_tasks_and_stop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what still runs on the loop (e.g. a controller watch), then stop it."""
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    loop.stop()

@@ -26,7 +26,7 @@ from actors.telemetry import TelemetryAggregator
 from cluster.config import ClusterConfig
 from cluster.controller.policy import Plan, PolicyConfig, SpeculationPolicy
 from cluster.metrics import SpecfleetMetrics
-from cluster.placement import Fleet, pair, start_drafter, start_fleet, start_target
+from cluster.placement import Fleet, drafter_for, start_drafter, start_fleet, start_target
 from specfleet.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class FleetController:
             for replica, handle in enumerate(handles):
                 if not _alive(handle):
                     log.warning("target %s replica %d died; starting a replacement", name, replica)
-                    handles[replica] = start_target(self.config, name, pair(self.fleet, self.config.targets[name].drafter, replica))
+                    handles[replica] = start_target(self.config, name, drafter_for(self.fleet, name, replica))
                     self._push_plan(name, [handles[replica]])
                     self._changed()
                 elif self.plans[name].k and not ray.get(handle.has_drafter.remote()):
@@ -160,7 +160,7 @@ class FleetController:
             self._repair_pairs(name)
         else:
             handles = self.fleet.targets[name]
-            handles.append(start_target(self.config, name, pair(self.fleet, self.config.targets[name].drafter, len(handles))))
+            handles.append(start_target(self.config, name, drafter_for(self.fleet, name, len(handles))))
             self._push_plan(name, handles[-1:])
         log.info("scaled %s up to %d replicas", name, len(self.fleet.drafters.get(name) or self.fleet.targets[name]))
         self._changed()
@@ -186,7 +186,7 @@ class FleetController:
 
     def _attach(self, name: str, replica: int) -> None:
         plan = self.plans[name]
-        drafter = pair(self.fleet, self.config.targets[name].drafter, replica)
+        drafter = drafter_for(self.fleet, name, replica)
         ray.get(self.fleet.targets[name][replica].set_drafter.remote(drafter, plan.k, plan.exit_layer))
 
     def _push_plan(self, name: str, handles: list) -> None:
