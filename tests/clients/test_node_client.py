@@ -6,13 +6,8 @@ run time, so it sees exactly the wire contract Python clients see.
 """
 
 import json
-import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,10 +16,10 @@ from actors.generator import SpeculativeGenerator
 from actors.loading import load_tokenizer
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from up_server import start_up, stop, tiny_cluster_config
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_CLIENT = Path(__file__).resolve().parent / "node"
-CLI = [sys.executable, "-m", "cluster.cli"]
 PROMPT, MAX_TOKENS = "def f(x):", 12
 
 
@@ -49,56 +44,13 @@ def node() -> str:
 
 @pytest.fixture(scope="module")
 def server_address(tmp_path_factory, target_path, drafter_path):
-    """`specfleet up` on the tiny fixture models, on a free port; killed at the end."""
-    workdir = tmp_path_factory.mktemp("node_client")
-    config, server_log = workdir / "cluster.yaml", workdir / "up.stderr"
-    config.write_text(f"""
-pools:
-  draft: {{resources: {{draft: 1}}, num_cpus: 0.5}}
-  target: {{resources: {{target: 1}}, num_cpus: 0.5}}
-drafters:
-  sorted: {{path: {drafter_path}, pool: draft}}
-targets:
-  small: {{path: {target_path}, pool: target, drafter: sorted, k: 3}}
-server: {{grpc_port: 0}}
-""")
-    with server_log.open("w") as log:  # a file, not a pipe: the server's output must never block it
-        process = subprocess.Popen([*CLI, "up", "--config", str(config), "--http-port", str(_free_port())],
-                                   stdout=log, stderr=subprocess.STDOUT, text=True)
+    """`specfleet up` on the tiny fixture models; stopped at the end."""
+    folder = tmp_path_factory.mktemp("node_client")
+    process, address = start_up(tiny_cluster_config(folder, target_path, drafter_path), folder / "up.log")
     try:
-        yield _wait_for_address(process, server_log)
+        yield address
     finally:
-        _stop(process)
-
-
-def _free_port() -> int:
-    """A port free now, for the server's HTTP side (this test speaks gRPC, on the port the server picks)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for_address(process: subprocess.Popen, log: Path, timeout_s: float = 300.0) -> str:
-    """The host:port `specfleet up` prints once it serves."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = re.search(r"serving gRPC on ([\d.]+:\d+)", log.read_text())
-        if found:
-            return found.group(1)
-        if process.poll() is not None:
-            pytest.fail(f"specfleet up exited with {process.returncode}: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    pytest.fail(f"specfleet up did not serve within {timeout_s:.0f} s: {log.read_text()[-2000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Ctrl-C, so the server shuts its Ray cluster down; kill it if that takes too long."""
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="module")

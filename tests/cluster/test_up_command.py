@@ -1,46 +1,19 @@
 """`specfleet up` as a user runs it: a process serving gRPC, called by `specfleet generate --server`."""
 
 import json
-import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
-
-CLI = [sys.executable, "-m", "cluster.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from up_server import CLI, start_up, stop, tiny_cluster_config
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, target_path, drafter_path):
-    config = tmp_path_factory.mktemp("up") / "cluster.yaml"
-    config.write_text(f"""
-pools:
-  draft: {{resources: {{draft: 1}}, num_cpus: 0.5}}
-  target: {{resources: {{target: 1}}, num_cpus: 0.5}}
-drafters:
-  sorted: {{path: {drafter_path}, pool: draft}}
-targets:
-  small: {{path: {target_path}, pool: target, drafter: sorted, k: 3}}
-server: {{grpc_port: 0, http_port: {free_port()}}}
-controller: {{adaptive: false}}
-""")
-    process = subprocess.Popen([*CLI, "up", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
-        found = re.search(r"serving gRPC on ([\d.]+:\d+)", line)
-        if found:
-            break
-    else:
-        pytest.fail(f"specfleet up exited with {process.wait()}: {process.stderr.read()[-2000:]}")
-    yield process, found.group(1)
+    folder = tmp_path_factory.mktemp("up")
+    config = tiny_cluster_config(folder, target_path, drafter_path, extra="controller: {adaptive: false}")
+    process, address = start_up(config, folder / "up.log")
+    yield process, address
     if process.poll() is None:
         process.kill()
 
@@ -82,5 +55,4 @@ def test_status_shows_the_plan_and_the_arms_used(server):
 
 def test_interrupt_shuts_down_cleanly(server):
     process, _ = server
-    process.send_signal(signal.SIGINT)
-    assert process.wait(timeout=120) == 0
+    assert stop(process) == 0
