@@ -9,11 +9,13 @@ from several target replicas are merged by a `DraftBatcher`.
 """
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import ray
 
 from actors.draft_batcher import DraftBatcher
 from actors.drafters import Draft, DraftRequest
+from actors.engine import SpeculationStats
 from actors.ray_actors import RemoteDrafter
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams
@@ -56,3 +58,7 @@ class StageActor:
 
     def batched_forwards(self) -> int:
         return self.batcher.forwards
+
+    def stats(self) -> SpeculationStats:
+        """The middle stage's own speculation: what the inner drafter drafted and the middle model accepted."""
+        return replace(self.batcher.drafter.stats)

@@ -31,6 +31,7 @@ import torch
 
 from actors.cascades import confidence
 from actors.drafters import Draft, DraftRequest, Drafter
+from actors.engine import SpeculationStats
 from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, logits_to_probs, make_generator
@@ -74,6 +75,7 @@ class StagedDrafter(Drafter):
             raise InvalidRequest(f"the inner draft length must be >= 1, got {inner_k}")
         self.middle, self.inner, self.inner_k = middle, inner, inner_k
         self.vocab_size = middle.vocab_size
+        self.stats = SpeculationStats()  # the inner stage's rounds: drafted/accepted by the middle model, its forwards
         self._states: dict[SeqId, _StagedState] = {}
 
     def check_exit(self, exit_layer: int) -> None:
@@ -132,6 +134,7 @@ class StagedDrafter(Drafter):
             cached_before = self.middle.cached_length(seq_id) - len(feed) - len(draft.tokens)
             self.middle.rollback(seq_id, cached_before + len(feed) + verdict.num_accepted)
             self._stage(state, proposals[seq_id], emitted, window[: len(emitted)])
+            self.stats.add(SpeculationStats(len(draft.tokens), verdict.num_accepted, 1, len(emitted)))
 
     def _inner_drafts(self, requests: list[DraftRequest]) -> list[Draft]:
         no_drafts = [Draft([], None) for _ in requests]

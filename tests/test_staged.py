@@ -41,6 +41,7 @@ def test_staged_drafts_are_the_middle_models_own_greedy_tokens(middle, middle_pa
     drafts = staged.propose([DraftRequest(i, 7, exit_layer=2) for i in range(len(prompts))])
     assert [d.tokens for d in drafts] == [r.tokens[:7] for r in own]
     assert all(d.probs is None and d.confidence.shape == (7, middle.vocab_size) for d in drafts)
+    assert staged.stats.emitted == 7 * len(prompts) and staged.stats.drafted > 0  # the inner drafter took part
 
 
 @pytest.mark.parametrize("k, inner_k, exit_layer", [(4, 2, 1), (3, 5, 4)])

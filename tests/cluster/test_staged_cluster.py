@@ -88,7 +88,8 @@ def test_the_chains_greedy_output_is_the_last_models_own(stub, fleet, target_pat
         assert response.speculation.acceptance_rate == 1.0 and response.speculation.drafter == "sorted"
     [stage] = fleet.stages["chained"]
     assert ray.get(stage.batched_forwards.remote()) > 0  # the stage drafted,
-    assert ray.get(fleet.drafters["sorted"][0].batched_forwards.remote()) > 0  # speculating with the drafter
+    assert ray.get(stage.stats.remote()).drafted > 0  # speculating with the drafter
+    assert ray.get(fleet.drafters["sorted"][0].batched_forwards.remote()) > 0
 
 
 def test_cascades_over_the_wire_span_the_target_and_the_drafter(stub, target_path, drafter_path, prompts):
