@@ -23,17 +23,22 @@ from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams
 
 
-class DrafterActor:
-    """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
+class DraftService:
+    """The remote interface of anything that drafts for targets: a drafter, or a stage of a chain.
 
-    def __init__(self, path: str, dtype: str = "float32", device: str = "cpu"):
-        runner = ModelRunner.from_pretrained(path, dtype, device)
-        self.batcher = DraftBatcher(ModelDrafter(runner))
+    Subclasses set `batcher` (merging concurrent calls from many targets into
+    one forward per draft step), `runner` (the model whose sequences are live
+    here) and `exit_layers` (the exits callers choose among).
+    """
+
+    batcher: DraftBatcher
+    runner: ModelRunner
+    exit_layers: list[int]
 
     def info(self) -> dict:
-        runner = self.batcher.drafter.runner
-        return {"vocab_size": runner.vocab_size, "exit_layers": runner.exit_layers, "max_context": runner.max_context,
-                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        return {"vocab_size": self.runner.vocab_size, "exit_layers": self.exit_layers,
+                "max_context": self.runner.max_context, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid()}
 
     def check_exit(self, exit_layer: int) -> None:
         self.batcher.drafter.check_exit(exit_layer)
@@ -52,10 +57,19 @@ class DrafterActor:
             self.batcher.finish(seq_id)
 
     def live_sequences(self) -> int:
-        return self.batcher.drafter.runner.num_sequences
+        return self.runner.num_sequences
 
     def batched_forwards(self) -> int:
         return self.batcher.forwards
+
+
+class DrafterActor(DraftService):
+    """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
+
+    def __init__(self, path: str, dtype: str = "float32", device: str = "cpu"):
+        self.runner = ModelRunner.from_pretrained(path, dtype, device)
+        self.exit_layers = self.runner.exit_layers
+        self.batcher = DraftBatcher(ModelDrafter(self.runner))
 
 
 class RemoteDrafter(Drafter):
