@@ -15,10 +15,9 @@ deadline passed, error), the sequence is cancelled on its actor, which frees it
 there and on the drafter.
 """
 
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from ray.exceptions import RayActorError
 
@@ -26,6 +25,7 @@ from actors.engine import SequenceUpdate
 from actors.errors import InvalidRequest, ModelNotFound, SpecfleetError
 from actors.loading import load_tokenizer
 from actors.sampling import SamplingParams
+from cluster.metrics import RequestObserver, RequestTimer
 from cluster.placement import Fleet
 from cluster.requests import ModelLimits, prompt_ids, sampling_params, speculation_overrides
 from specfleet.v1 import generation_pb2 as pb
@@ -52,36 +52,11 @@ class Admitted:
     speculation: dict  # per-sequence engine overrides: k, exit_layer, cascade
 
 
-@dataclass
-class RequestTiming:
-    """When a request's tokens arrived, for latency metrics."""
-
-    started: float = field(default_factory=time.perf_counter)
-    first_token_s: float | None = None  # time to first token
-    token_gaps_s: list[float] = field(default_factory=list)  # inter-token latency of each later round, per token
-    _last: float | None = None
-
-    def tokens_arrived(self, count: int) -> None:
-        now = time.perf_counter()
-        if count and self.first_token_s is None:
-            self.first_token_s = now - self.started
-        elif count:
-            self.token_gaps_s.extend([(now - self._last) / count] * count)
-        if count:
-            self._last = now
-
-    @property
-    def total_s(self) -> float:
-        return time.perf_counter() - self.started
-
-
-RequestObserver = Callable[[Admitted, str, RequestTiming], None]  # (request, outcome, timing)
-
-
 class Frontend:
-    def __init__(self, fleet: Fleet, observe: RequestObserver | None = None):
+    def __init__(self, fleet: Fleet, observer: RequestObserver | None = None):
+        """`observer` is told of every finished request (e.g. `SpecfleetMetrics`, or the controller's client)."""
         self.config = fleet.config
-        self.observe = observe
+        self.observer = observer
         self.tokenizers = {name: load_tokenizer(t.path) for name, t in self.config.targets.items()}
         self.use_fleet(fleet)
         self._load: dict[int, int] = {}  # id(handle) -> requests in flight on that replica
@@ -110,14 +85,15 @@ class Frontend:
     async def updates(self, admitted: Admitted) -> AsyncIterator[SequenceUpdate]:
         """The sequence's updates, one per round, the last with its finish reason."""
         self._enter(admitted, +1)
-        timing, outcome = RequestTiming(), "cancelled"
+        timer, outcome = RequestTimer(self.observer, admitted.model) if self.observer else None, "cancelled"
         try:
             stream = admitted.handle.generate.options(num_returns="streaming").remote(
                 admitted.seq_id, admitted.prompt, admitted.params, **admitted.speculation
             )
             async for ref in stream:
                 update: SequenceUpdate = await ref
-                timing.tokens_arrived(len(update.new_tokens))
+                if timer is not None:
+                    timer.tokens(len(update.new_tokens))
                 outcome = update.finish_reason or outcome
                 yield update
         except InvalidRequest:
@@ -130,8 +106,8 @@ class Frontend:
             self._enter(admitted, -1)
             if outcome not in ("stop", "length"):  # unfinished: free the sequence on the actors
                 admitted.handle.cancel.remote(admitted.seq_id)
-            if self.observe is not None:
-                self.observe(admitted, self._stopped_early.pop(admitted.seq_id, outcome), timing)
+            if timer is not None:
+                timer.finish(self._stopped_early.pop(admitted.seq_id, outcome))
 
     def stop_early(self, admitted: Admitted) -> None:
         """The caller ends the sequence on purpose (a stop string): count it as "stop", not as a cancellation."""

@@ -10,6 +10,7 @@ latencies from whoever serves the request (`RequestTimer`).
 
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -76,6 +77,14 @@ class SpecfleetMetrics:
         return generate_latest(self.registry)
 
 
+class RequestObserver(Protocol):
+    """Whoever records finished requests: `SpecfleetMetrics`, or a client forwarding them to the controller's."""
+
+    def observe_request(
+        self, target: str, outcome: str, latency_s: float, first_token_s: float | None, token_gaps_s: Sequence[float]
+    ) -> None: ...
+
+
 class RequestTimer:
     """Times one request as its updates stream out; `finish` records it once.
 
@@ -86,8 +95,8 @@ class RequestTimer:
     output token after the first.
     """
 
-    def __init__(self, metrics: SpecfleetMetrics, target: str, clock=time.perf_counter):
-        self.metrics, self.target, self.clock = metrics, target, clock
+    def __init__(self, observer: RequestObserver, target: str, clock=time.perf_counter):
+        self.observer, self.target, self.clock = observer, target, clock
         self.started = self._last = clock()
         self.first_token_s: float | None = None
         self.token_gaps_s: list[float] = []
@@ -108,5 +117,5 @@ class RequestTimer:
     def finish(self, outcome: str) -> None:
         if not self.finished:
             self.finished = True
-            self.metrics.observe_request(self.target, outcome, self.clock() - self.started, self.first_token_s,
+            self.observer.observe_request(self.target, outcome, self.clock() - self.started, self.first_token_s,
                                          self.token_gaps_s)

@@ -60,9 +60,9 @@ class FleetController:
     def ready(self) -> bool:
         return not self._stopped.is_set()
 
-    def observe_request(self, target: str, outcome: str, first_token_s: float | None, token_gaps_s: list[float],
-                        total_s: float) -> None:
-        self.metrics.observe_request(target, outcome, total_s, first_token_s, token_gaps_s)
+    def observe_request(self, target: str, outcome: str, latency_s: float, first_token_s: float | None,
+                        token_gaps_s: list[float]) -> None:
+        self.metrics.observe_request(target, outcome, latency_s, first_token_s, token_gaps_s)
 
     def stats(self) -> pb.GetStatsResponse:
         with self._lock:

@@ -6,8 +6,9 @@ handle elsewhere; both return awaitables from `.method.remote(...)`.
 
 import asyncio
 import logging
+from collections.abc import Sequence
 
-from cluster.frontend import Admitted, Frontend, RequestTiming
+from cluster.frontend import Frontend
 from cluster.placement import Fleet
 from specfleet.v1 import generation_pb2 as pb
 
@@ -28,13 +29,14 @@ class ControllerClient:
     async def frontend(self) -> Frontend:
         """A `Frontend` over the controller's fleet that follows its replacements and new replicas."""
         version, fleet = await self.handle.snapshot.remote()
-        frontend = Frontend(fleet, self.observe)
+        frontend = Frontend(fleet, self)
         self._watch = asyncio.get_running_loop().create_task(self._follow(frontend, version))
         return frontend
 
-    def observe(self, admitted: Admitted, outcome: str, timing: RequestTiming) -> None:
+    def observe_request(self, target: str, outcome: str, latency_s: float, first_token_s: float | None,
+                        token_gaps_s: Sequence[float]) -> None:
         """Report a finished request (fire and forget: metrics must not slow requests down)."""
-        self.handle.observe_request.remote(admitted.model, outcome, timing.first_token_s, timing.token_gaps_s, timing.total_s)
+        self.handle.observe_request.remote(target, outcome, latency_s, first_token_s, list(token_gaps_s))
 
     async def stats(self) -> pb.GetStatsResponse:
         return await self.handle.stats.remote()

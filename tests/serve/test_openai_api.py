@@ -15,13 +15,14 @@ import pytest
 import ray
 import uvicorn
 from fastapi.testclient import TestClient
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
 from cluster.frontend import Frontend
+from cluster.metrics import SpecfleetMetrics
 from cluster.placement import start_fleet, stop_fleet
 from cluster.serve.chat import ChatMessage, render_chat
 from cluster.serve.openai_api import create_api
@@ -34,23 +35,23 @@ class FleetSource:
     """What the Serve deployment gives the app: the frontend, Prometheus metrics and readiness."""
 
     def __init__(self, fleet):
-        self.registry = CollectorRegistry()
-        self.requests = Counter("http_test_requests", "Requests by outcome", ["model", "outcome"], registry=self.registry)
-        self._frontend = Frontend(fleet, observe=lambda admitted, outcome, timing: self.requests.labels(admitted.model, outcome).inc())
+        self.observed = SpecfleetMetrics()
+        self._frontend = Frontend(fleet, self.observed)
         self.is_ready = True
 
     async def frontend(self) -> Frontend:
         return self._frontend
 
     async def metrics(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return self.observed.render(), self.observed.content_type
 
     async def ready(self) -> bool:
         return self.is_ready
 
     def cancelled_requests(self) -> float:
         """Requests the frontend saw end before their sequence finished."""
-        return sum(self.registry.get_sample_value("http_test_requests_total", {"model": model, "outcome": "cancelled"}) or 0
+        registry = self.observed.registry
+        return sum(registry.get_sample_value("specfleet_requests_total", {"target": model, "outcome": "cancelled"}) or 0
                    for model in ("small", "solo"))
 
 
@@ -245,7 +246,7 @@ def test_metrics_serve_the_sources_prometheus_text(client):
     client.post("/v1/completions", json=completion(max_tokens=2))
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"] == CONTENT_TYPE_LATEST
-    assert 'http_test_requests_total{model="small",outcome="length"}' in response.text
+    assert 'specfleet_requests_total{outcome="length",target="small"}' in response.text
 
 
 BAD_COMPLETIONS = [
