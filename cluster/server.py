@@ -68,11 +68,13 @@ class BackgroundServer:
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(stop_server(self.server), self._loop).result(30)
-        self._loop.call_soon_threadsafe(_cancel_tasks_and_stop, self._loop)
+        asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
 
 
-def _cancel_tasks_and_stop(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel what still runs on the loop (e.g. a controller watch), then stop it."""
-    for task in asyncio.all_tasks(loop):
+async def _cancel_other_tasks() -> None:
+    """Cancel what still runs on the loop (e.g. a controller watch) and wait until it has ended."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
         task.cancel()
-    loop.stop()
+    await asyncio.gather(*others, return_exceptions=True)
