@@ -128,3 +128,14 @@ def test_totals_fill_the_pair_stats_message():
     assert (message.target, message.drafter, message.exit_layer, message.k) == ("t", "d", 2, 4)
     assert (message.rounds, message.drafted, message.accepted, message.emitted) == (2, 8, 3, 7)
     assert message.mean_accepted_length == pytest.approx(3.5)
+
+
+def test_rounds_are_timed_with_the_engine_s_clock(target, prompts):
+    """A benchmark may time rounds in CPU seconds; here a clock that ticks once per reading."""
+    ticks = iter(range(1000))
+    engine = SpeculationEngine(target, clock=lambda: float(next(ticks)))
+    engine.add(prompts[0], GREEDY)
+    engine.step()
+    (record,) = engine.drain_telemetry()
+    assert (record.draft_s, record.verify_s) == (1.0, 1.0)  # three readings per round
+    engine.close()

@@ -1,12 +1,23 @@
 """SpeculationPolicy: per target, round telemetry in, the next speculation plan out.
 
-The controller feeds a target's `RoundRecord`s to its policy and, once per
-period, asks for the plan to push (`engine.set_plan(plan.k, plan.exit_layer)`).
-Each record of a round that one arm had to itself is one bandit reward: its
-goodput, emitted tokens per second of draft + verify time. Rounds shared by
-several arms (per-request overrides) cannot be split fairly and teach nothing;
-records of arms outside the policy's set (e.g. a FIXED request's exotic k) are
-left out too, while a FIXED request that happens to use one of the arms counts.
+Once per period the controller hands a target's new `RoundRecord`s to its
+policy (`observe`) and pushes the plan it answers (`plan`, then
+`engine.set_plan(plan.k, plan.exit_layer)`). Each arm seen in the period
+yields one bandit reward: its goodput over the period, emitted tokens per
+second of draft + verify time (summed before dividing, so one round that the
+OS happened to stall weighs by its time, not as a tenth of the evidence).
+Rounds shared by several arms (per-request overrides) cannot be split fairly
+and teach nothing; records of arms outside the policy's set (e.g. a FIXED
+request's exotic k) are left out too, while a FIXED request that happens to
+use one of the arms counts.
+
+The best arm depends on how many sequences share a round: verifying k + 1
+tokens per row is nearly free for one sequence and costs real compute for
+many (vLLM's `speculative_disable_by_batch_size` encodes the same fact as a
+fixed threshold). So the policy keeps one bandit per batch bucket (1, 2-3,
+4-7, 8-15, ... sequences per round): rewards of different batch sizes are
+never compared, and when traffic moves to another bucket the plan comes from
+what was learnt there, or from fresh exploration.
 """
 
 from collections.abc import Iterable
@@ -25,7 +36,8 @@ class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     exits: list[int] = Field([1, 2, 4], min_length=1, description="Drafter exits the policy may draft from.")
-    ks: list[int] = Field([1, 2, 4], min_length=1, description="Draft lengths the policy may use (each >= 1; 'off' is always an arm).")
+    ks: list[int] = Field(
+        [1, 2, 4], min_length=1, description="Draft lengths the policy may use (each >= 1; 'off' is always an arm).")
     bandit: BanditConfig = Field(default_factory=BanditConfig, description="The bandit's window and exploration.")
 
     @field_validator("exits", "ks")
@@ -50,36 +62,50 @@ class Plan:
 
 
 class SpeculationPolicy:
-    """Chooses (exit, k) or off for one target by a sliding-window UCB bandit on goodput."""
+    """Chooses (exit, k) or off for one target by sliding-window UCB bandits on goodput, one per batch bucket."""
 
     def __init__(self, config: PolicyConfig | None = None):
         self.config = config or PolicyConfig()
         self.arms: list[Arm] = [OFF] + [(e, k) for e in self.config.exits for k in self.config.ks]
-        self.bandit = SlidingWindowUCB(self.arms, self.config.bandit)
+        self.bandits: dict[int, SlidingWindowUCB] = {}  # batch bucket -> its bandit
+        self.batch_bucket = 1  # of the latest round observed: the traffic the next plan is for
         self._known = set(self.arms)
 
+    def bandit(self, bucket: int | None = None) -> SlidingWindowUCB:
+        """The bandit of a batch bucket (default: the current one), created on first use."""
+        bucket = self.batch_bucket if bucket is None else bucket
+        if bucket not in self.bandits:
+            self.bandits[bucket] = SlidingWindowUCB(self.arms, self.config.bandit)
+        return self.bandits[bucket]
+
     def observe(self, records: Iterable[RoundRecord]) -> int:
-        """Turn rounds into rewards; returns how many were used."""
-        used = 0
+        """One period's rounds: one reward per (batch bucket, arm) they used; returns how many records counted."""
+        totals: dict[tuple[int, Arm], list] = {}  # (bucket, arm) -> [emitted, seconds, records]
         for record in records:
+            self.batch_bucket = batch_bucket(record.round_sequences)
             arm = (record.exit_layer, record.k) if record.k else OFF
             if record.whole_round and record.round_s > 0 and arm in self._known:
-                self.bandit.update(arm, record.goodput)
-                used += 1
-        return used
+                total = totals.setdefault((self.batch_bucket, arm), [0, 0.0, 0])
+                total[0] += record.emitted
+                total[1] += record.round_s
+                total[2] += 1
+        for (bucket, arm), (emitted, seconds, _) in totals.items():
+            self.bandit(bucket).update(arm, emitted / seconds)
+        return sum(count for _, _, count in totals.values())
 
     def plan(self) -> Plan:
-        """The plan for the next period, with the evidence behind it."""
-        exit_layer, k = arm = self.bandit.select()
+        """The plan for the next period (for the latest batch size seen), with the evidence behind it."""
+        exit_layer, k = arm = self.bandit().select()
         return Plan(exit_layer, k, self._reason(arm))
 
     def _reason(self, arm: Arm) -> str:
-        counts = self.bandit.counts()
+        bandit, batch = self.bandit(), _bucket_name(self.batch_bucket)
+        counts = bandit.counts()
         if counts[arm] == 0:
-            return f"exploring: {self._name(arm)} not measured yet"
-        means = self.bandit.means()
+            return f"exploring: {self._name(arm)} not measured yet at {batch}"
+        means = bandit.means()
         best = max(means, key=means.get)
-        text = f"{self._name(arm)}: {means[arm]:.0f} tok/s over its last {counts[arm]} rounds"
+        text = f"{self._name(arm)}: {means[arm]:.0f} tok/s over its last {counts[arm]} periods at {batch}"
         if arm != best:
             text += f" (exploring; best measured {self._name(best)} at {means[best]:.0f} tok/s)"
         return text
@@ -87,3 +113,12 @@ class SpeculationPolicy:
     @staticmethod
     def _name(arm: Arm) -> str:
         return "off" if arm == OFF else f"exit {arm[0]} k {arm[1]}"
+
+
+def batch_bucket(sequences: int) -> int:
+    """The power of two at or below `sequences`: 1, 2-3 -> 2, 4-7 -> 4, ..."""
+    return 1 << (max(sequences, 1).bit_length() - 1)
+
+
+def _bucket_name(bucket: int) -> str:
+    return "batch 1" if bucket == 1 else f"batch {bucket}-{2 * bucket - 1}"

@@ -15,12 +15,13 @@ AFTER = {"off": 300.0, "e1k1": 250.0, "e2k1": 230.0, "e2k2": 200.0, "e4k1": 200.
 NOISE = 0.1  # standard deviation of a reward, relative to its arm's mean
 
 
-def play(rounds: int, seed: int, shift_at: int | None = None, scale: float = 1.0, config: BanditConfig | None = None):
+def play(rounds: int, seed: int, shift_at: int | None = None, scale: float = 1.0, config: BanditConfig | None = None,
+         after: dict = AFTER):
     """Play a seeded stream; returns (arms chosen, regret of each pull against the best arm of that moment)."""
     rng, bandit = random.Random(seed), SlidingWindowUCB(list(BEFORE), config)
     chosen, regrets = [], []
     for t in range(rounds):
-        means = AFTER if shift_at is not None and t >= shift_at else BEFORE
+        means = after if shift_at is not None and t >= shift_at else BEFORE
         arm = bandit.select()
         bandit.update(arm, scale * max(0.0, rng.gauss(means[arm], NOISE * means[arm])))
         chosen.append(arm)
@@ -49,6 +50,13 @@ def test_after_a_shift_it_moves_to_the_new_best_arm_within_200_rounds(seed):
     assert chosen[1700:].count("off") / len(chosen[1700:]) > 0.9  # and on plain decoding 200 rounds after it
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_shift_that_also_triples_every_reward_is_followed_too(seed):
+    """E.g. four times the batch: every arm earns more tokens per second, and plain decoding most."""
+    chosen, _ = play(2000, seed, shift_at=1500, after={arm: 3 * mean for arm, mean in AFTER.items()})
+    assert chosen[1700:].count("off") / len(chosen[1700:]) > 0.9
+
+
 def test_regret_after_a_shift_is_sublinear_too():
     """Regret accrued after the shift, over 1000 vs 4000 rounds (each seeded stream shifts at round 1000)."""
     after = lambda rounds: statistics.mean(sum(play(1000 + rounds, s, shift_at=1000)[1][1000:]) for s in range(5))  # noqa: E731
@@ -63,9 +71,9 @@ def test_the_choice_does_not_depend_on_the_reward_unit():
 def test_a_bandit_without_exploration_can_lock_onto_a_worse_arm():
     """The exploration bonus is what finds the best arm: without it the first lucky estimate wins."""
     greedy = BanditConfig(exploration=0.0, min_noise=1e-9)
-    locked = sum(play(1500, seed, config=greedy)[0][-300:].count("e2k1") < 150 for seed in range(20))
-    explored = sum(play(1500, seed)[0][-300:].count("e2k1") < 150 for seed in range(20))
-    assert locked > explored
+    locked = sum(play(1000, seed, config=greedy)[0][-300:].count("e2k1") < 150 for seed in range(12))
+    explored = sum(play(1000, seed)[0][-300:].count("e2k1") < 150 for seed in range(12))
+    assert locked >= 2 and explored == 0  # seeded: 3 of 12 streams lock in without the bonus
 
 
 def test_means_and_counts_follow_the_window():
@@ -88,7 +96,7 @@ def test_bad_updates_are_refused(arm, reward, message):
         SlidingWindowUCB(["a"]).update(arm, reward)
 
 
-def test_a_change_in_an_arm_drops_its_older_rewards():
+def test_a_change_in_an_arm_drops_every_older_reward():
     bandit = SlidingWindowUCB(["a", "b"], BanditConfig(window=64, change_window=8))
     rng = random.Random(0)
     for _ in range(40):
@@ -99,4 +107,13 @@ def test_a_change_in_an_arm_drops_its_older_rewards():
         bandit.update("a", rng.gauss(50, 5))
     assert bandit.counts()["a"] <= 12  # dropped within a few pulls, from the change point on:
     assert bandit.means()["a"] == pytest.approx(50, abs=3)  # one old reward left would add 4
-    assert bandit.select() == "b"
+    assert bandit.counts()["b"] == 0 and bandit.restarts == 1  # b's rewards all predate the change
+    assert bandit.select() == "b"  # so b is measured again
+
+
+def test_many_empty_windows_upset_nothing():
+    """After a restart most arms may hold no reward while the played one is tested for changes."""
+    bandit = SlidingWindowUCB(list("abcdefghij"))
+    for reward in (100, 101, 102) * 3:
+        bandit.update("a", reward)
+    assert bandit.select() == "b" and bandit.restarts == 0

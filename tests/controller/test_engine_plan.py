@@ -8,9 +8,11 @@ from transformers import LlamaForCausalLM
 
 from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
+from actors.engine_loop import EngineLoop
 from actors.errors import InvalidRequest
 from actors.generator import SpeculativeGenerator
 from actors.ray_actors import DrafterActor, RemoteDrafter
+from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from test_generator import chi_square_excess, first_two_token_distributions
 
@@ -19,8 +21,10 @@ GREEDY = make_sampling_params(temperature=0, max_tokens=24, ignore_eos=True)
 PLANS = [(3, 2), (0, None), (0, None), (2, 4), (1, 1), (0, None), (4, None)]
 
 
-@pytest.fixture
-def plain(target, prompts) -> list[list[int]]:
+@pytest.fixture(scope="module")
+def plain(target_path, prompts) -> list[list[int]]:
+    """The target's own greedy tokens, computed once for the module's tests."""
+    target = ModelRunner.from_pretrained(target_path)
     return [r.tokens for r in SpeculativeGenerator(target).generate(prompts, GREEDY)]
 
 
@@ -138,3 +142,19 @@ def test_a_target_without_drafter_accepts_only_plain_decoding(target):
     with pytest.raises(InvalidRequest, match="no drafter"):
         engine.set_plan(2)
 
+
+def test_a_plan_reaches_a_running_engine_loop_between_rounds(target, drafter_runner, prompts, plain):
+    loop = EngineLoop(SpeculationEngine(target, ModelDrafter(drafter_runner), k=3, exit_layer=2))
+    output = loop.submit("s", prompts[0], GREEDY)
+    tokens = list(output.get().new_tokens)
+    loop.call(lambda engine: engine.set_plan(0))
+    with pytest.raises(InvalidRequest):
+        loop.call(lambda engine: engine.set_plan(2, 9))
+    loop.call(lambda engine: engine.set_plan(1, 1))
+    while True:
+        update = output.get()
+        tokens += update.new_tokens
+        if update.finish_reason is not None:
+            break
+    assert tokens == plain[0]
+    assert {r.k for r in loop.engine.drain_telemetry()} >= {3, 1}

@@ -10,7 +10,7 @@ from actors.engine import SpeculationEngine
 from actors.generator import SpeculativeGenerator
 from actors.sampling import make_sampling_params
 from actors.telemetry import RoundRecord
-from cluster.controller.policy import OFF, PolicyConfig, SpeculationPolicy
+from cluster.controller.policy import OFF, PolicyConfig, SpeculationPolicy, batch_bucket
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -40,8 +40,8 @@ def test_only_whole_rounds_of_known_arms_become_rewards():
                           + rounds((2, 6), 900)  # an arm outside the policy (e.g. a FIXED request)
                           + rounds((None, 3), 900))  # the drafter's default exit
     assert used == 2
-    assert policy.bandit.counts() == {OFF: 1, (2, 1): 1}
-    assert policy.bandit.means()[(2, 1)] == pytest.approx(400)
+    assert policy.batch_bucket == 2 and policy.bandit().counts() == {OFF: 1, (2, 1): 1}
+    assert policy.bandit().means()[(2, 1)] == pytest.approx(400)
 
 
 def test_it_explores_then_plans_the_best_arm_with_a_reason():
@@ -54,10 +54,38 @@ def test_it_explores_then_plans_the_best_arm_with_a_reason():
         plans.append(plan)
         policy.observe(rounds(plan.arm, rng.gauss(goodput[plan.arm], 20)))
     assert [p.arm for p in plans[:5]] == policy.arms  # each arm measured once first
-    assert plans[0].reason == "exploring: off not measured yet"
+    assert plans[0].reason == "exploring: off not measured yet at batch 1"
     assert sum(p.arm == (2, 1) for p in plans[-100:]) > 80
     assert policy.plan().reason.startswith("exit 2 k 1: 4")  # ~410 tok/s over its window, seeded
-    assert "exploring; best measured exit 2 k 1" in next(p.reason for p in plans[100:] if p.arm != (2, 1))
+
+
+def test_an_exploring_plan_says_so():
+    policy = SpeculationPolicy(PolicyConfig(exits=[1], ks=[1]))
+    for goodput in (280, 320, 290, 310, 300, 300, 320, 280, 300, 300):  # noise of about 6%
+        policy.observe(rounds(OFF, goodput))
+    policy.observe(rounds((1, 1), 280))  # measured once: its bonus outweighs a 7% gap
+    plan = policy.plan()
+    assert plan.arm == (1, 1)
+    assert plan.reason == ("exit 1 k 1: 280 tok/s over its last 1 periods at batch 2-3 "
+                           "(exploring; best measured off at 300 tok/s)")
+
+
+@pytest.mark.parametrize("sequences, bucket", [(1, 1), (2, 2), (3, 2), (4, 4), (7, 4), (8, 8), (100, 64)])
+def test_batch_buckets_are_powers_of_two(sequences, bucket):
+    assert batch_bucket(sequences) == bucket
+
+
+def test_each_batch_bucket_learns_its_own_best_arm():
+    """Speculation pays for one sequence per round and not for eight: the plan follows the traffic."""
+    policy = SpeculationPolicy(PolicyConfig(exits=[1], ks=[2]))
+    goodput = {(1, OFF): 100, (1, (1, 2)): 150, (8, OFF): 600, (8, (1, 2)): 400}
+    rng = random.Random(2)
+    for batch in (1, 8, 1):
+        for _ in range(40):
+            arm = policy.plan().arm
+            policy.observe(rounds(arm, rng.gauss(goodput[batch, arm], 10), sequences=batch, round_sequences=batch))
+        assert policy.plan().arm == ((1, 2) if batch == 1 else OFF)
+    assert set(policy.bandits) == {1, 8} and policy.plan().reason.endswith("at batch 1")
 
 
 def test_it_turns_speculation_off_when_no_arm_beats_plain_decoding():
@@ -86,5 +114,5 @@ def test_the_policy_steers_a_real_engine_round_by_round_without_changing_its_out
         used += policy.observe(engine.drain_telemetry())
         steps += 1
     assert [tokens[i] for i in range(len(prompts))] == expected
-    assert used == steps == policy.bandit.pulls  # every round taught it something
-    assert set(policy.bandit.counts()) == set(policy.arms) and min(policy.bandit.counts().values()) >= 1
+    assert used == steps == sum(b.pulls for b in policy.bandits.values())  # every round taught it something
+    assert min(policy.bandit(8).counts().values()) >= 1  # all 8 sequences live for the first 5 rounds: each arm once
