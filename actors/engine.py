@@ -21,7 +21,7 @@ drops it and goes on decoding plainly: slower, never a wrong or lost token.
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -106,8 +106,12 @@ class SpeculationEngine:
         exit_layer: int | None = None,
         target_name: str = "",
         drafter_name: str = "",
+        clock: Callable[[], float] = time.perf_counter,
     ):
-        """`target_name` and `drafter_name` only label the round telemetry (`drain_telemetry`)."""
+        """`target_name` and `drafter_name` only label the round telemetry (`drain_telemetry`);
+        `clock` times its rounds: wall time by default, or e.g. `time.thread_time` for an
+        in-process benchmark on a shared machine (CPU seconds of this thread only, so other
+        processes' load does not count; wrong for a drafter in another process)."""
         if drafter is not None:
             check_pairing(target, drafter)
             if not 1 <= k <= MAX_DRAFT_LENGTH:
@@ -118,7 +122,7 @@ class SpeculationEngine:
         self.k = k if drafter is not None else 0
         self.exit_layer = exit_layer
         self.target_name, self.drafter_name = target_name, drafter_name
-        self.telemetry = RoundBuffer()
+        self.telemetry, self.clock = RoundBuffer(), clock
         self._live: dict[SeqId, _Live] = {}
         self._ids = itertools.count()
 
@@ -168,14 +172,14 @@ class SpeculationEngine:
             return []
         self._prefill([s for s in running if not s.prefilled])
         arms, before = [self._arm(s) for s in running], [replace(s.stats) for s in running]
-        started = time.perf_counter()
+        started = self.clock()
         drafts = self._propose(running)
-        drafted_at = time.perf_counter()
+        drafted_at = self.clock()
         logits = self.target.forward(
             [s.seq_id for s in running], [[s.pending] + d.tokens for s, d in zip(running, drafts)]
         )  # per row [k_i + 1, V]
         updates = [self._advance(s, d, self._verify(s, d, l)) for s, d, l in zip(running, drafts, logits)]
-        self._record_round(running, arms, before, drafted_at - started, time.perf_counter() - drafted_at)
+        self._record_round(running, arms, before, drafted_at - started, self.clock() - drafted_at)
         for update in updates:
             if update.finish_reason is not None:
                 self._release(self._live.pop(update.seq_id))
