@@ -329,7 +329,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=16, help="code requests (first half)")
     parser.add_argument("--prompt-tokens", type=int, default=64)
@@ -348,21 +348,22 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
                         help="round times in CPU seconds of the serving thread (default) or wall seconds")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=REPORTS, help="folder for controller_shift.{json,md,png}")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = PolicyConfig(bandit=BanditConfig(window=args.window, exploration=args.exploration))
     started = time.perf_counter()
     requests = workload(args)
     raw_shift = compare("target-l", requests, config, args)
     raw_off = compare("target-s", [r for r in requests if r.shifted][: args.off_requests], config, args)
-    report = {"settings": vars(args), "command": "nice python -m bench.controller_shift",
+    report = {"settings": {k: v for k, v in vars(args).items() if k != "out"}, "command": "nice python -m bench.controller_shift",
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
               "shift": shift_report(raw_shift), "off": off_report(raw_off)}
     report["seconds"] = time.perf_counter() - started
-    REPORTS.mkdir(exist_ok=True)
-    (REPORTS / "controller_shift.json").write_text(json.dumps(report, indent=2))
-    (REPORTS / "controller_shift.md").write_text(markdown(report))
-    plot(report["shift"], raw_shift, raw_off, REPORTS / "controller_shift.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "controller_shift.json").write_text(json.dumps(report, indent=2))
+    (args.out / "controller_shift.md").write_text(markdown(report))
+    plot(report["shift"], raw_shift, raw_off, args.out / "controller_shift.png")
     print(markdown(report))
 
 

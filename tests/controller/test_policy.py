@@ -105,14 +105,18 @@ def test_the_policy_steers_a_real_engine_round_by_round_without_changing_its_out
     policy = SpeculationPolicy(PolicyConfig(exits=[1, 4], ks=[1, 3]))
     for index, prompt in enumerate(prompts):
         engine.add(prompt, GREEDY, seq_id=index)
-    tokens, steps, used = {}, 0, 0
+    tokens, steps, used, arms_at_batch_8 = {}, 0, 0, set()
     while engine.num_live:
         plan = policy.plan()
         engine.set_plan(plan.k, plan.exit_layer)
         for update in engine.step():
             tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
-        used += policy.observe(engine.drain_telemetry())
+        records = engine.drain_telemetry()
+        arms_at_batch_8 |= {(r.exit_layer, r.k) if r.k else OFF for r in records if r.round_sequences == 8}
+        used += policy.observe(records)
         steps += 1
     assert [tokens[i] for i in range(len(prompts))] == expected
     assert used == steps == sum(b.pulls for b in policy.bandits.values())  # every round taught it something
-    assert min(policy.bandit(8).counts().values()) >= 1  # all 8 sequences live for the first 5 rounds: each arm once
+    # All 8 sequences share the first rounds, so that bucket's bandit tries every arm. (Not its counts at
+    # the end: a timing stall on a loaded machine can look like a change and restart its windows.)
+    assert arms_at_batch_8 == set(policy.arms)
