@@ -96,6 +96,13 @@ class ControllerConfig(_Strict):
     k_choices: list[Annotated[int, Field(ge=1, le=64)]] = Field(
         [2, 4, 6], min_length=1, description="Draft lengths the bandit chooses among (with every drafter exit)."
     )
+    rebalance_margin: float = Field(
+        0.25, ge=0, le=1,
+        description="Move a target replica to another drafter replica only when the busiest drafter replica's drafting "
+        "load exceeds the idlest's by more than this share of the busiest's (a move restarts its live sequences).",
+    )
+    load_smoothing: float = Field(
+        0.5, ge=0, lt=1, description="Weight the previous estimate of a target replica's drafting load keeps each period.")
 
 
 class ClusterConfig(_Strict):

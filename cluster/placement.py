@@ -20,6 +20,7 @@ class Fleet:
     targets: dict[str, list] = field(default_factory=dict)
     infos: dict[str, list[dict]] = field(default_factory=dict)  # per model, info() of each replica
     stages: dict[str, list] = field(default_factory=dict)  # per chained target, its stage actors, innermost first
+    pairing: dict[tuple[str, int], int] = field(default_factory=dict)  # (target, replica) -> its drafter replica
 
     def all_handles(self) -> list:
         return [h for handles in (*self.drafters.values(), *self.stages.values(), *self.targets.values()) for h in handles]
@@ -70,7 +71,7 @@ def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
     for name, target in config.targets.items():
         if not target.via:
             continue
-        inner, fleet.stages[name] = pair(fleet, target.drafter, 0), []
+        inner, fleet.stages[name] = fleet.drafters[target.drafter][0], []
         for middle in target.via:
             model = config.targets[middle]
             inner = _start(StageActor, config, model, str(model.path), model.dtype, model.device, inner, model.k,
@@ -80,9 +81,28 @@ def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
 
 
 def drafter_for(fleet: Fleet, target: str, replica: int):
-    """What a target replica drafts with: the outermost stage of its chain, else a drafter replica."""
+    """What a target replica drafts with: the outermost stage of its chain, else its paired drafter replica.
+
+    A replica not yet paired gets the drafter replica with the fewest target
+    replicas paired to it, so targets sharing a drafter spread over its replicas.
+    """
     stages = fleet.stages.get(target)
-    return stages[-1] if stages else pair(fleet, fleet.config.targets[target].drafter, replica)
+    if stages:
+        return stages[-1]
+    drafter = fleet.config.targets[target].drafter
+    if drafter is None:
+        return None
+    index = fleet.pairing.setdefault((target, replica), fewest_paired(fleet, drafter))
+    return fleet.drafters[drafter][index]
+
+
+def fewest_paired(fleet: Fleet, drafter: str) -> int:
+    """The replica of `drafter` with the fewest target replicas paired to it (the lowest index on ties)."""
+    counts = [0] * len(fleet.drafters[drafter])
+    for (target, _), index in fleet.pairing.items():
+        if fleet.config.targets[target].drafter == drafter:
+            counts[index] += 1
+    return counts.index(min(counts))
 
 
 def stop_fleet(fleet: Fleet) -> None:
@@ -92,11 +112,3 @@ def stop_fleet(fleet: Fleet) -> None:
 
 def _start(actor_class, config: ClusterConfig, model: ModelConfig, *args):
     return ray.remote(actor_class).options(**actor_options(config.pools[model.pool])).remote(*args)
-
-
-def pair(fleet: Fleet, drafter: str | None, replica: int):
-    """Target replica i drafts with drafter replica i mod n (spreads targets over drafters)."""
-    if drafter is None:
-        return None
-    handles = fleet.drafters[drafter]
-    return handles[replica % len(handles)]

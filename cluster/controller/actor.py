@@ -9,7 +9,9 @@ Every `period_s` it takes one control step:
    Prometheus metrics and the targets' policies;
 3. **steer**: ask each target's policy for its plan (exit and k, or no
    speculation) and push changes to its replicas between rounds;
-4. **scale**: add or remove replicas within each model's autoscale bounds
+4. **rebalance**: move a target replica from its busy drafter replica to an
+   idle one when their drafting loads differ enough (`pairing`);
+5. **scale**: add or remove replicas within each model's autoscale bounds
    from its live sequences per replica.
 
 Front doors read the fleet with `snapshot` (its `version` changes whenever a
@@ -18,12 +20,14 @@ replica is replaced, added or removed) and report finished requests.
 
 import logging
 import threading
+import time
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.telemetry import TelemetryAggregator
 from cluster.config import ClusterConfig
+from cluster.controller.pairing import DraftLoad, best_move
 from cluster.controller.policy import Plan, PolicyConfig, SpeculationPolicy
 from cluster.metrics import SpecfleetMetrics
 from cluster.placement import Fleet, drafter_for, start_drafter, start_fleet, start_target
@@ -40,6 +44,8 @@ class FleetController:
         self.fleet = start_fleet(config)
         self._version = 0
         self.totals = TelemetryAggregator()
+        self.draft_load = DraftLoad(config.controller.load_smoothing)
+        self._collected_at = time.monotonic()
         self.metrics = SpecfleetMetrics()
         self.plans = {name: Plan(t.exit_layer, t.k if t.drafter else 0, "configured") for name, t in config.targets.items()}
         self.policies = {name: self._policy(name) for name, t in config.targets.items()
@@ -89,6 +95,7 @@ class FleetController:
             self._heal()
             self._collect()
             self._steer()
+            self._rebalance()
             self._scale()
 
     def shutdown(self) -> None:
@@ -113,7 +120,7 @@ class FleetController:
                     log.warning("drafter %s replica %d died; starting a replacement", name, replica)
                     handles[replica] = start_drafter(self.config, name)
                     self._changed()
-                    self._repair_pairs(name)
+                    self._repair_pairs(name, replica)
         for name, handles in self.fleet.targets.items():
             for replica, handle in enumerate(handles):
                 if not _alive(handle):
@@ -125,8 +132,13 @@ class FleetController:
                     self._attach(name, replica)
 
     def _collect(self) -> None:
+        now = time.monotonic()
+        period_s, self._collected_at = now - self._collected_at, now
         for name, handles in self.fleet.targets.items():
-            records = [r for batch in ray.get([h.drain_telemetry.remote() for h in handles]) for r in batch]
+            batches = ray.get([h.drain_telemetry.remote() for h in handles])
+            for replica, batch in enumerate(batches):
+                self.draft_load.observe((name, replica), sum(r.drafted for r in batch), period_s)
+            records = [r for batch in batches for r in batch]
             self.totals.add(records)
             for record in records:
                 self.metrics.observe_round(record)
@@ -139,6 +151,19 @@ class FleetController:
             self.plans[name] = plan
             if plan.arm != current.arm:
                 self._push_plan(name, self.fleet.targets[name])
+
+    def _rebalance(self) -> None:
+        """Per drafter model, move at most one target replica from the busiest drafter replica to the idlest."""
+        for drafter, handles in self.fleet.drafters.items():
+            shared = {key: index for key, index in self.fleet.pairing.items()
+                      if self.config.targets[key[0]].drafter == drafter}
+            loads = {key: self.draft_load.of(key) for key in shared}
+            move = best_move(shared, loads, len(handles), self.config.controller.rebalance_margin)
+            if move is not None:
+                (name, replica), index = move
+                log.info("moving %s replica %d to %s replica %d (drafting loads %s)", name, replica, drafter, index, loads)
+                self.fleet.pairing[(name, replica)] = index
+                self._attach(name, replica)
 
     def _scale(self) -> None:
         for name, model in {**self.config.drafters, **self.config.targets}.items():
@@ -156,8 +181,7 @@ class FleetController:
 
     def _add_replica(self, name: str) -> None:
         if name in self.fleet.drafters:
-            self.fleet.drafters[name].append(start_drafter(self.config, name))
-            self._repair_pairs(name)
+            self.fleet.drafters[name].append(start_drafter(self.config, name))  # load moves to it by rebalancing
         else:
             handles = self.fleet.targets[name]
             handles.append(start_target(self.config, name, drafter_for(self.fleet, name, len(handles))))
@@ -172,17 +196,26 @@ class FleetController:
             return
         removed = handles.pop()
         if name in self.fleet.drafters:
-            self._repair_pairs(name)
+            self._unpair_removed_drafter(name, len(handles))
+        else:
+            self.fleet.pairing.pop((name, len(handles)), None)
+            self.draft_load.forget((name, len(handles)))
         self._changed()
         ray.kill(removed)
         log.info("scaled %s down to %d replicas", name, len(handles))
 
-    def _repair_pairs(self, drafter: str) -> None:
-        """Re-pair every target replica with drafter replica (i mod n), the way placement spreads them."""
-        for name, target in self.config.targets.items():
-            if target.drafter == drafter:
-                for replica in range(len(self.fleet.targets[name])):
-                    self._attach(name, replica)
+    def _repair_pairs(self, drafter: str, index: int) -> None:
+        """Re-attach the target replicas paired with a replaced drafter replica to its replacement."""
+        for (name, replica), paired in self.fleet.pairing.items():
+            if paired == index and self.config.targets[name].drafter == drafter:
+                self._attach(name, replica)
+
+    def _unpair_removed_drafter(self, drafter: str, index: int) -> None:
+        """Pair the target replicas of a removed drafter replica with the remaining ones, fewest first."""
+        for key in [key for key, paired in self.fleet.pairing.items()
+                    if paired == index and self.config.targets[key[0]].drafter == drafter]:
+            del self.fleet.pairing[key]
+            self._attach(*key)  # drafter_for pairs it anew
 
     def _attach(self, name: str, replica: int) -> None:
         plan = self.plans[name]

@@ -150,3 +150,54 @@ def test_busy_target_scales_up_then_back_down(controller, stub, prompts):
     ray.get(controller.step.remote())
     _, shrunk = ray.get(controller.snapshot.remote())
     assert len(shrunk.targets["small"]) == 1
+
+
+LONG_TOKENS = 200
+
+
+@pytest.fixture(scope="module")
+def shared_drafter_controller(ray_cluster, target_path, drafter_path):
+    """Two replicas of one drafter shared by three single-replica targets: placement pairs a, b, c with 0, 1, 0."""
+    targets = {name: {"path": str(target_path), "pool": "target", "drafter": "sorted", "k": 3} for name in "abc"}
+    config = parse_config({
+        "pools": {"draft": {"resources": {"draft": 1}, "num_cpus": 0.5}, "target": {"resources": {"target": 1}, "num_cpus": 0.5}},
+        "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft", "replicas": 2}},
+        "targets": targets,
+        "server": {"grpc_port": 0, "drafter_timeout_s": 5},
+        "controller": {"period_s": 3600, "adaptive": False},
+    })
+    handle = ray.remote(FleetController).options(max_concurrency=16).remote(config)
+    _, fleet = ray.get(handle.snapshot.remote())
+    server = BackgroundServer(fleet, controller=ControllerClient(handle))
+    with grpc.insecure_channel(server.address) as channel:
+        yield handle, pb_grpc.GenerationStub(channel)
+    server.stop()
+    ray.get(handle.shutdown.remote())
+
+
+def test_a_target_moves_from_a_busy_drafter_replica_to_an_idle_one_mid_stream(shared_drafter_controller, target_path,
+                                                                                 prompts):
+    controller, stub = shared_drafter_controller
+    _, fleet = ray.get(controller.snapshot.remote())
+    assert fleet.pairing == {("a", 0): 0, ("b", 0): 1, ("c", 0): 0}
+    params = make_sampling_params(temperature=0, max_tokens=LONG_TOKENS, ignore_eos=True)
+    expected = [r.tokens for r in SpeculativeGenerator(ModelRunner.from_pretrained(target_path)).generate(prompts[:2], params)]
+    idle_forwards = ray.get(fleet.drafters["sorted"][1].batched_forwards.remote())
+
+    def stream(name, prompt):
+        message = pb.GenerateRequest(model=name, token_ids=pb.TokenIds(ids=prompt), max_tokens=LONG_TOKENS,
+                                     temperature=0.0, ignore_eos=True)
+        return [t for update in stub.GenerateStream(message, timeout=300) for t in update.token_ids]
+
+    with ThreadPoolExecutor(2) as pool:  # traffic on a and c only: drafter replica 0 drafts for both
+        calls = [pool.submit(stream, name, prompt) for name, prompt in zip("ac", prompts[:2])]
+        deadline = time.time() + 60
+        while time.time() < deadline and not all(ray.get(fleet.targets[n][0].live_sequences.remote()) for n in "ac"):
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few rounds of drafting to measure
+        ray.get(controller.step.remote())
+        _, moved = ray.get(controller.snapshot.remote())
+        assert [call.result() for call in calls] == expected  # the moved stream replayed onto its new drafter exactly
+    assert sorted(moved.pairing.values()) == [0, 1, 1] and moved.pairing[("b", 0)] == 1
+    assert moved.pairing[("a", 0)] != moved.pairing[("c", 0)]
+    assert ray.get(fleet.drafters["sorted"][1].batched_forwards.remote()) > idle_forwards  # the idle replica drafts now
