@@ -51,7 +51,7 @@ class SpeculationOptions(_Body):
     drafter: str | None = Field(None, description="fixed: the drafter's name (must be the target's paired drafter).")
     exit_layer: int | None = Field(None, ge=1, lt=UINT32_END, description="fixed: drafter exit; unset: its deepest.")
     k: int | None = Field(None, ge=1, lt=UINT32_END, description="fixed: draft tokens per round (required).")
-    cascade: CascadeOptions | None = Field(None, description="Verify as a speculative cascade; unset: lossless.")
+    cascade: CascadeOptions | None = Field(None, description="Verify as a speculative cascade; unset: the target's configured default (none configured: lossless).")
 
     @model_validator(mode="after")
     def _fixed_fields_need_fixed_mode(self) -> "SpeculationOptions":
