@@ -123,7 +123,7 @@ class Frontend:
         models += [
             pb.ModelInfo(name=name, role="target", max_context=self.limits[name].max_context,
                          replicas=len(self.fleet.targets[name]), drafter=t.drafter or "",
-                         exit_layer=t.exit_layer or 0, k=t.k if t.drafter else 0)
+                         exit_layer=t.exit_layer or 0, k=t.k if t.drafter else 0, via=t.via)
             for name, t in self.config.targets.items()
         ]
         return pb.ListModelsResponse(models=models)

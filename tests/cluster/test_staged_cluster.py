@@ -112,3 +112,9 @@ def test_bad_cascades_get_invalid_argument(stub, prompts, cascade, message):
     with pytest.raises(grpc.RpcError) as failure:
         stub.Generate(greedy_request("middle", prompts[0], cascade), timeout=60)
     assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in failure.value.details()
+
+
+def test_list_models_shows_the_chain(stub):
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
+    assert list(models["chained"].via) == ["middle"] and models["chained"].drafter == "sorted"
+    assert list(models["middle"].via) == []

@@ -155,7 +155,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "role", "max_context", "replicas", "exit_layers", "drafter", "exit_layer", "k")
+    __slots__ = ("name", "role", "max_context", "replicas", "exit_layers", "drafter", "exit_layer", "k", "via")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +164,7 @@ class ModelInfo(_message.Message):
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    VIA_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     max_context: int
@@ -172,7 +173,8 @@ class ModelInfo(_message.Message):
     drafter: str
     exit_layer: int
     k: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., max_context: _Optional[int] = ..., replicas: _Optional[int] = ..., exit_layers: _Optional[_Iterable[int]] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+    via: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., max_context: _Optional[int] = ..., replicas: _Optional[int] = ..., exit_layers: _Optional[_Iterable[int]] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., via: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
