@@ -9,7 +9,7 @@ tokens/s. The goal: shared-drafter speedup >= 90% of the dedicated one.
 """
 
 import tempfile
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -64,27 +64,20 @@ def _measure_layout(layout: str, targets: dict[str, str], prompts, settings) -> 
 
 
 def _all_targets_at_once(stub, pairing: dict[str, str], prompts, settings, speculate: bool) -> dict[str, dict]:
-    """Each target's own closed loop (one stream at a time), all targets concurrently."""
-    results: dict[str, dict] = {}
-    errors: list[BaseException] = []
+    """Each target's own closed loop (one stream at a time), all targets concurrently.
 
-    def serve(target: str) -> None:
+    Leaving the pool waits for every target, so an error is raised only after the others are done.
+    """
+
+    def serve(target: str) -> dict:
         speculation = {"drafter": pairing[target], "exit_layer": settings["exit_layer"], "k": settings["k"]}
 
         def send(index, prompt):
             return stream(stub, stream_request(target, prompt, settings["max_tokens"], 0.0, index,
                                                speculation if speculate else None))
 
-        try:
-            results[target] = summarize(run_closed_loop(prompts, 1, send))
-        except BaseException as err:  # re-raised below, after the other targets are done
-            errors.append(err)
+        return summarize(run_closed_loop(prompts, 1, send))
 
-    threads = [threading.Thread(target=serve, args=(t,)) for t in pairing]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
+    with ThreadPoolExecutor(len(pairing)) as pool:
+        futures = {target: pool.submit(serve, target) for target in pairing}
+    return {target: future.result() for target, future in futures.items()}
