@@ -199,7 +199,29 @@ def profile_section(profile: dict) -> list[str]:
     lines += [f"Greedy `{profile['category']}` prompts, k = {profile['k']}, exit {profile['exit_layer']}. "
               "Parts are timed by wrapping the engine's calls (bench/profile_round.py); `draft:` and `verify:` lines "
               "are parts of draft and verify.", "", *_table(header, body)]
-    return lines + _profile_findings(engines)
+    return lines + _profile_findings(engines) + WHAT_WAS_DONE
+
+
+# What the code does about each part of the round; the measured table above says what is left.
+WHAT_WAS_DONE = [
+    "What was done about each part:",
+    "",
+    "- **transfer + Ray**: one Ray call per round per target actor, for all its live sequences; the previous "
+    "round's commits ride along with the next proposal instead of costing calls of their own.",
+    "- **draft**: each draft step is one batched forward over every sequence that drafts, from every target "
+    "sharing the drafter (rows may use different exits), on per-sequence KV caches, so a step feeds one token "
+    "per row; the controller picks a cheaper exit or a shorter k per target from measured goodput, and turns "
+    "speculation off where no arm beats plain decoding (bench/reports/controller_shift.md).",
+    "- **verify**: every live sequence of a target in one forward (continuous batching between rounds).",
+    "- **Python overhead**: streams detokenize incrementally; the round's bookkeeping stays near 1% above.",
+    "- **what is left**: these tiny models are overhead-bound on CPU, so a forward's cost follows its layer "
+    "count more than its width: a draft step of the 2-layer, 96-wide exit costs about a quarter of target-l's "
+    "6-layer, 192-wide forward (see draft: forwards / k against the plain round above), where GPU pairs pay "
+    "one or two orders of magnitude less. Four draft steps then cost about one verify, and at this zoo's "
+    "greedy acceptance (about 0.3) a round cannot emit enough tokens to pay for them: the break-even lines "
+    "above are that arithmetic. A GPU and a better-trained zoo are what would move it.",
+    "",
+]
 
 
 def _part_cell(profile: dict, part: str) -> str:
