@@ -63,21 +63,28 @@ def start_target(config: ClusterConfig, name: str, drafter_handle):
 
 
 def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
-    """Start each staged chain's stage actors, innermost first, on their middle targets' pools; wait until ready.
+    """Start each staged chain's stage actors (see `start_chain`)."""
+    for name, target in config.targets.items():
+        if target.via:
+            fleet.stages[name] = start_chain(config, fleet, name)
+
+
+def start_chain(config: ClusterConfig, fleet: Fleet, name: str) -> list:
+    """The stage actors of one chained target, innermost first, on their middle targets' pools; ready when returned.
 
     A chain is shared by its target's replicas: one stage actor per middle
-    target, drafting with the stage below it (the first with the chain's drafter).
+    target, drafting with the stage below it (the first with replica 0 of the
+    chain's drafter).
     """
-    for name, target in config.targets.items():
-        if not target.via:
-            continue
-        inner, fleet.stages[name] = fleet.drafters[target.drafter][0], []
-        for middle in target.via:
-            model = config.targets[middle]
-            inner = _start(StageActor, config, model, str(model.path), model.dtype, model.device, inner, model.k,
-                           config.server.drafter_timeout_s)
-            fleet.stages[name].append(inner)
-        ray.get(inner.info.remote())  # each stage waits for the one below it
+    target, stages = config.targets[name], []
+    inner = fleet.drafters[target.drafter][0]
+    for middle in target.via:
+        model = config.targets[middle]
+        inner = _start(StageActor, config, model, str(model.path), model.dtype, model.device, inner, model.k,
+                       config.server.drafter_timeout_s)
+        stages.append(inner)
+    ray.get(inner.info.remote())  # each stage waits for the one below it
+    return stages
 
 
 def drafter_for(fleet: Fleet, target: str, replica: int):

@@ -4,7 +4,8 @@ Every `period_s` it takes one control step:
 
 1. **heal**: ping every actor; start a replacement for a dead one and re-pair
    the targets that drafted with a dead drafter (they decode plainly meanwhile,
-   see `SpeculationEngine`), or re-attach a target that dropped a slow drafter;
+   see `SpeculationEngine`), rebuild a staged chain that lost a stage or its
+   drafter, or re-attach a target that dropped a slow drafter;
 2. **collect**: drain each target's round telemetry into per-arm totals,
    Prometheus metrics and the targets' policies;
 3. **steer**: ask each target's policy for its plan (exit and k, or no
@@ -30,7 +31,7 @@ from cluster.config import ClusterConfig
 from cluster.controller.pairing import DraftLoad, best_move
 from cluster.controller.policy import Plan, PolicyConfig, SpeculationPolicy
 from cluster.metrics import SpecfleetMetrics
-from cluster.placement import Fleet, drafter_for, start_drafter, start_fleet, start_target
+from cluster.placement import Fleet, drafter_for, start_chain, start_drafter, start_fleet, start_target
 from specfleet.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -114,13 +115,16 @@ class FleetController:
                 log.exception("control step failed")
 
     def _heal(self) -> None:
+        replaced = set()  # (drafter, replica) started anew in this step
         for name, handles in self.fleet.drafters.items():
             for replica, handle in enumerate(handles):
                 if not _alive(handle):
                     log.warning("drafter %s replica %d died; starting a replacement", name, replica)
                     handles[replica] = start_drafter(self.config, name)
+                    replaced.add((name, replica))
                     self._changed()
                     self._repair_pairs(name, replica)
+        self._heal_chains(replaced)
         for name, handles in self.fleet.targets.items():
             for replica, handle in enumerate(handles):
                 if not _alive(handle):
@@ -130,6 +134,23 @@ class FleetController:
                     self._changed()
                 elif self.plans[name].k and not ray.get(handle.has_drafter.remote()):
                     self._attach(name, replica)
+
+    def _heal_chains(self, replaced_drafters: set[tuple[str, int]]) -> None:
+        """Rebuild a staged chain whose stage died or whose drafter (replica 0) was replaced; re-attach its target.
+
+        Each stage drafts with the one below it, so a chain is rebuilt whole:
+        its target's sequences replay onto the new outermost stage.
+        """
+        for name, stages in self.fleet.stages.items():
+            if (self.config.targets[name].drafter, 0) not in replaced_drafters and all(map(_alive, stages)):
+                continue
+            log.warning("staged chain of %s lost a stage or its drafter; rebuilding it", name)
+            self.fleet.stages[name] = start_chain(self.config, self.fleet, name)
+            for replica in range(len(self.fleet.targets[name])):
+                self._attach(name, replica)
+            for stage in stages:
+                ray.kill(stage)
+            self._changed()
 
     def _collect(self) -> None:
         now = time.monotonic()

@@ -15,6 +15,8 @@ from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
+from cluster.controller.actor import FleetController
+from cluster.controller.client import ControllerClient
 from cluster.placement import start_fleet, stop_fleet
 from cluster.server import BackgroundServer
 from specfleet.v1 import generation_pb2 as pb
@@ -25,7 +27,7 @@ MAX_TOKENS = 20
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"mid": 4}})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"mid": 8}})
     draft_node = cluster.add_node(num_cpus=1, resources={"draft": 4})
     target_node = cluster.add_node(num_cpus=1, resources={"target": 4})
     ray.init(address=cluster.address)
@@ -34,9 +36,8 @@ def ray_cluster():
     cluster.shutdown()
 
 
-@pytest.fixture(scope="module")
-def fleet(ray_cluster, target_path, drafter_path):
-    config = parse_config({
+def chain_config(target_path, drafter_path) -> dict:
+    return {
         "pools": {pool: {"resources": {pool: 1}, "num_cpus": 0} for pool in ("draft", "mid", "target")},
         "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft"}},
         "targets": {
@@ -45,8 +46,12 @@ def fleet(ray_cluster, target_path, drafter_path):
                         "exit_layer": 2, "k": 4},
         },
         "server": {"grpc_port": 0, "drafter_timeout_s": 30},
-    })
-    fleet = start_fleet(config)
+    }
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster, target_path, drafter_path):
+    fleet = start_fleet(parse_config(chain_config(target_path, drafter_path)))
     yield fleet
     stop_fleet(fleet)
 
@@ -118,3 +123,35 @@ def test_list_models_shows_the_chain(stub):
     models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest(), timeout=10).models}
     assert list(models["chained"].via) == ["middle"] and models["chained"].drafter == "sorted"
     assert list(models["middle"].via) == []
+
+
+@pytest.fixture(scope="module")
+def controlled(ray_cluster, target_path, drafter_path):
+    """The same chain under a fleet controller (stepped by the tests), behind its own gRPC server."""
+    config = parse_config({**chain_config(target_path, drafter_path), "controller": {"period_s": 3600, "adaptive": False}})
+    handle = ray.remote(FleetController).options(max_concurrency=16).remote(config)
+    _, fleet = ray.get(handle.snapshot.remote())
+    server = BackgroundServer(fleet, controller=ControllerClient(handle))
+    with grpc.insecure_channel(server.address) as channel:
+        yield handle, pb_grpc.GenerationStub(channel)
+    server.stop()
+    ray.get(handle.shutdown.remote())
+
+
+@pytest.mark.parametrize("victim", ["stage", "drafter"])
+def test_the_controller_rebuilds_a_chain_that_lost_a_stage_or_its_drafter(controlled, target_path, prompts, victim):
+    controller, stub = controlled
+    _, fleet = ray.get(controller.snapshot.remote())
+    [stage] = fleet.stages["chained"]
+    ray.kill(stage if victim == "stage" else fleet.drafters["sorted"][0])
+    expected = own_greedy(target_path, prompts[:2])
+    meanwhile = stub.Generate(greedy_request("chained", prompts[0]), timeout=180)
+    assert list(meanwhile.token_ids) == expected[0]  # served exactly while the chain is broken
+    ray.get(controller.step.remote())
+    _, healed = ray.get(controller.snapshot.remote())
+    [new_stage] = healed.stages["chained"]
+    assert new_stage != stage
+    response = stub.Generate(greedy_request("chained", prompts[1]), timeout=180)
+    assert list(response.token_ids) == expected[1]
+    assert response.speculation.drafted > 0 and response.speculation.acceptance_rate == 1.0
+    assert ray.get(new_stage.stats.remote()).drafted > 0  # the rebuilt stage speculates with a live drafter
