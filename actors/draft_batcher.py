@@ -14,10 +14,10 @@ and any of them may be the caller. Every thread that runs a forward keeps
 memory of its own after it: a glibc malloc arena holding the freed
 activations, and MKL's per-thread buffers. With the leader on caller threads,
 each wave of streams reached threads that had never run a forward, and the
-drafter actor's private memory grew by about 1 MiB per such thread (measured
-364 / 459 / 519 MiB over three waves of 32 streams) until all 256 had; on one
-thread it is paid once. start/commit/finish stay on the callers' threads:
-they are bookkeeping (lists, a dict, a `torch.Generator`), not forwards.
+drafter actor's private memory grew by 1-2 MiB per such thread (424 / 503 /
+531 MiB after three waves of 32 streams) until all 256 had; on one thread it is
+paid once (316 / 331 / 334 MiB). start/commit/finish stay on the callers'
+threads: they are bookkeeping (lists, a dict, a `torch.Generator`), not forwards.
 """
 
 import threading
