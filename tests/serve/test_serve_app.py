@@ -47,7 +47,7 @@ def app():
     entry = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
     args = {**entry["args"], "grpc_port": 0}
     http_port = free_port()
-    ray.init(**local_ray_resources(load_config(args["config"])))
+    ray.init(address="local", **local_ray_resources(load_config(args["config"])))  # never join a `ray start` cluster
     serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
     module, builder = entry["import_path"].split(":")
     ingress = serve.run(getattr(importlib.import_module(module), builder)(args), name=entry["name"],
