@@ -10,6 +10,7 @@ from; the model-free n-gram drafter returns none (a point mass).
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -34,6 +35,22 @@ class Draft:
     confidence: torch.Tensor | None = None  # [len(tokens), V] the drafter's temperature-1 softmax (cascade rules); None: model-free
 
 
+class PendingDrafts(Protocol):
+    """A proposal under way (a `concurrent.futures.Future` is one)."""
+
+    def result(self) -> list[Draft]: ...
+
+
+@dataclass(frozen=True)
+class ReadyDrafts:
+    """Drafts already computed: what `Drafter.propose_async` returns for a drafter in this process."""
+
+    drafts: list[Draft]
+
+    def result(self) -> list[Draft]:
+        return self.drafts
+
+
 class Drafter(ABC):
     """Proposes draft tokens for many sequences."""
 
@@ -48,6 +65,18 @@ class Drafter(ABC):
 
     @abstractmethod
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]: ...
+
+    def propose_async(self, requests: Sequence[DraftRequest]) -> PendingDrafts:
+        """Start drafting; return a handle whose `result()` gives what `propose` would.
+
+        A drafter in another process returns while it drafts, so its caller can
+        verify other sequences meanwhile. The default drafts at once: in one
+        process there is nothing to overlap. The caller proposes once at a time
+        (it resolves or abandons the last handle first) and commits to a
+        sequence only once its draft is resolved; it may finish one whose draft
+        is still in flight (a cancelled stream), which the drafter makes safe.
+        """
+        return ReadyDrafts(self.propose(requests))
 
     @abstractmethod
     def commit(self, seq_id: SeqId, emitted: list[int]) -> None:

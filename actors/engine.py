@@ -171,19 +171,10 @@ class SpeculationEngine:
         if not running:
             return []
         self._prefill([s for s in running if not s.prefilled])
-        arms, before = [self._arm(s) for s in running], [replace(s.stats) for s in running]
+        arms = [self._arm(s) for s in running]
         started = self.clock()
         drafts = self._propose(running)
-        drafted_at = self.clock()
-        logits = self.target.forward(
-            [s.seq_id for s in running], [[s.pending] + d.tokens for s, d in zip(running, drafts)]
-        )  # per row [k_i + 1, V]
-        updates = [self._advance(s, d, self._verify(s, d, l)) for s, d, l in zip(running, drafts, logits)]
-        self._record_round(running, arms, before, drafted_at - started, self.clock() - drafted_at)
-        for update in updates:
-            if update.finish_reason is not None:
-                self._release(self._live.pop(update.seq_id))
-        return updates
+        return self._verify_round(running, drafts, arms, self.clock() - started)
 
     def close(self) -> None:
         """Cancel every live sequence."""
@@ -258,13 +249,33 @@ class SpeculationEngine:
         for seq in fresh:
             seq.prefilled = True
 
+    def _verify_round(self, rows: list[_Live], drafts: list[Draft], arms: list, draft_s: float) -> list[SequenceUpdate]:
+        """One target forward judges every row's draft; record the round and release finished sequences.
+
+        `arms` are the (exit, k) each row's draft was planned with; `draft_s` the time the round spent drafting.
+        """
+        before = [replace(s.stats) for s in rows]
+        started = self.clock()
+        logits = self.target.forward(
+            [s.seq_id for s in rows], [[s.pending] + d.tokens for s, d in zip(rows, drafts)]
+        )  # per row [k_i + 1, V]
+        updates = [self._advance(s, d, self._verify(s, d, l)) for s, d, l in zip(rows, drafts, logits)]
+        self._record_round(rows, arms, before, draft_s, self.clock() - started)
+        for update in updates:
+            if update.finish_reason is not None:
+                self._release(self._live.pop(update.seq_id))
+        return updates
+
     def _propose(self, running: list[_Live]) -> list[Draft]:
         no_drafts = [Draft([], None) for _ in running]
-        requests = [DraftRequest(s.seq_id, self._draft_length(s), s.exit_layer or self.exit_layer) for s in running]
+        requests = [self._request(s) for s in running]
         if self.drafter is None or not any(r.k for r in requests):
             return no_drafts  # nobody drafts this round: skip the call (commits still reach the drafter)
         drafts = self._call_drafter(lambda d: d.propose(requests))
         return no_drafts if drafts is None else drafts
+
+    def _request(self, seq: _Live) -> DraftRequest:
+        return DraftRequest(seq.seq_id, self._draft_length(seq), seq.exit_layer or self.exit_layer)
 
     def _draft_length(self, seq: _Live) -> int:
         """k, cut so the round cannot emit past max_tokens (it emits at most k + 1; a deferring cascade, k)."""

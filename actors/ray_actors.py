@@ -19,6 +19,7 @@ from actors.drafters import Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
 from actors.engine_loop import EngineLoop
 from actors.errors import DrafterUnavailable
+from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams
 
@@ -75,8 +76,15 @@ class DrafterActor(DraftService):
 class RemoteDrafter(Drafter):
     """A `Drafter` backed by a `DrafterActor`; any failure surfaces as `DrafterUnavailable`.
 
-    Commits are buffered and ride along with the next `propose`, so a round
-    costs one remote call, not one per sequence.
+    Commits are buffered and ride along with the next proposal, so a round
+    costs one remote call, not one per sequence. `propose_async` returns while
+    the actor drafts (see `OverlappedEngine`); at most one proposal is in
+    flight, a new one first waits until the last has run.
+
+    The actor serves calls on many threads, so a `finish` sent while a proposal
+    naming the sequence (in its requests or commits) is in flight could run
+    first, and fail that proposal along with every other target's merged into
+    its forward. Such a `finish` therefore waits until the proposal has run.
     """
 
     def __init__(self, handle, info: dict, timeout_s: float):
@@ -84,6 +92,7 @@ class RemoteDrafter(Drafter):
         self.vocab_size = info["vocab_size"]
         self.exit_layers = info["exit_layers"]
         self._commits: list[tuple[SeqId, list[int]]] = []
+        self._in_flight: tuple[ray.ObjectRef, set[SeqId]] | None = None  # the last proposal and whom it names
 
     def check_exit(self, exit_layer: int) -> None:
         self._call(self.handle.check_exit.remote(exit_layer))
@@ -92,21 +101,53 @@ class RemoteDrafter(Drafter):
         self._call(self.handle.start.remote(seq_id, prompt, params))
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        return self.propose_async(requests).result()
+
+    def propose_async(self, requests: Sequence[DraftRequest]) -> "RemoteDrafts":
+        self._settle()
         commits, self._commits = self._commits, []
-        return self._call(self.handle.propose.remote(commits, list(requests)))
+        ref = self.handle.propose.remote(commits, list(requests))
+        self._in_flight = (ref, {r.seq_id for r in requests} | {seq_id for seq_id, _ in commits})
+        return RemoteDrafts(self, ref)
+
+    def fetch(self, ref: ray.ObjectRef) -> list[Draft]:
+        """The drafts of a proposal made here; it is no longer in flight."""
+        try:
+            return self._call(ref)
+        finally:
+            if self._in_flight is not None and self._in_flight[0] is ref:
+                self._in_flight = None
 
     def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
         self._commits.append((seq_id, emitted))
 
     def finish(self, seq_id: SeqId) -> None:
         self._commits = [c for c in self._commits if c[0] != seq_id]
+        if self._in_flight is not None and seq_id in self._in_flight[1]:
+            self._settle()
         self.handle.finish.remote([seq_id])  # fire and forget: the caller need not wait for the free
+
+    def _settle(self) -> None:
+        """Wait until the proposal in flight has run on the actor (its drafts stay there to be fetched)."""
+        if self._in_flight is not None:
+            ray.wait([self._in_flight[0]], timeout=self.timeout_s)  # a dead or stalled actor fails at `result`
+            self._in_flight = None
 
     def _call(self, ref):
         try:
             return ray.get(ref, timeout=self.timeout_s)
         except (RayActorError, GetTimeoutError) as err:
             raise DrafterUnavailable(f"drafter actor failed: {type(err).__name__}") from None
+
+
+class RemoteDrafts:
+    """A proposal in flight on a `DrafterActor` (`ref`): `result()` waits for its drafts."""
+
+    def __init__(self, drafter: RemoteDrafter, ref: ray.ObjectRef):
+        self.drafter, self.ref = drafter, ref
+
+    def result(self) -> list[Draft]:
+        return self.drafter.fetch(self.ref)
 
 
 class TargetActor:
@@ -118,11 +159,13 @@ class TargetActor:
     """
 
     def __init__(self, path: str, dtype: str, device: str, drafter_handle, exit_layer: int | None, k: int,
-                 timeout_s: float, name: str = "", drafter_name: str = ""):
+                 timeout_s: float, name: str = "", drafter_name: str = "", overlap_rounds: bool = False):
+        """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`)."""
         runner = ModelRunner.from_pretrained(path, dtype, device)
         self.timeout_s = timeout_s
         drafter = self._remote_drafter(drafter_handle)
-        self.loop = EngineLoop(SpeculationEngine(runner, drafter, k, exit_layer, name, drafter_name))
+        engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
+        self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name))
 
     def info(self) -> dict:
         runner = self.loop.engine.target

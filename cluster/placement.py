@@ -59,7 +59,8 @@ def start_target(config: ClusterConfig, name: str, drafter_handle):
     """One replica of a target, drafting with `drafter_handle` (None: plain decoding)."""
     model = config.targets[name]
     return _start(TargetActor, config, model, str(model.path), model.dtype, model.device, drafter_handle,
-                  model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "")
+                  model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "",
+                  model.overlap_rounds)
 
 
 def start_stages(config: ClusterConfig, fleet: Fleet) -> None:

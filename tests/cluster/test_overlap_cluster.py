@@ -1,0 +1,135 @@
+"""Overlapped rounds through real Ray actors: a target actor drafting one group while verifying the other.
+
+Two nodes besides the head, one carrying `draft` and one `target`. Two target
+actors serve the same model from one drafter actor, one with `overlap_rounds`
+and one without, so both paths are compared in the same cluster.
+"""
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from actors.drafters import DraftRequest
+from actors.generator import SpeculativeGenerator
+from actors.ray_actors import DrafterActor, RemoteDrafter
+from actors.runner import ModelRunner
+from actors.sampling import make_sampling_params
+from cluster.config import parse_config
+from cluster.placement import start_fleet, stop_fleet
+
+GREEDY = make_sampling_params(temperature=0, max_tokens=32, ignore_eos=True)
+STREAMS = 4
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=4, resources={"draft": 8})
+    cluster.add_node(num_cpus=4, resources={"target": 8})
+    ray.init(address=cluster.address)
+    yield
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fleet(ray_cluster, target_path, drafter_path):
+    target = {"path": str(target_path), "pool": "target", "drafter": "sorted", "exit_layer": 2, "k": 3}
+    config = parse_config({
+        "pools": {"draft": {"resources": {"draft": 1}}, "target": {"resources": {"target": 1}}},
+        "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft"}},
+        "targets": {"overlapped": {**target, "overlap_rounds": True}, "sequential": target},
+        "server": {"drafter_timeout_s": 5},
+    })
+    fleet = start_fleet(config)
+    yield fleet
+    stop_fleet(fleet)
+
+
+@pytest.fixture(scope="module")
+def expected(target_path, prompts):
+    return [r.tokens for r in SpeculativeGenerator(ModelRunner.from_pretrained(target_path)).generate(prompts[:STREAMS], GREEDY)]
+
+
+def stream_tokens(handle, seq_id: str, prompt: list[int], params) -> list[int]:
+    tokens = []
+    for ref in handle.generate.options(num_returns="streaming").remote(seq_id, prompt, params):
+        tokens += ray.get(ref).new_tokens
+    return tokens
+
+
+def concurrent_streams(handle, name: str, prompts, params) -> list[list[int]]:
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda job: stream_tokens(handle, f"{name}-{job[0]}", job[1], params[job[0]]),
+                             enumerate(prompts)))
+
+
+def wait_until(condition, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_concurrent_greedy_streams_are_the_targets_own_tokens(fleet, prompts, expected):
+    handle = fleet.targets["overlapped"][0]
+    ray.get(handle.drain_telemetry.remote())
+    assert concurrent_streams(handle, "greedy", prompts[:STREAMS], [GREEDY] * STREAMS) == expected
+    records = ray.get(handle.drain_telemetry.remote())
+    assert sum(r.drafted for r in records) > 0
+    # four drafting streams take turns in two groups (a stream drafting nothing at its last token joins both)
+    assert statistics.median(r.round_sequences for r in records) <= STREAMS // 2
+
+
+def test_sampled_streams_make_the_same_draws_as_without_overlap(fleet, prompts):
+    params = [make_sampling_params(temperature=1.1, seed=100 + i, max_tokens=24, ignore_eos=True) for i in range(STREAMS)]
+    outputs = {name: concurrent_streams(fleet.targets[name][0], f"sampled-{name}", prompts[:STREAMS], params)
+               for name in ("overlapped", "sequential")}
+    assert outputs["overlapped"] == outputs["sequential"]
+    assert len({tuple(t) for t in outputs["overlapped"]}) == STREAMS
+
+
+def test_finishing_a_sequence_waits_for_its_proposal_in_flight(fleet, prompts):
+    """The drafter actor is threaded: a finish sent at once could overtake the proposal naming the sequence."""
+    handle = fleet.drafters["sorted"][0]
+    drafter = RemoteDrafter(handle, ray.get(handle.info.remote()), timeout_s=10)
+    for seq_id, prompt in (("in-flight-a", prompts[0]), ("in-flight-b", prompts[1])):
+        drafter.start(seq_id, prompt, GREEDY)
+    pending = drafter.propose_async([DraftRequest("in-flight-a", 4), DraftRequest("in-flight-b", 4)])
+    drafter.finish("in-flight-a")
+    assert ray.wait([pending.ref], timeout=0)[0] == [pending.ref]  # the proposal had run when the finish was sent
+    assert [len(d.tokens) for d in pending.result()] == [4, 4]
+    drafter.finish("in-flight-b")
+    assert wait_until(lambda: ray.get(handle.live_sequences.remote()) == 0)
+
+
+def test_cancelled_streams_free_their_state_on_both_actors(fleet, prompts):
+    target, drafter = fleet.targets["overlapped"][0], fleet.drafters["sorted"][0]
+    long = make_sampling_params(temperature=0, max_tokens=220, ignore_eos=True)
+    streams = [target.generate.options(num_returns="streaming").remote(f"cancel-{i}", p, long)
+               for i, p in enumerate(prompts[:3])]
+    for stream in streams:
+        ray.get(next(stream))  # every stream is mid-generation, one group's drafts in flight
+    for i in range(3):
+        target.cancel.remote(f"cancel-{i}")
+    assert wait_until(lambda: ray.get(target.live_sequences.remote()) == 0)
+    assert wait_until(lambda: ray.get(drafter.live_sequences.remote()) == 0)
+    assert [ray.get(list(stream)[-1]).finish_reason for stream in streams] == ["cancelled"] * 3
+
+
+def test_killing_the_drafter_with_drafts_in_flight_loses_no_token(fleet, prompts, expected):
+    """Last in this module: the drafter stays dead."""
+    handle = fleet.targets["overlapped"][0]
+    streams = [handle.generate.options(num_returns="streaming").remote(f"kill-{i}", p, GREEDY)
+               for i, p in enumerate(prompts[:STREAMS])]
+    firsts = [ray.get(next(stream)).new_tokens for stream in streams]
+    ray.kill(fleet.drafters["sorted"][0])
+    for first, stream, tokens in zip(firsts, streams, expected):
+        assert first + [t for ref in stream for t in ray.get(ref).new_tokens] == tokens
+    assert not ray.get(handle.has_drafter.remote())
