@@ -8,15 +8,9 @@ from actors.errors import DrafterUnavailable, InvalidRequest
 from actors.generator import SpeculativeGenerator
 from actors.sampling import make_sampling_params
 
+from engine_runs import run_to_end
+
 GREEDY = make_sampling_params(temperature=0, max_tokens=20, ignore_eos=True)
-
-
-def run_to_end(engine: SpeculationEngine) -> dict:
-    tokens: dict = {}
-    while engine.num_live:
-        for update in engine.step():
-            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
-    return tokens
 
 
 @pytest.fixture

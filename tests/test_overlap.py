@@ -19,6 +19,8 @@ from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 
+from engine_runs import run_to_end
+
 GREEDY = make_sampling_params(temperature=0, max_tokens=20, ignore_eos=True)
 
 
@@ -78,14 +80,6 @@ class BackgroundDrafter(ModelDrafter):
         if self.dead:
             raise DrafterUnavailable("the drafter died")
         return method(self, *args)
-
-
-def run_to_end(engine: SpeculationEngine) -> dict:
-    tokens: dict = {}
-    while engine.num_live:
-        for update in engine.step():
-            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
-    return tokens
 
 
 def in_order(tokens: dict, count: int) -> list[list[int]]:
