@@ -7,7 +7,6 @@ The controller runs as a plain Ray actor with a long period; tests call
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,11 +16,9 @@ from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
-from cluster.controller.actor import FleetController
-from cluster.controller.client import ControllerClient
-from cluster.server import BackgroundServer
 from specfleet.v1 import generation_pb2 as pb
-from specfleet.v1 import generation_pb2_grpc as pb_grpc
+
+from controlled_fleet import controlled_fleet
 
 MAX_TOKENS = 40
 
@@ -38,7 +35,7 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def controller(ray_cluster, target_path, drafter_path):
+def controlled(ray_cluster, target_path, drafter_path):
     config = parse_config({
         "pools": {"draft": {"resources": {"draft": 1}, "num_cpus": 0.5}, "target": {"resources": {"target": 1}, "num_cpus": 0.5}},
         "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft"}},
@@ -47,18 +44,18 @@ def controller(ray_cluster, target_path, drafter_path):
         "server": {"grpc_port": 0, "drafter_timeout_s": 5},
         "controller": {"period_s": 3600, "adaptive": False},
     })
-    handle = ray.remote(FleetController).options(max_concurrency=16).remote(config)
-    yield handle
-    ray.get(handle.shutdown.remote())
+    with controlled_fleet(config) as controller_and_stub:
+        yield controller_and_stub
 
 
 @pytest.fixture(scope="module")
-def stub(controller):
-    _, fleet = ray.get(controller.snapshot.remote())
-    server = BackgroundServer(fleet, controller=ControllerClient(controller))
-    with grpc.insecure_channel(server.address) as channel:
-        yield pb_grpc.GenerationStub(channel)
-    server.stop()
+def controller(controlled):
+    return controlled[0]
+
+
+@pytest.fixture(scope="module")
+def stub(controlled):
+    return controlled[1]
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +163,8 @@ def shared_drafter_controller(ray_cluster, target_path, drafter_path):
         "server": {"grpc_port": 0, "drafter_timeout_s": 5},
         "controller": {"period_s": 3600, "adaptive": False},
     })
-    handle = ray.remote(FleetController).options(max_concurrency=16).remote(config)
-    _, fleet = ray.get(handle.snapshot.remote())
-    server = BackgroundServer(fleet, controller=ControllerClient(handle))
-    with grpc.insecure_channel(server.address) as channel:
-        yield handle, pb_grpc.GenerationStub(channel)
-    server.stop()
-    ray.get(handle.shutdown.remote())
+    with controlled_fleet(config) as controller_and_stub:
+        yield controller_and_stub
 
 
 def test_a_target_moves_from_a_busy_drafter_replica_to_an_idle_one_mid_stream(shared_drafter_controller, target_path,

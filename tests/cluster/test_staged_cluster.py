@@ -15,12 +15,12 @@ from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
-from cluster.controller.actor import FleetController
-from cluster.controller.client import ControllerClient
 from cluster.placement import start_fleet, stop_fleet
 from cluster.server import BackgroundServer
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
+
+from controlled_fleet import controlled_fleet
 
 MAX_TOKENS = 20
 
@@ -129,13 +129,8 @@ def test_list_models_shows_the_chain(stub):
 def controlled(ray_cluster, target_path, drafter_path):
     """The same chain under a fleet controller (stepped by the tests), behind its own gRPC server."""
     config = parse_config({**chain_config(target_path, drafter_path), "controller": {"period_s": 3600, "adaptive": False}})
-    handle = ray.remote(FleetController).options(max_concurrency=16).remote(config)
-    _, fleet = ray.get(handle.snapshot.remote())
-    server = BackgroundServer(fleet, controller=ControllerClient(handle))
-    with grpc.insecure_channel(server.address) as channel:
-        yield handle, pb_grpc.GenerationStub(channel)
-    server.stop()
-    ray.get(handle.shutdown.remote())
+    with controlled_fleet(config) as controller_and_stub:
+        yield controller_and_stub
 
 
 @pytest.mark.parametrize("victim", ["stage", "drafter"])
