@@ -20,8 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import ray
-from ray.cluster_utils import Cluster
 
 from actors.drafters import ModelDrafter
 from actors.generator import SpeculativeGenerator
@@ -32,6 +30,7 @@ from cluster.config import parse_config
 from cluster.defaults import models_dir
 from cluster.placement import start_fleet, stop_fleet
 from cluster.server import BackgroundServer
+from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
@@ -147,17 +146,11 @@ def main() -> None:
     args = parser.parse_args()
     prompts = heldout_code_prompts(args.prompts, args.prompt_tokens)
     report = {"settings": vars(args), "in_process": in_process(prompts, args.max_tokens, args.exit, args.k)}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=4, resources={"draft": 8})
-    cluster.add_node(num_cpus=4, resources={"target": 8})
-    ray.init(address=cluster.address)
-    try:
+    with simulated_cluster({"num_cpus": 1}, draft={"num_cpus": 4, "resources": {"draft": 8}},
+                           target={"num_cpus": 4, "resources": {"target": 8}}):
         report["cluster"] = cluster_single(prompts, args.max_tokens, args.exit, args.k)
         report["shared_drafter"] = multi_target(prompts, args.max_tokens, args.exit, args.k, shared=True)
         report["dedicated_drafters"] = multi_target(prompts, args.max_tokens, args.exit, args.k, shared=False)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / "cluster_speedup.json").write_text(json.dumps(report, indent=1))
     (REPORTS / "cluster_speedup.md").write_text(to_markdown(report))

@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray
-from ray.cluster_utils import Cluster
 
 from actors.sampling import make_sampling_params
 from bench.prompts import heldout_code_prompts
 from cluster.config import parse_config
 from cluster.defaults import models_dir
 from cluster.placement import start_fleet, stop_fleet
+from cluster.simulated import simulated_cluster
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 ARMS = ("overlapped", "sequential")
@@ -91,20 +91,16 @@ def main() -> None:
     if min(args.streams) < 1 or args.repeats < 1:
         parser.error("--streams and --repeats must be at least 1")
     prompts = heldout_code_prompts(max(args.streams) * args.repeats, args.prompt_tokens)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    cluster.add_node(num_cpus=1, resources={"draft": 1})
-    cluster.add_node(num_cpus=2, resources={"target": 2})
-    ray.init(address=cluster.address)
-    fleet = start_fleet(fleet_config(args.exit, args.k))
-    try:
-        run_batch(fleet.targets["overlapped"][0], "warm-o", prompts[:2], 8)
-        run_batch(fleet.targets["sequential"][0], "warm-s", prompts[:2], 8)
-        report = {"settings": vars(args),
-                  "streams": {n: measure(fleet, prompts, n, args.repeats, args.max_tokens) for n in args.streams}}
-    finally:
-        stop_fleet(fleet)
-        ray.shutdown()
-        cluster.shutdown()
+    with simulated_cluster({"num_cpus": 0}, draft={"num_cpus": 1, "resources": {"draft": 1}},
+                           target={"num_cpus": 2, "resources": {"target": 2}}):
+        fleet = start_fleet(fleet_config(args.exit, args.k))
+        try:
+            run_batch(fleet.targets["overlapped"][0], "warm-o", prompts[:2], 8)
+            run_batch(fleet.targets["sequential"][0], "warm-s", prompts[:2], 8)
+            report = {"settings": vars(args),
+                      "streams": {n: measure(fleet, prompts, n, args.repeats, args.max_tokens) for n in args.streams}}
+        finally:
+            stop_fleet(fleet)
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / "overlap_rounds.json").write_text(json.dumps(report, indent=1))
     (REPORTS / "overlap_rounds.md").write_text(to_markdown(report))

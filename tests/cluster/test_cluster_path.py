@@ -11,7 +11,6 @@ import grpc
 import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from ray.cluster_utils import Cluster
 
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
@@ -19,6 +18,7 @@ from actors.sampling import make_sampling_params
 from cluster.config import parse_config
 from cluster.placement import start_fleet, stop_fleet
 from cluster.server import BackgroundServer
+from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 from tiny_models import build_llama
@@ -38,13 +38,8 @@ def target_paths(tiny_dir, tokenizer, target_path):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    draft_node = cluster.add_node(num_cpus=4, resources={"draft": 8})
-    target_node = cluster.add_node(num_cpus=4, resources={"target": 8})
-    ray.init(address=cluster.address)
-    yield {"draft": draft_node.node_id, "target": target_node.node_id}
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_cluster({"num_cpus": 1}, draft={"num_cpus": 4, "resources": {"draft": 8}}, target={"num_cpus": 4, "resources": {"target": 8}}) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
-from ray.cluster_utils import Cluster
 
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
+from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
 
 from controlled_fleet import controlled_fleet
@@ -25,13 +25,8 @@ MAX_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=4, resources={"draft": 8})
-    cluster.add_node(num_cpus=4, resources={"target": 8})
-    ray.init(address=cluster.address)
-    yield
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_cluster({"num_cpus": 2}, draft={"num_cpus": 4, "resources": {"draft": 8}}, target={"num_cpus": 4, "resources": {"target": 8}}) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from actors.drafters import DraftRequest
 from actors.generator import SpeculativeGenerator
-from actors.ray_actors import DrafterActor, RemoteDrafter
+from actors.ray_actors import RemoteDrafter
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
 from cluster.placement import start_fleet, stop_fleet
+from cluster.simulated import simulated_cluster
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=32, ignore_eos=True)
 STREAMS = 4
@@ -27,13 +27,8 @@ STREAMS = 4
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=4, resources={"draft": 8})
-    cluster.add_node(num_cpus=4, resources={"target": 8})
-    ray.init(address=cluster.address)
-    yield
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_cluster({"num_cpus": 1}, draft={"num_cpus": 4, "resources": {"draft": 8}}, target={"num_cpus": 4, "resources": {"target": 8}}) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

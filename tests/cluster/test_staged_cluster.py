@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
@@ -17,6 +16,7 @@ from actors.sampling import make_sampling_params
 from cluster.config import parse_config
 from cluster.placement import start_fleet, stop_fleet
 from cluster.server import BackgroundServer
+from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
@@ -27,13 +27,9 @@ MAX_TOKENS = 20
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"mid": 8}})
-    draft_node = cluster.add_node(num_cpus=1, resources={"draft": 4})
-    target_node = cluster.add_node(num_cpus=1, resources={"target": 4})
-    ray.init(address=cluster.address)
-    yield {"mid": cluster.head_node.node_id, "draft": draft_node.node_id, "target": target_node.node_id}
-    ray.shutdown()
-    cluster.shutdown()
+    with simulated_cluster({"num_cpus": 1, "resources": {"mid": 8}}, draft={"num_cpus": 1, "resources": {"draft": 4}},
+                           target={"num_cpus": 1, "resources": {"target": 4}}) as nodes:
+        yield nodes | {"mid": nodes["head"]}
 
 
 def chain_config(target_path, drafter_path) -> dict:
