@@ -26,13 +26,14 @@ class DraftRequest:
     seq_id: SeqId
     k: int  # how many tokens to propose; 0 asks for none this round
     exit_layer: int | None = None  # for a multi-exit drafter: which nested sub-model drafts
+    confidence: bool = False  # also return the drafter's temperature-1 softmax (a cascade's deferral rule reads it)
 
 
 @dataclass(frozen=True)
 class Draft:
     tokens: list[int]  # may be shorter than k, e.g. when an n-gram finds no match
     probs: torch.Tensor | None  # [len(tokens), V] q rows, or None for a point mass (greedy, n-gram)
-    confidence: torch.Tensor | None = None  # [len(tokens), V] the drafter's temperature-1 softmax (cascade rules); None: model-free
+    confidence: torch.Tensor | None = None  # [len(tokens), V] the drafter's temperature-1 softmax when asked for; None: not asked, or model-free
 
 
 class PendingDrafts(Protocol):
@@ -116,6 +117,7 @@ class ModelDrafter(Drafter):
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         lengths = {r.seq_id: self._affordable_k(r) for r in requests}
         exits = {r.seq_id: r.exit_layer or self.default_exit for r in requests}
+        wants_confidence = {r.seq_id: r.confidence for r in requests}
         tokens: dict[SeqId, list[int]] = {r.seq_id: [] for r in requests}
         probs: dict[SeqId, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
         confidences: dict[SeqId, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
@@ -123,14 +125,20 @@ class ModelDrafter(Drafter):
             rows = [s for s in lengths if lengths[s] > step]
             feeds = [self._pending(s) if step == 0 else tokens[s][-1:] for s in rows]
             logits = self.runner.forward(rows, feeds, [exits[s] for s in rows], last_only=True)
-            for seq_id, row_logits in zip(rows, logits):
-                state = self._state(seq_id)
-                q = logits_to_probs(row_logits, state.params)  # [1, V]
-                tokens[seq_id].append(int(sample(q, state.generator)))
-                probs[seq_id].append(q[0])
-                confidences[seq_id].append(torch.softmax(row_logits[0].float(), dim=-1))
-        return [self._draft(tokens[r.seq_id], probs[r.seq_id], confidences[r.seq_id], self._state(r.seq_id).params)
-                for r in requests]
+            for seq_id, row_logits in zip(rows, logits):  # row_logits [1, V]
+                tokens[seq_id].append(self._next_token(seq_id, row_logits, probs[seq_id]))
+                if wants_confidence[seq_id]:
+                    confidences[seq_id].append(torch.softmax(row_logits[0].float(), dim=-1))
+        return [self._draft(tokens[r.seq_id], probs[r.seq_id], confidences[r.seq_id]) for r in requests]
+
+    def _next_token(self, seq_id: SeqId, row_logits: torch.Tensor, probs: list[torch.Tensor]) -> int:
+        """A greedy row takes the argmax (its q is a point mass, never sent); a sampled row samples q and keeps it."""
+        state = self._state(seq_id)
+        if state.params.greedy:
+            return int(row_logits[0].argmax())
+        q = logits_to_probs(row_logits, state.params)  # [1, V]
+        probs.append(q[0])
+        return int(sample(q, state.generator))
 
     def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
         state = self._state(seq_id)
@@ -160,11 +168,11 @@ class ModelDrafter(Drafter):
         return self._state(seq_id).context[self.runner.cached_length(seq_id) :]
 
     @staticmethod
-    def _draft(tokens: list[int], probs: list[torch.Tensor], confidences: list[torch.Tensor], params: SamplingParams) -> Draft:
-        """Greedy drafts travel as point masses (probs None): the one-hot rows would only double the payload."""
+    def _draft(tokens: list[int], probs: list[torch.Tensor], confidences: list[torch.Tensor]) -> Draft:
+        """Greedy drafts travel as point masses (probs None): one-hot rows would only grow the payload."""
         if not tokens:
             return Draft([], None)
-        return Draft(tokens, None if params.greedy else torch.stack(probs), torch.stack(confidences))
+        return Draft(tokens, torch.stack(probs) if probs else None, torch.stack(confidences) if confidences else None)
 
 
 class NgramDrafter(Drafter):

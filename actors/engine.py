@@ -275,7 +275,8 @@ class SpeculationEngine:
         return no_drafts if drafts is None else drafts
 
     def _request(self, seq: _Live) -> DraftRequest:
-        return DraftRequest(seq.seq_id, self._draft_length(seq), seq.exit_layer or self.exit_layer)
+        return DraftRequest(seq.seq_id, self._draft_length(seq), seq.exit_layer or self.exit_layer,
+                            confidence=seq.cascade is not None)
 
     def _draft_length(self, seq: _Live) -> int:
         """k, cut so the round cannot emit past max_tokens (it emits at most k + 1; a deferring cascade, k)."""

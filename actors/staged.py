@@ -59,6 +59,7 @@ class _Proposal:
 
     k: int
     exit_layer: int | None
+    wants_confidence: bool  # the caller's cascade rule reads the middle model's temperature-1 softmax
     probs: list[torch.Tensor] = field(default_factory=list)  # q rows of staged tokens, each [V]
     confidences: list[torch.Tensor] = field(default_factory=list)  # temperature-1 rows, each [V]
 
@@ -93,7 +94,7 @@ class StagedDrafter(Drafter):
         self._call_inner(lambda d: d.start(state.inner_id, list(prompt), params))
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        proposals = {r.seq_id: _Proposal(self._affordable_k(r), r.exit_layer) for r in requests}
+        proposals = {r.seq_id: _Proposal(self._affordable_k(r), r.exit_layer, r.confidence) for r in requests}
         for seq_id in proposals:
             self._drop_uncommitted(self._state(seq_id))
         while True:
@@ -160,7 +161,8 @@ class StagedDrafter(Drafter):
     def _stage(self, state: _StagedState, proposal: _Proposal, emitted: list[int], rows: torch.Tensor) -> None:
         """Append a round's tokens and their middle-model rows; the inner drafter learns them too."""
         state.staged.extend(emitted)
-        proposal.confidences.extend(confidence(rows))
+        if proposal.wants_confidence:
+            proposal.confidences.extend(confidence(rows))
         if not state.params.greedy:
             proposal.probs.extend(logits_to_probs(rows, state.params))
         state.inner_context.extend(emitted)
@@ -172,7 +174,8 @@ class StagedDrafter(Drafter):
         if not state.staged:
             return Draft([], None)
         probs = None if state.params.greedy else torch.stack(proposal.probs)  # [k, V]
-        return Draft(list(state.staged), probs, torch.stack(proposal.confidences))
+        confidences = torch.stack(proposal.confidences) if proposal.wants_confidence else None  # [k, V]
+        return Draft(list(state.staged), probs, confidences)
 
     # -- keeping the inner drafter in step -----------------------------------------------
 

@@ -38,9 +38,11 @@ def test_staged_drafts_are_the_middle_models_own_greedy_tokens(middle, middle_pa
     staged = StagedDrafter(middle, ModelDrafter(drafter_runner), inner_k=3)
     for index, prompt in enumerate(prompts):
         staged.start(index, prompt, GREEDY)
-    drafts = staged.propose([DraftRequest(i, 7, exit_layer=2) for i in range(len(prompts))])
+    drafts = staged.propose([DraftRequest(i, 7, exit_layer=2, confidence=i == 0) for i in range(len(prompts))])
     assert [d.tokens for d in drafts] == [r.tokens[:7] for r in own]
-    assert all(d.probs is None and d.confidence.shape == (7, middle.vocab_size) for d in drafts)
+    assert all(d.probs is None for d in drafts)
+    assert drafts[0].confidence.shape == (7, middle.vocab_size)  # asked for: a cascade's rule reads it
+    assert all(d.confidence is None for d in drafts[1:])  # not asked for: not computed, not sent
     assert staged.stats.emitted == 7 * len(prompts) and staged.stats.drafted > 0  # the inner drafter took part
 
 
