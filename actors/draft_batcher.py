@@ -2,11 +2,16 @@
 
 Targets call their shared drafter concurrently (one thread each in the drafter's
 actor). Instead of one forward per caller, the first caller to arrive starts a
-*leader* on the batcher's forward thread: it takes every request queued so far,
-runs a single batched `propose` (rows may use different exits), hands each
-caller its drafts, and repeats while requests keep arriving. Callers just wait
-for their result. All access to the drafter's state goes through one lock, so
-start/commit/finish from other threads never interleave with a forward.
+*leader* on the batcher's forward thread. Before every draft step the leader
+takes the proposals queued since the last one and lets them join those under
+way, then runs the step for all of them in one forward (rows may use different
+exits and be at different steps); a caller gets its drafts as soon as its own
+proposal is complete. So a target whose call arrives while another target's
+proposal drafts waits at most one step, not the other's whole proposal
+(continuous batching, at the granularity of draft steps). The leader stops
+when nothing is under way or queued. All access to the drafter's state goes
+through one lock, taken per step, so start/commit/finish from other threads
+run between steps, never inside a forward.
 
 Why the forwards run on one thread of their own, never on a caller's: memory.
 A Ray actor serves calls on a pool of up to `max_concurrency` (256) threads,
@@ -25,7 +30,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from actors.drafters import Draft, DraftRequest, ModelDrafter
+from actors.drafters import Draft, DraftJob, DraftRequest, SteppedDrafter
 from actors.runner import SeqId
 from actors.sampling import SamplingParams
 
@@ -39,11 +44,11 @@ class _Ticket:
 
 
 class DraftBatcher:
-    """Thread-safe front of a `ModelDrafter` that merges concurrent proposals."""
+    """Thread-safe front of a `SteppedDrafter` that merges concurrent proposals step by step."""
 
-    def __init__(self, drafter: ModelDrafter):
+    def __init__(self, drafter: SteppedDrafter):
         self.drafter = drafter
-        self.forwards = 0  # batched propose calls run (each one forward per draft step)
+        self.forwards = 0  # batched draft steps run (one forward each, for every proposal under way)
         self._state_lock = threading.Lock()  # guards the drafter's caches and states
         self._queue_lock = threading.Lock()  # guards _queue and _leading
         self._queue: list[_Ticket] = []
@@ -77,27 +82,47 @@ class DraftBatcher:
         return ticket.drafts
 
     def _lead(self) -> None:
+        under_way: list[tuple[_Ticket, DraftJob]] = []
         while True:
             with self._queue_lock:
-                batch, self._queue = self._queue, []
-                if not batch:
+                arrived, self._queue = self._queue, []
+                if not arrived and not under_way:
                     self._leading = False
                     return
-            self._run(batch)
-
-    def _run(self, batch: list[_Ticket]) -> None:
-        merged = [r for ticket in batch for r in ticket.requests]
-        try:
             with self._state_lock:
-                drafts = self.drafter.propose(merged)
+                under_way += self._begin(arrived)
+                under_way = self._step(under_way)
+
+    def _begin(self, tickets: list[_Ticket]) -> list[tuple[_Ticket, DraftJob]]:
+        """Set up each ticket's proposals; a ticket with a bad request fails alone."""
+        begun = []
+        for ticket in tickets:
+            try:
+                begun.append((ticket, self.drafter.begin(ticket.requests)))
+            except BaseException as err:
+                _fail(ticket, err)
+        return begun
+
+    def _step(self, under_way: list[tuple[_Ticket, DraftJob]]) -> list[tuple[_Ticket, DraftJob]]:
+        """One forward for every proposal under way; hand out the complete ones, return the rest."""
+        if any(not job.done for _, job in under_way):
+            try:
+                self.drafter.advance([job for _, job in under_way if not job.done])
                 self.forwards += 1
-        except BaseException as err:  # each waiting caller gets the error, not a hang
-            for ticket in batch:
-                ticket.error = err
+            except BaseException as err:  # each waiting caller gets the error, not a hang
+                for ticket, _ in under_way:
+                    _fail(ticket, err)
+                return []
+        still = []
+        for ticket, job in under_way:
+            if job.done:
+                ticket.drafts = job.drafts()
                 ticket.done.set()
-            return
-        start = 0
-        for ticket in batch:
-            ticket.drafts = drafts[start : start + len(ticket.requests)]
-            start += len(ticket.requests)
-            ticket.done.set()
+            else:
+                still.append((ticket, job))
+        return still
+
+
+def _fail(ticket: _Ticket, err: BaseException) -> None:
+    ticket.error = err
+    ticket.done.set()

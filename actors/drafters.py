@@ -9,7 +9,7 @@ from; the model-free n-gram drafter returns none (a point mass).
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -87,6 +87,43 @@ class Drafter(ABC):
     def finish(self, seq_id: SeqId) -> None: ...
 
 
+class DraftJob(Protocol):
+    """Proposals under way in a `SteppedDrafter`, a step at a time."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def drafts(self) -> list[Draft]:
+        """One draft per request, in request order (valid once done)."""
+
+
+class SteppedDrafter(Drafter):
+    """A drafter whose proposals advance one forward at a time.
+
+    `DraftBatcher` steps every job under way in one forward, so a proposal
+    that arrives while others draft joins them at their next step instead of
+    waiting for them to finish (continuous batching, as a serving engine does
+    with decode steps). `propose` is the same thing for one caller.
+    """
+
+    @abstractmethod
+    def begin(self, requests: Sequence[DraftRequest]) -> DraftJob:
+        """Validate the requests and set up their proposals; no forward yet."""
+
+    @abstractmethod
+    def advance(self, jobs: Sequence[DraftJob]) -> None:
+        """One step of every unfinished proposal of these jobs (begun here), all rows in one forward.
+
+        A proposal whose sequence was finished meanwhile stops where it is.
+        """
+
+    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
+        job = self.begin(requests)
+        while not job.done:
+            self.advance([job])
+        return job.drafts()
+
+
 @dataclass
 class _ModelDraftState:
     context: list[int]  # prompt + every committed token
@@ -94,7 +131,43 @@ class _ModelDraftState:
     generator: torch.Generator
 
 
-class ModelDrafter(Drafter):
+@dataclass
+class _DraftRow:
+    """One request's proposal under way in a `ModelDrafter`."""
+
+    seq_id: SeqId
+    length: int  # tokens to draft (k, cut to the context window)
+    exit_layer: int
+    wants_confidence: bool
+    tokens: list[int] = field(default_factory=list)
+    probs: list[torch.Tensor] = field(default_factory=list)  # q rows [V] of sampled tokens (greedy: none)
+    confidences: list[torch.Tensor] = field(default_factory=list)  # temperature-1 rows [V], when asked for
+
+    @property
+    def drafting(self) -> bool:
+        return len(self.tokens) < self.length
+
+    def draft(self) -> Draft:
+        """Greedy drafts travel as point masses (probs None): one-hot rows would only grow the payload."""
+        if not self.tokens:
+            return Draft([], None)
+        return Draft(list(self.tokens), torch.stack(self.probs) if self.probs else None,
+                     torch.stack(self.confidences) if self.confidences else None)
+
+
+@dataclass
+class _ModelDraftJob:
+    rows: list[_DraftRow]
+
+    @property
+    def done(self) -> bool:
+        return not any(row.drafting for row in self.rows)
+
+    def drafts(self) -> list[Draft]:
+        return [row.draft() for row in self.rows]
+
+
+class ModelDrafter(SteppedDrafter):
     """Drafts with any exit of a (multi-exit) model; rows with different exits share one forward."""
 
     def __init__(self, runner: ModelRunner):
@@ -114,22 +187,24 @@ class ModelDrafter(Drafter):
         seed = None if params.seed is None else params.seed + DRAFT_SEED_OFFSET
         self._states[seq_id] = _ModelDraftState(list(prompt), params, make_generator(seed))
 
-    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        lengths = {r.seq_id: self._affordable_k(r) for r in requests}
-        exits = {r.seq_id: r.exit_layer or self.default_exit for r in requests}
-        wants_confidence = {r.seq_id: r.confidence for r in requests}
-        tokens: dict[SeqId, list[int]] = {r.seq_id: [] for r in requests}
-        probs: dict[SeqId, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
-        confidences: dict[SeqId, list[torch.Tensor]] = {r.seq_id: [] for r in requests}
-        for step in range(max(lengths.values(), default=0)):
-            rows = [s for s in lengths if lengths[s] > step]
-            feeds = [self._pending(s) if step == 0 else tokens[s][-1:] for s in rows]
-            logits = self.runner.forward(rows, feeds, [exits[s] for s in rows], last_only=True)
-            for seq_id, row_logits in zip(rows, logits):  # row_logits [1, V]
-                tokens[seq_id].append(self._next_token(seq_id, row_logits, probs[seq_id]))
-                if wants_confidence[seq_id]:
-                    confidences[seq_id].append(torch.softmax(row_logits[0].float(), dim=-1))
-        return [self._draft(tokens[r.seq_id], probs[r.seq_id], confidences[r.seq_id]) for r in requests]
+    def begin(self, requests: Sequence[DraftRequest]) -> "_ModelDraftJob":
+        return _ModelDraftJob([_DraftRow(r.seq_id, self._affordable_k(r), r.exit_layer or self.default_exit, r.confidence)
+                               for r in requests])
+
+    def advance(self, jobs: Sequence["_ModelDraftJob"]) -> None:
+        rows = [row for job in jobs for row in job.rows if row.drafting]
+        for row in rows:
+            if row.seq_id not in self._states:
+                row.length = len(row.tokens)  # finished (cancelled) while drafting: stop here
+        rows = [row for row in rows if row.drafting]
+        if not rows:
+            return
+        feeds = [row.tokens[-1:] if row.tokens else self._pending(row.seq_id) for row in rows]
+        logits = self.runner.forward([r.seq_id for r in rows], feeds, [r.exit_layer for r in rows], last_only=True)
+        for row, row_logits in zip(rows, logits):  # row_logits [1, V]
+            row.tokens.append(self._next_token(row.seq_id, row_logits, row.probs))
+            if row.wants_confidence:
+                row.confidences.append(torch.softmax(row_logits[0].float(), dim=-1))
 
     def _next_token(self, seq_id: SeqId, row_logits: torch.Tensor, probs: list[torch.Tensor]) -> int:
         """A greedy row takes the argmax (its q is a point mass, never sent); a sampled row samples q and keeps it."""
@@ -166,14 +241,6 @@ class ModelDrafter(Drafter):
     def _pending(self, seq_id: SeqId) -> list[int]:
         """Context tokens the drafter's cache has not seen yet (the whole prompt at first)."""
         return self._state(seq_id).context[self.runner.cached_length(seq_id) :]
-
-    @staticmethod
-    def _draft(tokens: list[int], probs: list[torch.Tensor], confidences: list[torch.Tensor]) -> Draft:
-        """Greedy drafts travel as point masses (probs None): one-hot rows would only grow the payload."""
-        if not tokens:
-            return Draft([], None)
-        return Draft(tokens, torch.stack(probs) if probs else None, torch.stack(confidences) if confidences else None)
-
 
 class NgramDrafter(Drafter):
     """Prompt lookup: propose what followed the last earlier occurrence of the context's tail.

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.cascades import confidence
-from actors.drafters import Draft, DraftRequest, Drafter
+from actors.drafters import Draft, DraftRequest, Drafter, SteppedDrafter
 from actors.engine import SpeculationStats
 from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
@@ -55,16 +55,42 @@ class _StagedState:
 
 @dataclass
 class _Proposal:
-    """What one sequence has staged so far in a `propose` call."""
+    """What one sequence has staged so far in a proposal under way."""
 
+    state: _StagedState
     k: int
     exit_layer: int | None
     wants_confidence: bool  # the caller's cascade rule reads the middle model's temperature-1 softmax
     probs: list[torch.Tensor] = field(default_factory=list)  # q rows of staged tokens, each [V]
     confidences: list[torch.Tensor] = field(default_factory=list)  # temperature-1 rows, each [V]
+    stopped: bool = False  # the sequence was finished while this proposal was under way
+
+    @property
+    def staging(self) -> bool:
+        return not self.stopped and len(self.state.staged) < self.k
+
+    def draft(self) -> Draft:
+        """The staged tokens as a draft: q rows for sampled verification (greedy: point masses)."""
+        if not self.state.staged:
+            return Draft([], None)
+        probs = None if self.state.params.greedy else torch.stack(self.probs)  # [k, V]
+        confidences = torch.stack(self.confidences) if self.wants_confidence else None  # [k, V]
+        return Draft(list(self.state.staged), probs, confidences)
 
 
-class StagedDrafter(Drafter):
+@dataclass
+class _StagedJob:
+    proposals: list[tuple[SeqId, _Proposal]]  # in request order
+
+    @property
+    def done(self) -> bool:
+        return not any(proposal.staging for _, proposal in self.proposals)
+
+    def drafts(self) -> list[Draft]:
+        return [proposal.draft() for _, proposal in self.proposals]
+
+
+class StagedDrafter(SteppedDrafter):
     """A middle model that drafts k tokens per request by speculating with an inner drafter."""
 
     def __init__(self, middle: ModelRunner, inner: Drafter | None, inner_k: int = 4):
@@ -93,16 +119,21 @@ class StagedDrafter(Drafter):
         self._states[seq_id] = state
         self._call_inner(lambda d: d.start(state.inner_id, list(prompt), params))
 
-    def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
-        proposals = {r.seq_id: _Proposal(self._affordable_k(r), r.exit_layer, r.confidence) for r in requests}
-        for seq_id in proposals:
-            self._drop_uncommitted(self._state(seq_id))
-        while True:
-            rows = [s for s, p in proposals.items() if len(self._state(s).staged) < p.k]
-            if not rows:
-                break
-            self._inner_round(rows, proposals)
-        return [self._draft(self._state(r.seq_id), proposals[r.seq_id]) for r in requests]
+    def begin(self, requests: Sequence[DraftRequest]) -> _StagedJob:
+        job = _StagedJob([(r.seq_id, _Proposal(self._state(r.seq_id), self._affordable_k(r), r.exit_layer, r.confidence))
+                          for r in requests])
+        for _, proposal in job.proposals:
+            self._drop_uncommitted(proposal.state)
+        return job
+
+    def advance(self, jobs: Sequence[_StagedJob]) -> None:
+        """One inner round for every sequence still staging."""
+        staging = {seq_id: p for job in jobs for seq_id, p in job.proposals if p.staging}
+        for seq_id, proposal in staging.items():
+            proposal.stopped = seq_id not in self._states
+        rows = [seq_id for seq_id, proposal in staging.items() if not proposal.stopped]
+        if rows:
+            self._inner_round(rows, staging)
 
     def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
         state = self._state(seq_id)
@@ -167,15 +198,6 @@ class StagedDrafter(Drafter):
             proposal.probs.extend(logits_to_probs(rows, state.params))
         state.inner_context.extend(emitted)
         self._call_inner(lambda d: d.commit(state.inner_id, emitted))
-
-    @staticmethod
-    def _draft(state: _StagedState, proposal: _Proposal) -> Draft:
-        """The staged tokens as a draft: q rows for sampled verification (greedy: point masses)."""
-        if not state.staged:
-            return Draft([], None)
-        probs = None if state.params.greedy else torch.stack(proposal.probs)  # [k, V]
-        confidences = torch.stack(proposal.confidences) if proposal.wants_confidence else None  # [k, V]
-        return Draft(list(state.staged), probs, confidences)
 
     # -- keeping the inner drafter in step -----------------------------------------------
 

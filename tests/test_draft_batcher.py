@@ -1,6 +1,7 @@
-"""DraftBatcher: concurrent callers share forwards and each gets exactly its own drafts."""
+"""DraftBatcher: concurrent callers share forwards, join proposals under way, and each gets exactly its own drafts."""
 
 import threading
+import time
 
 import pytest
 
@@ -10,6 +11,51 @@ from actors.errors import InvalidRequest
 from actors.sampling import make_sampling_params
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=8)
+
+
+class HookedDrafter(ModelDrafter):
+    """A ModelDrafter that runs `hooks[n]` (under the batcher's lock) just before its n-th step."""
+
+    def __init__(self, runner, hooks: dict):
+        super().__init__(runner)
+        self.hooks, self.steps = hooks, 0
+
+    def advance(self, jobs) -> None:
+        self.steps += 1
+        if self.steps in self.hooks:
+            self.hooks[self.steps]()
+        super().advance(jobs)
+
+
+def reference_drafts(runner, prompts: dict, k: int, exit_layer: int = 1) -> dict:
+    """Each sequence's draft from a drafter of its own."""
+    drafter = ModelDrafter(runner)
+    for seq_id, prompt in prompts.items():
+        drafter.start(f"ref-{seq_id}", prompt, GREEDY)
+    return {s: drafter.propose([DraftRequest(f"ref-{s}", k, exit_layer)])[0].tokens for s in prompts}
+
+
+def in_background(call) -> tuple[threading.Thread, dict]:
+    """Run `call` on a thread; its result or error lands in the returned dict."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = call()
+        except BaseException as err:
+            outcome["error"] = err
+        outcome["finished_at"] = time.perf_counter()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def wait_until_queued(batcher: DraftBatcher) -> None:
+    deadline = time.monotonic() + 30
+    while not batcher._queue:
+        assert time.monotonic() < deadline, "the second caller never reached the batcher"
+        time.sleep(0.001)
 
 
 def test_concurrent_callers_get_their_own_drafts_from_fewer_forwards(drafter_runner, prompts):
@@ -32,12 +78,73 @@ def test_concurrent_callers_get_their_own_drafts_from_fewer_forwards(drafter_run
     for thread in threads:
         thread.join(60)
     assert results == expected
-    assert batcher.forwards < len(prompts)  # some calls were merged
+    assert batcher.forwards < 3 * len(prompts)  # some steps served several callers
 
 
-def test_an_error_reaches_every_caller_of_the_batch(drafter_runner):
-    batcher = DraftBatcher(ModelDrafter(drafter_runner))
+def test_a_late_proposal_joins_the_next_step_of_one_under_way(drafter_runner, prompts):
+    """B arrives during A's first step (k 6) and, with k 3, is done after A's 4th: 6 forwards in all, not 9."""
+    hooks = {}
+    batcher = DraftBatcher(HookedDrafter(drafter_runner, hooks))
+    batcher.start("a", prompts[0], GREEDY)
+    batcher.start("b", prompts[1], GREEDY)
+    late = {}
+
+    def send_b():
+        late["thread"], late["outcome"] = in_background(lambda: batcher.propose([DraftRequest("b", 3, 1)]))
+        wait_until_queued(batcher)
+
+    hooks[1] = send_b
+    a_thread, a = in_background(lambda: batcher.propose([DraftRequest("a", 6, 1)]))
+    a_thread.join(60)
+    late["thread"].join(60)
+    b = late["outcome"]
+    expected = reference_drafts(drafter_runner, {"a": prompts[0]}, 6) | reference_drafts(drafter_runner, {"b": prompts[1]}, 3)
+    assert a["result"][0].tokens == expected["a"] and b["result"][0].tokens == expected["b"]
+    assert batcher.forwards == 6
+    assert b["finished_at"] < a["finished_at"]  # B got its drafts without waiting for the rest of A's
+
+
+def test_a_sequence_finished_mid_proposal_stops_and_the_others_go_on(drafter_runner, prompts):
+    hooks = {}
+    drafter = HookedDrafter(drafter_runner, hooks)
+    batcher = DraftBatcher(drafter)
+    batcher.start("a", prompts[0], GREEDY)
+    batcher.start("b", prompts[1], GREEDY)
+    hooks[3] = lambda: drafter.finish("a")  # as a cancel between steps 2 and 3 would
+    drafts = batcher.propose([DraftRequest("a", 4, 1), DraftRequest("b", 4, 1)])
+    expected = reference_drafts(drafter_runner, {"a": prompts[0], "b": prompts[1]}, 4)
+    assert drafts[0].tokens == expected["a"][:2] and drafts[1].tokens == expected["b"]
+    assert not drafter_runner.has_sequence("a")
+
+
+def test_a_bad_request_fails_its_own_caller_only(drafter_runner, prompts):
+    hooks = {}
+    batcher = DraftBatcher(HookedDrafter(drafter_runner, hooks))
+    batcher.start("good", prompts[0], GREEDY)
+    bad = {}
+
+    def send_bad():
+        bad["thread"], bad["outcome"] = in_background(lambda: batcher.propose([DraftRequest("never-started", 2)]))
+        wait_until_queued(batcher)
+
+    hooks[1] = send_bad
+    drafts = batcher.propose([DraftRequest("good", 4, 1)])
+    bad["thread"].join(60)
+    assert drafts[0].tokens == reference_drafts(drafter_runner, {"good": prompts[0]}, 4)["good"]
+    assert isinstance(bad["outcome"]["error"], InvalidRequest) and "never-started" in str(bad["outcome"]["error"])
+
+
+def test_a_failing_step_reaches_every_caller_under_way_and_the_batcher_goes_on(drafter_runner, prompts):
+    hooks = {}
+    batcher = DraftBatcher(HookedDrafter(drafter_runner, hooks))
+    batcher.start("fine", prompts[0], GREEDY)
+
+    def fail():
+        raise RuntimeError("forward failed")
+
+    hooks[1] = fail
+    with pytest.raises(RuntimeError, match="forward failed"):
+        batcher.propose([DraftRequest("fine", 2, 1)])
     with pytest.raises(InvalidRequest, match="no sequence 'never-started'"):
         batcher.propose([DraftRequest("never-started", 2)])
-    batcher.start("fine", [1, 2, 3], GREEDY)
-    assert len(batcher.propose([DraftRequest("fine", 2)])[0].tokens) == 2  # the batcher still works
+    assert len(batcher.propose([DraftRequest("fine", 2, 1)])[0].tokens) == 2  # the batcher still works

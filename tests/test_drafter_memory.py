@@ -51,11 +51,11 @@ def _probe() -> dict:
     forward_threads: set[int] = set()
 
     class ThreadRecordingDrafter(ModelDrafter):
-        """The zoo's real drafter, noting which thread ran each `propose`."""
+        """The zoo's real drafter, noting which thread ran each draft step."""
 
-        def propose(self, requests):
+        def advance(self, jobs):
             forward_threads.add(threading.get_ident())
-            return super().propose(requests)
+            return super().advance(jobs)
 
     drafter = ThreadRecordingDrafter(ModelRunner.from_pretrained(default_drafter()))
     batcher = DraftBatcher(drafter)
