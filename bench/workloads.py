@@ -56,7 +56,8 @@ class BenchConfig(BaseModel):
     profile: bool = Field(True, description="Profile a speculation round (draft, transfer, verify, sampling, overhead).")
     profile_concurrency: list[Streams] = Field([1, 16], min_length=1, description="Concurrencies of the round profile.")
     multi_target: bool = Field(True, description="Measure three targets sharing one drafter against a dedicated drafter each.")
-    multi_target_requests: int = Field(4, ge=1, description="Requests per target in the multi-target measurement.")
+    multi_target_requests: int = Field(4, ge=1, description="Requests per target in each phase of the multi-target measurement.")
+    multi_target_repeats: int = Field(5, ge=1, description="Interleaved repeats of the multi-target phases (plain, shared, dedicated).")
     keep_tokens: bool = Field(False, description="Keep every request's completion tokens in the JSON (large).")
     child_timeout_s: float = Field(2400.0, gt=0, description="Longest a system's benchmark process may run.")
 
@@ -68,7 +69,8 @@ PRESETS: dict[str, dict] = {
     # Every system and category, two concurrencies, short completions: about 10 minutes on 2 cores, most of it
     # starting vLLM's two engines and three clusters (a minute or more each).
     "quick": {"prompts_per_category": 2, "max_tokens": 16, "concurrency": [1, 4], "min_requests": 2,
-              "long_prompt_tokens": 160, "profile_concurrency": [1], "multi_target_requests": 2},
+              "long_prompt_tokens": 160, "profile_concurrency": [1], "multi_target_requests": 2,
+              "multi_target_repeats": 2},
     # Sized for about 40 minutes on two shared CPU cores.
     "default": {},
     # The engine-level benchmark on a GPU, with transformers assisted generation as the peer.
