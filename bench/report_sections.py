@@ -207,11 +207,14 @@ WHAT_WAS_DONE = [
     "What was done about each part:",
     "",
     "- **transfer + Ray**: one Ray call per round per target actor, for all its live sequences; the previous "
-    "round's commits ride along with the next proposal instead of costing calls of their own.",
+    "round's commits ride along with the next proposal instead of costing calls of their own; a greedy draft "
+    "travels as its token ids alone (no q rows, and the drafter's confidence rows only when a cascade asks).",
     "- **draft**: each draft step is one batched forward over every sequence that drafts, from every target "
     "sharing the drafter (rows may use different exits), on per-sequence KV caches, so a step feeds one token "
-    "per row; the controller picks a cheaper exit or a shorter k per target from measured goodput, and turns "
-    "speculation off where no arm beats plain decoding (bench/reports/controller_shift.md).",
+    "per row; a proposal that arrives while another target's drafts joins it at the next step instead of "
+    "waiting for it to finish (continuous batching by draft step); greedy rows take the argmax; the controller "
+    "picks a cheaper exit or a shorter k per target from measured goodput, and turns speculation off where no "
+    "arm beats plain decoding (bench/reports/controller_shift.md).",
     "- **verify**: every live sequence of a target in one forward (continuous batching between rounds).",
     "- **Python overhead**: streams detokenize incrementally; the round's bookkeeping stays near 1% above.",
     "- **what is left**: these tiny models are overhead-bound on CPU, so a forward's cost follows its layer "
