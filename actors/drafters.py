@@ -187,11 +187,11 @@ class ModelDrafter(SteppedDrafter):
         seed = None if params.seed is None else params.seed + DRAFT_SEED_OFFSET
         self._states[seq_id] = _ModelDraftState(list(prompt), params, make_generator(seed))
 
-    def begin(self, requests: Sequence[DraftRequest]) -> "_ModelDraftJob":
+    def begin(self, requests: Sequence[DraftRequest]) -> _ModelDraftJob:
         return _ModelDraftJob([_DraftRow(r.seq_id, self._affordable_k(r), r.exit_layer or self.default_exit, r.confidence)
                                for r in requests])
 
-    def advance(self, jobs: Sequence["_ModelDraftJob"]) -> None:
+    def advance(self, jobs: Sequence[_ModelDraftJob]) -> None:
         rows = [row for job in jobs for row in job.rows if row.drafting]
         for row in rows:
             if row.seq_id not in self._states:
