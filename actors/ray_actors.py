@@ -85,6 +85,9 @@ class RemoteDrafter(Drafter):
     naming the sequence (in its requests or commits) is in flight could run
     first, and fail that proposal along with every other target's merged into
     its forward. Such a `finish` therefore waits until the proposal has run.
+    A finish is otherwise not waited for; but a `start` reusing the id of a
+    sequence whose finish may still be queued waits for that finish, which could
+    else run after the start and free the new sequence.
     """
 
     def __init__(self, handle, info: dict, timeout_s: float):
@@ -93,11 +96,15 @@ class RemoteDrafter(Drafter):
         self.exit_layers = info["exit_layers"]
         self._commits: list[tuple[SeqId, list[int]]] = []
         self._in_flight: tuple[ray.ObjectRef, set[SeqId]] | None = None  # the last proposal and whom it names
+        self._finishing: dict[SeqId, ray.ObjectRef] = {}  # finishes sent, not yet seen done
 
     def check_exit(self, exit_layer: int) -> None:
         self._call(self.handle.check_exit.remote(exit_layer))
 
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
+        finishing = self._finishing.pop(seq_id, None)
+        if finishing is not None:
+            ray.wait([finishing], timeout=self.timeout_s)  # a dead or stalled actor fails at the start below
         self._call(self.handle.start.remote(seq_id, prompt, params))
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
@@ -125,7 +132,14 @@ class RemoteDrafter(Drafter):
         self._commits = [c for c in self._commits if c[0] != seq_id]
         if self._in_flight is not None and seq_id in self._in_flight[1]:
             self._settle()
-        self.handle.finish.remote([seq_id])  # fire and forget: the caller need not wait for the free
+        self._forget_done_finishes()
+        self._finishing[seq_id] = self.handle.finish.remote([seq_id])  # the caller need not wait for the free
+
+    def _forget_done_finishes(self) -> None:
+        if self._finishing:
+            done, _ = ray.wait(list(self._finishing.values()), num_returns=len(self._finishing), timeout=0)
+            done = set(done)
+            self._finishing = {s: ref for s, ref in self._finishing.items() if ref not in done}
 
     def _settle(self) -> None:
         """Wait until the proposal in flight has run on the actor (its drafts stay there to be fetched)."""

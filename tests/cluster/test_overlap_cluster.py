@@ -6,6 +6,7 @@ and one without, so both paths are compared in the same cluster.
 """
 
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +15,7 @@ import ray
 
 from actors.drafters import DraftRequest
 from actors.generator import SpeculativeGenerator
-from actors.ray_actors import RemoteDrafter
+from actors.ray_actors import DrafterActor, RemoteDrafter
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
@@ -102,6 +103,33 @@ def test_finishing_a_sequence_waits_for_its_proposal_in_flight(fleet, prompts):
     assert [len(d.tokens) for d in pending.result()] == [4, 4]
     drafter.finish("in-flight-b")
     assert wait_until(lambda: ray.get(handle.live_sequences.remote()) == 0)
+
+
+class SlowFinishDrafter(DrafterActor):
+    """A drafter actor whose finish takes a second, as a finish queued behind other calls might."""
+
+    def finish(self, seq_ids) -> None:
+        time.sleep(1.0)
+        super().finish(seq_ids)
+
+
+def test_a_sequence_id_reused_right_after_its_finish_starts_afresh(ray_cluster, drafter_path, prompts):
+    """Without waiting, the start would run beside the slow finish (a threaded actor): 'already exists', or freed later."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor class lives in this test module
+    handle = ray.remote(SlowFinishDrafter).options(max_concurrency=8, resources={"draft": 1}).remote(str(drafter_path))
+    try:
+        drafter = RemoteDrafter(handle, ray.get(handle.info.remote()), timeout_s=10)
+        drafter.start("reused", prompts[0], GREEDY)
+        drafter.finish("reused")
+        drafter.start("reused", prompts[1], GREEDY)
+        (draft,) = drafter.propose([DraftRequest("reused", 3, 1)])
+        fresh = RemoteDrafter(handle, ray.get(handle.info.remote()), timeout_s=10)
+        fresh.start("fresh", prompts[1], GREEDY)
+        assert draft.tokens == fresh.propose([DraftRequest("fresh", 3, 1)])[0].tokens
+        time.sleep(1.5)  # no late finish frees the new sequence
+        assert ray.get(handle.live_sequences.remote()) == 2
+    finally:
+        ray.kill(handle)
 
 
 def test_cancelled_streams_free_their_state_on_both_actors(fleet, prompts):
