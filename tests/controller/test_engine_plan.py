@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+import ray
 import torch
 from transformers import LlamaForCausalLM
 
@@ -53,7 +54,10 @@ class CountingDrafter(ModelDrafter):
 
 
 class InProcessHandle:
-    """Stands in for a Ray actor handle: `handle.method.remote(...)` runs the method at once."""
+    """Stands in for a Ray actor handle: `handle.method.remote(...)` runs the method at once.
+
+    Its "refs" are the values themselves, so the test makes ray.get return them and ray.wait find them ready.
+    """
 
     def __init__(self, actor):
         self.actor = actor
@@ -73,6 +77,7 @@ def test_switching_speculation_on_and_off_mid_sequence_keeps_greedy_output_exact
 def test_a_remote_drafter_catches_up_on_commits_buffered_while_off(target, drafter_path, prompts, plain, monkeypatch):
     """RemoteDrafter's real buffering, against a real DrafterActor called in process instead of through Ray."""
     monkeypatch.setattr("actors.ray_actors.ray.get", lambda value, timeout=None: value)
+    monkeypatch.setattr("actors.ray_actors.ray.wait", lambda values, num_returns=1, timeout=None: (list(values), []))
     actor = DrafterActor(str(drafter_path))
     remote = RemoteDrafter(InProcessHandle(actor), {"vocab_size": target.vocab_size, "exit_layers": [1, 2, 4]}, 5.0)
     engine = SpeculationEngine(target, remote, k=3, exit_layer=2)
@@ -89,6 +94,7 @@ def test_a_remote_drafter_catches_up_on_commits_buffered_while_off(target, draft
     assert len(remote._commits) == 1  # the 5 rode along with the proposal; this round's waits for the next
     assert drafter_runner.cached_length("late") >= len(prompts[3]) + 5  # it drafted from the whole true context
     engine.close()
+    assert not ray.is_initialized()  # a ray call on a stand-in value would have started Ray for every later test
 
 
 def test_an_off_plan_skips_the_drafter_unless_a_sequence_asks_for_drafts(target, drafter_runner, prompts):
