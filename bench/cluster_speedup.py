@@ -32,7 +32,7 @@ from actors.drafters import ModelDrafter
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
-from bench.interleave import paired_speedups, run_interleaved
+from bench.interleave import paired_speedups, run_interleaved, spread
 from bench.prompts import heldout_code_prompts
 from cluster.config import parse_config
 from cluster.defaults import models_dir
@@ -230,20 +230,15 @@ def to_markdown(report: dict) -> str:
     for name in ("in_process", "cluster"):
         r = report[name]
         lines.append(f"| {name} | {_median_tps(r['plain']):.1f} | {_median_tps(r['speculative']):.1f} | "
-                     f"{r['speculative'][0]['mal']:.2f} | {_ratio(r['speedup'])} |")
+                     f"{r['speculative'][0]['mal']:.2f} | {spread(r['speedup'], '{:.2f}x')} |")
     lines += ["", f"Cluster keeps {cluster / inproc:.0%} of the in-process speedup (goal: at least 85%).", "",
               "| target | shared drafter speedup | dedicated drafter speedup | shared / dedicated |", "|---|---:|---:|---:|"]
     for t in TARGETS:
         r = report["multi_target"][t]
-        lines.append(f"| {t} | {_ratio(r['shared_speedup'])} | {_ratio(r['dedicated_speedup'])} | "
-                     f"{_ratio(r['shared_over_dedicated'], percent=True)} |")
+        lines.append(f"| {t} | {spread(r['shared_speedup'], '{:.2f}x')} | "
+                     f"{spread(r['dedicated_speedup'], '{:.2f}x')} | {spread(r['shared_over_dedicated'], '{:.0%}')} |")
     lines.append("")
     return "\n".join(lines)
-
-
-def _ratio(summary: dict, percent: bool = False) -> str:
-    shown = (lambda x: f"{x:.0%}") if percent else (lambda x: f"{x:.2f}x")
-    return f"{shown(summary['median'])} ({shown(summary['min'])} - {shown(summary['max'])})"
 
 
 def _median_tps(runs: list[dict]) -> float:

@@ -70,6 +70,6 @@ def _multi_target(multi: dict) -> dict:
     ratios = {target: ratio["median"] for target, ratio in (multi.get("ratio") or {}).items()}
     value = min(ratios.values()) if ratios else None
     return _goal("three targets sharing one drafter keep their dedicated-drafter speedup", ">= 90% (worst target)",
-                 value, 0.9, "per-target speedup with one shared drafter / with a dedicated drafter each (median over interleaved repeats), "
-                 "worst target",
+                 value, 0.9, "per-target speedup with one shared drafter / with a dedicated drafter each "
+                 "(median over interleaved repeats), worst target",
                  multi.get("reason") or "not measured")

@@ -25,3 +25,8 @@ def paired_speedups(fast: list[float], base: list[float]) -> dict:
     """Per-repeat ratios fast[i] / base[i] (tokens/s), their median, and the smallest and largest."""
     ratios = [f / b for f, b in zip(fast, base, strict=True)]
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "per_repeat": ratios}
+
+
+def spread(summary: dict, form: str) -> str:
+    """A `paired_speedups` summary as "median (smallest - largest)", each value formatted with `form`."""
+    return f"{form.format(summary['median'])} ({form.format(summary['min'])} - {form.format(summary['max'])})"

@@ -3,6 +3,7 @@
 from collections import defaultdict
 from pathlib import Path
 
+from bench.interleave import spread
 from bench.results import LABELS, job_of, label, pooled_view, select
 
 ORDER = list(LABELS)  # systems and modes in the order of LABELS
@@ -259,8 +260,8 @@ def multi_target_section(multi: dict) -> list[str]:
     for target in multi["targets"]:
         shared, dedicated = multi["shared"][target], multi["dedicated"][target]
         body.append([target, fmt(shared["plain_tokens_per_s"]), fmt(shared["tokens_per_s"]), fmt(dedicated["tokens_per_s"]),
-                     fmt(shared["mal"], "{:.2f}"), _spread(shared["speedup"], "{:.2f}x"),
-                     _spread(dedicated["speedup"], "{:.2f}x"), _spread(multi["ratio"][target], "{:.0%}")])
+                     fmt(shared["mal"], "{:.2f}"), spread(shared["speedup"], "{:.2f}x"),
+                     spread(dedicated["speedup"], "{:.2f}x"), spread(multi["ratio"][target], "{:.0%}")])
     header = ["target", "plain tok/s", "shared: spec tok/s", "dedicated: spec tok/s", "MAL", "shared speedup",
               "dedicated speedup", "shared / dedicated"]
     return lines + [f"All three targets stream at once through one `specfleet up` (gRPC), {multi['requests_per_target']} "
@@ -269,10 +270,6 @@ def multi_target_section(multi: dict) -> list[str]:
                     f"plain / shared / dedicated are interleaved over {multi['repeats']} repeats in a rotating order; "
                     "tok/s are medians, a speedup is the median over repeats of the ratio within a repeat (smallest - "
                     "largest).", "", *_table(header, body)]
-
-
-def _spread(summary: dict, form: str) -> str:
-    return f"{fmt(summary['median'], form)} ({fmt(summary['min'], form)} - {fmt(summary['max'], form)})"
 
 
 def memory_section(report: dict) -> list[str]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.interleave import paired_speedups, run_interleaved
+from bench.interleave import paired_speedups, run_interleaved, spread
 
 
 def test_every_repeat_runs_each_phase_once_starting_one_phase_later():
@@ -21,3 +21,7 @@ def test_a_drift_between_repeats_cancels_in_paired_ratios():
     assert summary["per_repeat"] == pytest.approx([1.2, 1.2, 1.2])
     with pytest.raises(ValueError):
         paired_speedups([1.0], [1.0, 2.0])
+
+
+def test_a_summary_reads_as_median_and_range():
+    assert spread(paired_speedups([0.9, 1.2, 1.0], [1.0, 1.0, 1.0]), "{:.0%}") == "100% (90% - 120%)"
