@@ -105,9 +105,10 @@ class DraftBatcher:
 
     def _step(self, under_way: list[tuple[_Ticket, DraftJob]]) -> list[tuple[_Ticket, DraftJob]]:
         """One forward for every proposal under way; hand out the complete ones, return the rest."""
-        if any(not job.done for _, job in under_way):
+        drafting = [job for _, job in under_way if not job.done]
+        if drafting:
             try:
-                self.drafter.advance([job for _, job in under_way if not job.done])
+                self.drafter.advance(drafting)
                 self.forwards += 1
             except BaseException as err:  # each waiting caller gets the error, not a hang
                 for ticket, _ in under_way:
