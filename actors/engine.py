@@ -28,7 +28,7 @@ import torch
 
 from actors.cascades import CascadeParams, accepted_and_deferred, verify_cascade
 from actors.drafters import Draft, DraftRequest, Drafter
-from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
+from actors.errors import CapacityExhausted, DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, logits_to_probs, make_generator
 from actors.telemetry import PLAIN, RoundBuffer, RoundRecord
@@ -107,11 +107,14 @@ class SpeculationEngine:
         target_name: str = "",
         drafter_name: str = "",
         clock: Callable[[], float] = time.perf_counter,
+        max_waiting: int | None = None,
     ):
         """`target_name` and `drafter_name` only label the round telemetry (`drain_telemetry`);
         `clock` times its rounds: wall time by default, or e.g. `time.thread_time` for an
         in-process benchmark on a shared machine (CPU seconds of this thread only, so other
-        processes' load does not count; wrong for a drafter in another process)."""
+        processes' load does not count; wrong for a drafter in another process). Sequences beyond the
+        target's KV slots wait for one; `max_waiting` bounds how many (None: no bound), beyond it `add`
+        raises `CapacityExhausted`."""
         if drafter is not None:
             check_pairing(target, drafter)
             if not 1 <= k <= MAX_DRAFT_LENGTH:
@@ -123,12 +126,15 @@ class SpeculationEngine:
         self.exit_layer = exit_layer
         self.target_name, self.drafter_name = target_name, drafter_name
         self.telemetry, self.clock = RoundBuffer(), clock
+        self.max_waiting = max_waiting
         self._live: dict[SeqId, _Live] = {}
+        self._waiting: dict[SeqId, _Live] = {}  # admitted, waiting for a KV slot; in arrival order
         self._ids = itertools.count()
 
     @property
     def num_live(self) -> int:
-        return len(self._live)
+        """Sequences being generated, those waiting for a slot included."""
+        return len(self._live) + len(self._waiting)
 
     def add(
         self,
@@ -139,7 +145,7 @@ class SpeculationEngine:
         exit_layer: int | None = None,
         cascade: CascadeParams | None = None,
     ) -> SeqId:
-        """Validate and admit a sequence; it is prefilled at the next step.
+        """Validate a sequence; it takes a KV slot at the next step that finds one free, and is prefilled then.
 
         `k` and `exit_layer` override the engine's speculation for this sequence
         (k = 0 decodes it plainly); `cascade` verifies it against a speculative
@@ -148,18 +154,31 @@ class SpeculationEngine:
         self._check_prompt(prompt, params)
         self._check_speculation(k, exit_layer)
         seq_id = next(self._ids) if seq_id is None else seq_id
-        if seq_id in self._live:
+        if seq_id in self._live or seq_id in self._waiting:
             raise InvalidRequest(f"sequence {seq_id!r} is already being generated")
-        seq = _Live(seq_id, list(prompt), params, make_generator(params.seed), pending=prompt[-1], k=k,
-                    exit_layer=exit_layer, cascade=cascade)
-        self.target.add_sequence(seq_id)
-        if self.drafter is not None:
-            self._call_drafter(lambda d: d.start(seq_id, seq.prompt, params))
-        self._live[seq_id] = seq
+        if self.max_waiting is not None and len(self._waiting) >= self.max_waiting and not self.target.store.free_slots:
+            raise CapacityExhausted(
+                f"{self.target_name or 'the target'} is full ({self.target.store.num_slots} sequences decoding, "
+                f"{len(self._waiting)} waiting): retry later"
+            )
+        self._waiting[seq_id] = _Live(seq_id, list(prompt), params, make_generator(params.seed), pending=prompt[-1],
+                                      k=k, exit_layer=exit_layer, cascade=cascade)
         return seq_id
+
+    def _admit_waiting(self) -> None:
+        """Give waiting sequences the target's free slots, oldest first, and start them on the drafter."""
+        while self._waiting and self.target.store.free_slots:
+            seq_id = next(iter(self._waiting))
+            seq = self._waiting.pop(seq_id)
+            self.target.add_sequence(seq_id)
+            if self.drafter is not None:
+                self._call_drafter(lambda d: d.start(seq_id, seq.prompt, seq.params))
+            self._live[seq_id] = seq
 
     def cancel(self, seq_id: SeqId) -> bool:
         """Stop a sequence and free its state on both models; False if it was not live."""
+        if self._waiting.pop(seq_id, None) is not None:
+            return True
         seq = self._live.pop(seq_id, None)
         if seq is not None:
             self._release(seq)
@@ -167,6 +186,7 @@ class SpeculationEngine:
 
     def step(self) -> list[SequenceUpdate]:
         """One round for every live sequence; finished sequences are released."""
+        self._admit_waiting()
         running = list(self._live.values())
         if not running:
             return []
@@ -178,7 +198,7 @@ class SpeculationEngine:
 
     def close(self) -> None:
         """Cancel every live sequence."""
-        for seq_id in list(self._live):
+        for seq_id in [*self._live, *self._waiting]:
             self.cancel(seq_id)
 
     def set_plan(self, k: int, exit_layer: int | None = None) -> None:

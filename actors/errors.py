@@ -24,3 +24,7 @@ class IncompatibleModels(SpecfleetError, ValueError):
 
 class DrafterUnavailable(SpecfleetError):
     """The drafter cannot serve (dead actor, timeout): callers fall back to plain decoding."""
+
+
+class CapacityExhausted(SpecfleetError):
+    """Every sequence slot of a model replica is taken: retry later (RESOURCE_EXHAUSTED / 429)."""

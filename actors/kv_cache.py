@@ -1,11 +1,19 @@
-"""Per-sequence key/value cache with an explicit, exact rollback rule.
+"""The KV store of one model replica, and each sequence's view of it, with an exact rollback rule.
 
-Rollback rule: **crop by length**. A sequence's cache is a buffer indexed by
-token position plus a length; `truncate(n)` only lowers the length, and the next
+Storage: **one preallocated store per model replica** (`KVStore`), keys and
+values of every layer for a fixed number of *slots*, each slot a sequence's
+positions 0..capacity. A sequence takes a slot when it is added and gives it
+back when it is freed; a forward writes keys and values at their positions
+(`index_put_`) and reads each row's slot in place of any per-sequence gather.
+Nothing is allocated while serving, so a freed slot's next owner sees exactly
+what a fresh replica would (it never reads a position it has not written).
+
+Rollback rule: **crop by length**. A sequence's cache is its slot plus a
+length (`SequenceCache`); `truncate(n)` only lowers the length, and the next
 forward writes its keys and values at positions n, n+1, ... over whatever a
-rejected draft left there. Nothing past the length is ever read (the attention
-mask stops at it), so rollback costs O(1) and leaves the cache bit-identical to
-one that never saw the rejected tokens.
+rejected draft left there. Nothing past the length is ever read (the causal
+mask stops at each query's position), so rollback costs O(1) and leaves the
+cache bit-identical to one that never saw the rejected tokens.
 
 A multi-exit drafter may run a sequence through only its first L layers. The
 cache records that depth: layers at or past it are stale for this sequence.
@@ -15,20 +23,62 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.errors import CapacityExhausted
+
+
+class KVStore:
+    """Keys and values for `num_slots` sequences of one model: per layer [slots + 1, positions, kv_heads, head_dim].
+
+    One tensor per layer, not one for all: a compiled step then writes each in
+    place, where a write into a view of one big tensor makes inductor copy all of it.
+
+    The extra last slot is scratch: rows that only pad a batch up to its bucket
+    write there. `positions` covers the context plus the widest padded query, so
+    a padded token past a row's context still has somewhere to go.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, positions: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (num_slots + 1, positions, num_kv_heads, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots, self.positions = num_slots, positions
+        self.scratch_slot = num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: lowest slot first
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def take(self) -> int:
+        """A free slot for a new sequence, or `CapacityExhausted`."""
+        if not self._free:
+            raise CapacityExhausted(f"all {self.num_slots} sequence slots are in use: retry when one finishes")
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def write_and_read(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+                       values: torch.Tensor, key_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values [B, T, Hkv, D] at (slot, position), then read each row's first `key_length` positions.
+
+        slots [B], positions [B, T] long. Returns keys, values, each [B, Hkv, key_length, D].
+        """
+        index = (slots[:, None], positions)  # broadcast to [B, T]
+        self.keys[layer].index_put_(index, keys)
+        self.values[layer].index_put_(index, values)
+        rows = self.keys[layer][slots, :key_length], self.values[layer][slots, :key_length]  # each [B, K, Hkv, D]
+        return rows[0].transpose(1, 2), rows[1].transpose(1, 2)
+
 
 @dataclass
 class SequenceCache:
-    """Keys and values of every token a model has seen for one sequence."""
+    """One sequence's place in a `KVStore`: its slot and the tokens whose keys/values it holds."""
 
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
+    slot: int
     tokens: list[int] = field(default_factory=list)  # the tokens whose K/V are cached, in order
     depth: int = 0  # layers whose cache covers every token in `tokens`
-    keys: torch.Tensor | None = None  # [layers, kv_heads, capacity, head_dim]
-    values: torch.Tensor | None = None  # [layers, kv_heads, capacity, head_dim]
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -57,34 +107,7 @@ class SequenceCache:
         self.tokens.clear()
         self.depth = depth
 
-    def past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cached keys and values of one layer, each [kv_heads, len, head_dim]."""
-        if self.keys is None:
-            empty = torch.empty(self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
-            return empty, empty
-        return self.keys[layer, :, : len(self)], self.values[layer, :, : len(self)]
-
-    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store one layer's keys/values [kv_heads, n, head_dim] at positions start..start+n."""
-        end = start + keys.shape[1]
-        self._ensure_capacity(end)
-        self.keys[layer, :, start:end] = keys
-        self.values[layer, :, start:end] = values
-
     def extend(self, tokens: list[int], depth: int) -> None:
         """Record that `tokens` were written to layers [0, depth)."""
         self.tokens.extend(tokens)
         self.depth = depth
-
-    def _ensure_capacity(self, needed: int) -> None:
-        capacity = 0 if self.keys is None else self.keys.shape[2]
-        if needed <= capacity:
-            return
-        new_capacity = max(needed, 2 * capacity, 64)  # doubling keeps appends amortised O(1)
-        shape = (self.num_layers, self.num_kv_heads, new_capacity, self.head_dim)
-        keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        if self.keys is not None:
-            keys[:, :, :capacity] = self.keys
-            values[:, :, :capacity] = self.values
-        self.keys, self.values = keys, values

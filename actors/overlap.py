@@ -51,6 +51,7 @@ class OverlappedEngine(SpeculationEngine):
 
     def step(self) -> list[SequenceUpdate]:
         """Verify the group drafted last step, with sequences drafted now; send the next group to the drafter."""
+        self._admit_waiting()
         running = list(self._live.values())
         if not running:
             return []
