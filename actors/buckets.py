@@ -1,39 +1,43 @@
-"""The shapes a model step runs in: every call is padded up to a bucket.
+"""The shapes a model step runs in.
 
-Like the batch sizes vLLM and SGLang capture CUDA graphs for, a small fixed set
-of (batch, width, key length) shapes lets a compiler specialise the step once
-per shape at start-up instead of once per request: batches are padded with
-rows that write to the store's scratch slot, queries with tokens past a row's
-end, and keys are read up to a multiple of `KEY_BLOCK`.
+A compiled step is specialised to the shapes it sees. Two policies:
+
+- **bucketed** (for `compile-static`, and CUDA graphs on a GPU): like the batch
+  sizes vLLM and SGLang capture graphs for, batches and query widths are padded
+  up to powers of two and key lengths up to a multiple of `KEY_BLOCK`, so a
+  small fixed set of shapes is compiled once each at start-up;
+- **exact** (eager and `compile`, whose graph takes any size): on a CPU a padded
+  row or token costs as much arithmetic as a real one, so nothing is padded but
+  the batch to two rows: dynamic shapes still specialise a size of 1, and one
+  extra row is nearly free where a step streams its weights from memory.
+
+Padded rows write to the store's scratch slot; padded tokens past a row's end
+write past its length, where the crop rule never reads.
 """
 
+from dataclasses import dataclass
+
 MAX_WIDTH = 64  # new tokens per row per step; longer inputs (prompts) run in chunks of this many
-KEY_BLOCK = 64  # key lengths are read in multiples of this
+KEY_BLOCK = 64  # bucketed key lengths are multiples of this
+MIN_BATCH = 2  # batches run with at least this many rows (see above)
 
 
 def _power_of_two_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def batch_bucket(rows: int, num_slots: int) -> int:
-    """The batch a step of `rows` rows runs as: the next power of two, at most the store's slots."""
-    return min(_power_of_two_at_least(rows), num_slots)
+@dataclass(frozen=True)
+class ShapePolicy:
+    bucketed: bool  # pad to buckets (static shapes); False: exact shapes, batch at least MIN_BATCH
 
+    def batch(self, rows: int) -> int:
+        """Rows a step of `rows` rows runs with."""
+        return max(MIN_BATCH, _power_of_two_at_least(rows) if self.bucketed else rows)
 
-def width_bucket(width: int) -> int:
-    """The query width a step of at most `width` new tokens per row runs as (width <= MAX_WIDTH)."""
-    return _power_of_two_at_least(width)
+    def width(self, tokens: int) -> int:
+        """New tokens per row a step of at most `tokens` (<= MAX_WIDTH) runs with."""
+        return _power_of_two_at_least(tokens) if self.bucketed else tokens
 
-
-def key_bucket(keys: int, capacity: int) -> int:
-    """The key length read for rows whose longest reaches `keys` positions."""
-    return min(-(-keys // KEY_BLOCK) * KEY_BLOCK, capacity)
-
-
-def batch_buckets(num_slots: int) -> list[int]:
-    """Every batch bucket of a store with `num_slots` slots, for warm-up."""
-    return sorted({batch_bucket(n, num_slots) for n in range(1, num_slots + 1)})
-
-
-def width_buckets() -> list[int]:
-    return sorted({width_bucket(n) for n in range(1, MAX_WIDTH + 1)})
+    def keys(self, positions: int, capacity: int) -> int:
+        """Key positions read per row when the longest row reaches `positions`."""
+        return min(-(-positions // KEY_BLOCK) * KEY_BLOCK, capacity) if self.bucketed else positions

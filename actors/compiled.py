@@ -1,34 +1,65 @@
-"""How a model step runs: eagerly, or compiled by `torch.compile` (inductor).
+"""How a model step runs: eagerly, or compiled by `torch.compile` (inductor), and its warm-up.
 
-On a CPU a small model's forward is bound by per-op dispatch, not arithmetic
-(../shared/PERF-NOTES.md: some 85% of target-l's step); inductor fuses the
-step's small ops into a few C++ kernels. The runner pads every call to a shape
-bucket (`actors.buckets`), and `warm_up` compiles the buckets at start-up, so no
-request waits for a compile. "compile" lets shapes be dynamic (one graph per
-depth and mode, whatever the bucket); "compile-static" specialises each bucket
-(what CUDA graphs need on a GPU).
+On a CPU a small model's forward is bound by per-op dispatch and by streaming
+its weights, not by arithmetic (../shared/PERF-NOTES.md); inductor fuses the
+step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
+
+- "compile": one graph with dynamic sizes per (depth, query width 1 or more,
+  last-only or all logits), run on exact shapes (`ShapePolicy(bucketed=False)`):
+  on a CPU padding costs arithmetic, and the dynamic graph ran as fast as
+  per-shape ones once weights are pre-transposed (see docs/ARCHITECTURE.md).
+- "compile-static": one graph per shape bucket (`ShapePolicy(bucketed=True)`),
+  the shape discipline CUDA graphs need; each bucket compiles at first use.
+- "eager": no compilation (tests, and a device where compiling has not been
+  measured to pay).
+
+`warm_up` compiles every graph a "compile" runner needs at start-up, so no
+request waits for a compile.
 """
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Literal
 
 import torch
 
+from actors.buckets import ShapePolicy
+
 log = logging.getLogger(__name__)
 
 CompileMode = Literal["eager", "compile", "compile-static"]
 StepFunction = Callable[..., torch.Tensor]
+MAX_GRAPHS = 64  # dynamo's per-function graph limit (default 8) would silently fall back to eager past it
 
 
 def compile_step(step: torch.nn.Module, mode: CompileMode) -> StepFunction:
-    """The function the runner calls for one padded step of `step` (a `LlamaStep`)."""
+    """The function the runner calls for one step of `step` (a `LlamaStep`)."""
     if mode == "eager":
         return step
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    inductor_config.cpp_wrapper = os.environ.get("SF_CPPW","1")=="1"
-    inductor_config.freezing = os.environ.get("SF_FREEZE","1")=="1"  # C++ calls the kernels: no Python between ops
+    inductor_config.cpp_wrapper = True  # kernels called from C++: no Python between ops
+    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, MAX_GRAPHS)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MAX_GRAPHS)
     return torch.compile(step.forward, dynamic=(mode == "compile"), fullgraph=True)
+
+
+def shape_policy(mode: CompileMode) -> ShapePolicy:
+    return ShapePolicy(bucketed=(mode == "compile-static"))
+
+
+def warm_up(run: Callable[[int, int, int, bool, int], object], depths: list[int]) -> float:
+    """Compile every graph a dynamic-shape runner uses; returns the seconds it took.
+
+    `run(batch, width, start, last_only, depth)` runs one step on scratch rows. Sizes
+    are chosen pairwise distinct (batch 2, width 3, keys past them) so that the
+    compiler does not assume two sizes equal and recompile when they differ.
+    """
+    started = time.perf_counter()
+    for depth in depths:
+        run(2, 1, 8, False, depth)  # decoding, drafting: one new token per row
+        run(2, 3, 8, False, depth)  # verifying a draft: every position's logits
+        run(2, 3, 8, True, depth)  # a prompt: the last position's logits
+    return time.perf_counter() - started

@@ -35,8 +35,9 @@ class LlamaStep(nn.Module):
         self.head_dim = attention.head_dim
         self.scale = attention.scaling
         self.eps = config.rms_norm_eps
+        self.exit_layers = tuple(getattr(config, "exit_layers", None) or [config.num_hidden_layers])
         self.embed = nn.Buffer(model.model.embed_tokens.weight)  # [V, H]
-        self.lm_head = nn.Buffer(model.lm_head.weight)  # [V, H]
+        self.lm_head = nn.Buffer(model.lm_head.weight.t().contiguous())  # [H, V]
         self.final_norm = nn.Buffer(model.model.norm.weight)  # [H]
         for layer, block in enumerate(model.model.layers):
             for name, weight in self._fuse(block).items():
@@ -49,11 +50,11 @@ class LlamaStep(nn.Module):
         attn, mlp = block.self_attn, block.mlp
         return {
             "input_norm": block.input_layernorm.weight,
-            "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),  # [(Hq + 2 Hkv) D, H]
-            "o": attn.o_proj.weight,
+            "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t().contiguous(),  # [H, (Hq + 2 Hkv) D]
+            "o": attn.o_proj.weight.t().contiguous(),
             "post_norm": block.post_attention_layernorm.weight,
-            "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),  # [2 I, H]
-            "down": mlp.down_proj.weight,
+            "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),  # [H, 2 I]
+            "down": mlp.down_proj.weight.t().contiguous(),
         }
 
     def forward(
@@ -66,14 +67,13 @@ class LlamaStep(nn.Module):
         last: torch.Tensor,
         key_length: int,
         depth: int,
-        exit_layers: tuple[int, ...],
         last_only: bool,
     ) -> torch.Tensor:
         """Run `depth` layers for every row and return float32 logits at each row's exit.
 
         ids, positions [B, T] long; slots, exits, last [B] long (`last`: index of a
-        row's last real token, for `last_only`); `key_length` (static) the keys read
-        per row; `exit_layers` the exits rows may ask for. Returns [B, V] with
+        row's last real token, for `last_only`); `key_length` the keys read per row.
+        Returns [B, V] with
         `last_only`, else [B, T, V].
         """
         hidden = F.embedding(ids, self.embed)  # [B, T, H]
@@ -83,28 +83,28 @@ class LlamaStep(nn.Module):
         chosen = hidden
         for layer in range(depth):
             hidden = self._layer(layer, store, hidden, positions, slots, cos, sin, mask, key_length)
-            if layer + 1 in exit_layers:
-                chosen = hidden if len(exit_layers) == 1 else torch.where((exits == layer + 1)[:, None, None], hidden, chosen)
+            if layer + 1 in self.exit_layers:
+                chosen = hidden if len(self.exit_layers) == 1 else torch.where((exits == layer + 1)[:, None, None], hidden, chosen)
         if last_only:
             chosen = chosen[torch.arange(chosen.shape[0], device=ids.device), last]  # [B, H]
-        return F.linear(F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps), self.lm_head).float()
+        return (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
 
     def _layer(self, layer, store, hidden, positions, slots, cos, sin, mask, key_length) -> torch.Tensor:
         """One decoder layer; writes the rows' new keys/values into their slots."""
         weights = {name: getattr(self, f"{name}_{layer}") for name in _WEIGHTS}
         batch, width, _ = hidden.shape
         x = F.rms_norm(hidden, hidden.shape[-1:], weights["input_norm"], self.eps)
-        qkv = F.linear(x, weights["qkv"]).view(batch, width, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = (x @ weights["qkv"]).view(batch, width, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)  # [B, T, h, D]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values = store.write_and_read(layer, slots, positions, k, v, key_length)  # each [B, Hkv, K, D]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
         )  # [B, Hq, T, D]
-        hidden = hidden + F.linear(out.transpose(1, 2).reshape(batch, width, -1), weights["o"])
+        hidden = hidden + out.transpose(1, 2).reshape(batch, width, -1) @ weights["o"]
         x = F.rms_norm(hidden, hidden.shape[-1:], weights["post_norm"], self.eps)
-        gate, up = F.linear(x, weights["gate_up"]).chunk(2, dim=-1)  # each [B, T, I]
-        return hidden + F.linear(F.silu(gate) * up, weights["down"])
+        gate, up = (x @ weights["gate_up"]).chunk(2, dim=-1)  # each [B, T, I]
+        return hidden + (F.silu(gate) * up) @ weights["down"]
 
 
 _WEIGHTS = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
-from actors.buckets import MAX_WIDTH, batch_bucket, key_bucket, width_bucket
-from actors.compiled import CompileMode, StepFunction, compile_step
+from actors.buckets import MAX_WIDTH
+from actors.compiled import CompileMode, StepFunction, compile_step, shape_policy, warm_up
 from actors.errors import InvalidRequest
 from actors.forward import LlamaStep
 from actors.kv_cache import KVStore, SequenceCache
@@ -54,15 +54,16 @@ class ModelRunner:
         self.vocab_size: int = model.lm_head.out_features
         self.max_context: int = config.max_position_embeddings
         self.eos_token_id: int | None = _first_id(config.eos_token_id)
-        self.exit_layers: list[int] = list(getattr(config, "exit_layers", None) or [self.num_layers])
         param = next(model.parameters())
         self._device = param.device
         capacity = self.max_context + MAX_WIDTH  # room for padded queries past the context
         self.step = LlamaStep(model, capacity)  # keeps the weights it needs; the unfused ones go with `model`
+        self.exit_layers: list[int] = list(self.step.exit_layers)
         self.store = KVStore(self.num_layers, max_sequences, capacity, self.step.num_kv_heads, self.step.head_dim,
                              param.dtype, param.device)
         self.compile_mode = compile_mode
         self._run: StepFunction = compile_step(self.step, compile_mode)
+        self.shapes = shape_policy(compile_mode)
         self._caches: dict[SeqId, SequenceCache] = {}
 
     @classmethod
@@ -170,26 +171,38 @@ class ModelRunner:
         return chunks
 
     def _step(self, chunk: _Chunk, caches: list[SequenceCache], last_only: bool) -> torch.Tensor:
-        """One padded step of the model for a chunk: [b, V] with `last_only`, else [b, T, V] (b, T its buckets)."""
+        """One step of the model for a chunk: [b, V] with `last_only`, else [b, T, V] (b, T as the shape policy pads)."""
         count = len(chunk.rows)
-        batch = batch_bucket(count, self.store.num_slots)
-        width = width_bucket(max(len(t) for t in chunk.tokens))
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        for i, tokens in enumerate(chunk.tokens):
-            ids[i, : len(tokens)] = torch.tensor(tokens)
-        starts = torch.zeros(batch, dtype=torch.long)
-        starts[:count] = torch.tensor(chunk.starts)
-        positions = starts[:, None] + torch.arange(width)[None, :]  # [b, T]; padding runs past a row's end
-        slots = torch.full((batch,), self.store.scratch_slot, dtype=torch.long)
-        slots[:count] = torch.tensor([caches[r].slot for r in chunk.rows])
-        exits = torch.full((batch,), max(chunk.exits), dtype=torch.long)
-        exits[:count] = torch.tensor(chunk.exits)
-        last = torch.zeros(batch, dtype=torch.long)
-        last[:count] = torch.tensor([len(t) - 1 for t in chunk.tokens])
-        keys = key_bucket(max(s + len(t) for s, t in zip(chunk.starts, chunk.tokens)), self.store.positions)
+        batch = self.shapes.batch(count)
+        width = self.shapes.width(max(len(t) for t in chunk.tokens))
+        pad = batch - count
+        ids = torch.tensor([t + [0] * (width - len(t)) for t in chunk.tokens] + [[0] * width] * pad)  # [b, T]
+        starts = torch.tensor(chunk.starts + [0] * pad)
+        slots = torch.tensor([caches[r].slot for r in chunk.rows] + [self.store.scratch_slot] * pad)
+        exits = torch.tensor(chunk.exits + [max(chunk.exits)] * pad)
+        last = torch.tensor([len(t) - 1 for t in chunk.tokens] + [0] * pad)
+        keys = self.shapes.keys(max(s + len(t) for s, t in zip(chunk.starts, chunk.tokens)), self.store.positions)
+        logits = self._call(ids, starts, slots, exits, last, keys, max(chunk.exits), last_only and width > 1)
+        return logits[:, -1] if last_only and width == 1 else logits  # one graph serves both at width 1
+
+    def _call(self, ids, starts, slots, exits, last, keys: int, depth: int, last_only: bool) -> torch.Tensor:
         device = self._device
+        positions = starts[:, None] + torch.arange(ids.shape[1])[None, :]  # [b, T]; padding runs past a row's end
         return self._run(self.store, ids.to(device), positions.to(device), slots.to(device), exits.to(device),
-                         last.to(device), keys, max(chunk.exits), tuple(self.exit_layers), last_only)
+                         last.to(device), keys, depth, last_only)
+
+    def warm_up(self) -> float:
+        """Compile every graph this runner will use (a "compile" runner); returns the seconds it took."""
+        if self.compile_mode != "compile":
+            return 0.0
+
+        def scratch_step(batch: int, width: int, start: int, last_only: bool, depth: int) -> None:
+            full = lambda value: torch.full((batch,), value, dtype=torch.long)
+            with torch.inference_mode():
+                self._call(torch.zeros(batch, width, dtype=torch.long), full(start), full(self.store.scratch_slot),
+                           full(depth), full(width - 1), start + width, depth, last_only)
+
+        return warm_up(scratch_step, sorted(set(self.exit_layers)))
 
 
 def _first_id(token_id) -> int | None:
