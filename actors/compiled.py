@@ -18,6 +18,7 @@ request waits for a compile.
 """
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -46,6 +47,19 @@ def compile_step(step: torch.nn.Module, mode: CompileMode) -> StepFunction:
     return torch.compile(step.forward, dynamic=(mode == "compile"), fullgraph=True)
 
 
+AUTO_ENV = "SPECFLEET_COMPILE"  # what 'auto' means on this machine when set (the test suite sets "eager")
+
+
+def resolve_mode(mode: str, device: str) -> CompileMode:
+    """'auto': $SPECFLEET_COMPILE when set; else compile on a CPU (measured to pay there: BENCHMARKS.md), eager
+    on any other device until a benchmark there says otherwise."""
+    if mode != "auto":
+        return mode
+    if os.environ.get(AUTO_ENV):
+        return os.environ[AUTO_ENV]
+    return "compile" if torch.device(device).type == "cpu" else "eager"
+
+
 def shape_policy(mode: CompileMode) -> ShapePolicy:
     return ShapePolicy(bucketed=(mode == "compile-static"))
 
@@ -53,13 +67,17 @@ def shape_policy(mode: CompileMode) -> ShapePolicy:
 def warm_up(run: Callable[[int, int, int, bool, int], object], depths: list[int]) -> float:
     """Compile every graph a dynamic-shape runner uses; returns the seconds it took.
 
-    `run(batch, width, start, last_only, depth)` runs one step on scratch rows. Sizes
+    `run(batch, width, start, last_only, depth)` runs one step on scratch rows.
+    Sizes of 1 get graphs of their own (one stream; one new token); other sizes
     are chosen pairwise distinct (batch 2, width 3, keys past them) so that the
     compiler does not assume two sizes equal and recompile when they differ.
     """
     started = time.perf_counter()
     for depth in depths:
-        run(2, 1, 8, False, depth)  # decoding, drafting: one new token per row
-        run(2, 3, 8, False, depth)  # verifying a draft: every position's logits
-        run(2, 3, 8, True, depth)  # a prompt: the last position's logits
-    return time.perf_counter() - started
+        for batch in (1, 2):
+            run(batch, 1, 8, False, depth)  # decoding, drafting: one new token per row
+            run(batch, 3, 8, False, depth)  # verifying a draft: every position's logits
+            run(batch, 3, 8, True, depth)  # a prompt: the last position's logits
+    seconds = time.perf_counter() - started
+    log.info("compiled the model step for depths %s in %.1f s", depths, seconds)
+    return seconds

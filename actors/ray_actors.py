@@ -20,8 +20,13 @@ from actors.engine import SequenceUpdate, SpeculationEngine
 from actors.engine_loop import EngineLoop
 from actors.errors import DrafterUnavailable
 from actors.overlap import OverlappedEngine
-from actors.runner import ModelRunner, SeqId
+from actors.runner import ModelRunner, RunnerSettings, SeqId
 from actors.sampling import SamplingParams
+
+
+def runner_info(runner: ModelRunner) -> dict:
+    """What a replica reports of how its model runs: compile mode, KV slots, start-up compile seconds."""
+    return {"compile_mode": runner.compile_mode, "max_sequences": runner.store.num_slots, "warm_up_s": runner.warm_up_s}
 
 
 class DraftService:
@@ -39,7 +44,7 @@ class DraftService:
     def info(self) -> dict:
         return {"vocab_size": self.runner.vocab_size, "exit_layers": self.exit_layers,
                 "max_context": self.runner.max_context, "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), **runner_info(self.runner)}
 
     def check_exit(self, exit_layer: int) -> None:
         self.batcher.drafter.check_exit(exit_layer)
@@ -67,8 +72,8 @@ class DraftService:
 class DrafterActor(DraftService):
     """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
 
-    def __init__(self, path: str, dtype: str = "float32", device: str = "cpu"):
-        self.runner = ModelRunner.from_pretrained(path, dtype, device)
+    def __init__(self, path: str, settings: RunnerSettings):
+        self.runner = ModelRunner.serving(path, settings)
         self.exit_layers = self.runner.exit_layers
         self.batcher = DraftBatcher(ModelDrafter(self.runner))
 
@@ -172,19 +177,21 @@ class TargetActor:
     re-paired drafter replica), and reads its rounds with `drain_telemetry`.
     """
 
-    def __init__(self, path: str, dtype: str, device: str, drafter_handle, exit_layer: int | None, k: int,
-                 timeout_s: float, name: str = "", drafter_name: str = "", overlap_rounds: bool = False):
-        """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`)."""
-        runner = ModelRunner.from_pretrained(path, dtype, device)
+    def __init__(self, path: str, settings: RunnerSettings, drafter_handle, exit_layer: int | None, k: int,
+                 timeout_s: float, name: str = "", drafter_name: str = "", overlap_rounds: bool = False,
+                 max_waiting: int | None = None):
+        """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`);
+        `max_waiting`: sequences that may wait for a KV slot (beyond it, `CapacityExhausted`)."""
+        runner = ModelRunner.serving(path, settings)
         self.timeout_s = timeout_s
         drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
-        self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name))
+        self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting))
 
     def info(self) -> dict:
         runner = self.loop.engine.target
         return {"vocab_size": runner.vocab_size, "max_context": runner.max_context, "eos_token_id": runner.eos_token_id,
-                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(runner)}
 
     def generate(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, **speculation) -> Iterator[SequenceUpdate]:
         """Stream a sequence's updates, one per round, the last with its finish reason.

@@ -17,12 +17,14 @@ over the weights of a Hugging Face `LlamaForCausalLM`, so that
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from actors.buckets import MAX_WIDTH
-from actors.compiled import CompileMode, StepFunction, compile_step, shape_policy, warm_up
+from actors.compiled import CompileMode, StepFunction, compile_step, resolve_mode, shape_policy, warm_up
 from actors.errors import InvalidRequest
 from actors.forward import LlamaStep
 from actors.kv_cache import KVStore, SequenceCache
@@ -30,6 +32,23 @@ from actors.loading import load_llama
 
 SeqId = Hashable
 DEFAULT_MAX_SEQUENCES = 64  # slots of a runner built without a say
+
+
+class RunnerSettings(BaseModel):
+    """How a model replica runs: one typed object from the cluster config to the actor that loads it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
+    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
+    max_sequences: int = Field(
+        DEFAULT_MAX_SEQUENCES, ge=1, le=4096,
+        description="KV-store slots: sequences the replica holds at once (the store is allocated for all of them at load).",
+    )
+    compile: Literal["auto", "eager", "compile", "compile-static"] = Field(
+        "auto", description="How the model step runs (actors.compiled): 'auto' compiles on a CPU, where the benchmark "
+        "shows it pays, and runs eagerly elsewhere until measured; compiling happens at start-up.",
+    )
 
 
 @dataclass(frozen=True)
@@ -65,12 +84,21 @@ class ModelRunner:
         self._run: StepFunction = compile_step(self.step, compile_mode)
         self.shapes = shape_policy(compile_mode)
         self._caches: dict[SeqId, SequenceCache] = {}
+        self.warm_up_s = 0.0  # seconds spent compiling at start-up (`warm_up`)
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
                         max_sequences: int = DEFAULT_MAX_SEQUENCES, compile_mode: CompileMode = "eager") -> "ModelRunner":
         """Load a local Hugging Face checkpoint (config.json + safetensors)."""
         return cls(load_llama(path, dtype, device), str(path), max_sequences, compile_mode)
+
+    @classmethod
+    def serving(cls, path: str, settings: RunnerSettings) -> "ModelRunner":
+        """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns."""
+        runner = cls.from_pretrained(path, settings.dtype, settings.device, settings.max_sequences,
+                                     resolve_mode(settings.compile, settings.device))
+        runner.warm_up_s = runner.warm_up()
+        return runner
 
     # -- sequence bookkeeping -------------------------------------------------
 

@@ -15,7 +15,7 @@ import ray
 from actors.draft_batcher import DraftBatcher
 from actors.engine import SpeculationStats
 from actors.ray_actors import DraftService, RemoteDrafter
-from actors.runner import ModelRunner
+from actors.runner import ModelRunner, RunnerSettings
 from actors.staged import StagedDrafter
 
 
@@ -25,8 +25,8 @@ class StageActor(DraftService):
     Its exits are the innermost drafter's, which the chain's requests choose among.
     """
 
-    def __init__(self, path: str, dtype: str, device: str, inner_handle, inner_k: int, timeout_s: float):
-        self.runner = ModelRunner.from_pretrained(path, dtype, device)
+    def __init__(self, path: str, settings: RunnerSettings, inner_handle, inner_k: int, timeout_s: float):
+        self.runner = ModelRunner.serving(path, settings)
         inner_info = ray.get(inner_handle.info.remote())
         self.exit_layers = inner_info["exit_layers"]
         inner = RemoteDrafter(inner_handle, inner_info, timeout_s)

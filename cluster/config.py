@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from actors.cascades import CascadeParams
 from actors.errors import SpecfleetError
+from actors.runner import RunnerSettings
 from cluster.defaults import models_dir
 
 
@@ -56,10 +57,26 @@ class ModelConfig(_Strict):
     autoscale: AutoscaleConfig | None = Field(None, description="Let the controller scale the replicas within bounds; None keeps `replicas`.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
     device: str = Field("cpu", description="torch device inside the actor, e.g. 'cpu' or 'cuda'.")
+    max_sequences: int = Field(
+        64, ge=1, le=4096,
+        description="KV-store slots of each replica: sequences it decodes (drafts for) at once, allocated at load.",
+    )
+    compile: Literal["auto", "eager", "compile", "compile-static"] = Field(
+        "auto", description="How each replica runs its model step (actors.compiled): 'auto' compiles on a CPU, where "
+        "the benchmark shows it pays, eager elsewhere until measured; compiling happens before the replica serves.",
+    )
+
+    def runner_settings(self) -> RunnerSettings:
+        return RunnerSettings(dtype=self.dtype, device=self.device, max_sequences=self.max_sequences, compile=self.compile)
 
 
 class DrafterConfig(ModelConfig):
     """A (multi-exit) drafter shared by the targets that name it."""
+
+    max_sequences: int = Field(
+        256, ge=1, le=4096,
+        description="KV-store slots of each replica: sequences it drafts for at once, over all its targets.",
+    )
 
 
 class TargetConfig(ModelConfig):
@@ -76,6 +93,10 @@ class TargetConfig(ModelConfig):
         "while this target verifies the other (hides the drafter hop; exact either way). Off by default: on the "
         "CPU zoo, halving the verify batch cost more than the hidden drafting saved (0.89-1.00x at 2-4 streams, "
         "bench/overlap_rounds.py).",
+    )
+    max_waiting: int = Field(
+        256, ge=0, le=65536,
+        description="Requests a replica queues while all its KV slots are taken; beyond it, RESOURCE_EXHAUSTED / 429.",
     )
     via: list[str] = Field(
         default_factory=list,

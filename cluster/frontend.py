@@ -7,7 +7,7 @@ maps these errors to its own status codes:
 
 - `ModelNotFound`: NOT_FOUND / 404
 - `InvalidRequest`: INVALID_ARGUMENT / 400
-- `Overloaded`: RESOURCE_EXHAUSTED / 429
+- `Overloaded`: RESOURCE_EXHAUSTED / 429 (too many requests in flight here, or a replica's KV slots and queue full)
 - `ReplicaFailed`: UNAVAILABLE / 503
 
 When the caller stops reading before the sequence finished (client gone,
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ray.exceptions import RayActorError
 
 from actors.engine import SequenceUpdate
-from actors.errors import InvalidRequest, ModelNotFound, SpecfleetError
+from actors.errors import CapacityExhausted, InvalidRequest, ModelNotFound, SpecfleetError
 from actors.loading import load_tokenizer
 from actors.sampling import SamplingParams
 from cluster.metrics import RequestObserver, RequestTimer
@@ -99,6 +99,9 @@ class Frontend:
         except InvalidRequest:
             outcome = "invalid"
             raise
+        except CapacityExhausted:
+            outcome = "overloaded"
+            raise Overloaded(f"every KV slot of {admitted.model} is taken and its queue is full; retry later") from None
         except RayActorError as err:
             outcome = "failed"
             raise ReplicaFailed(f"target replica failed: {type(err).__name__}") from None

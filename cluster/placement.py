@@ -52,15 +52,15 @@ def start_fleet(config: ClusterConfig) -> Fleet:
 def start_drafter(config: ClusterConfig, name: str):
     """One replica of a drafter (not yet ready: its `info` call waits for the model)."""
     model = config.drafters[name]
-    return _start(DrafterActor, config, model, str(model.path), model.dtype, model.device)
+    return _start(DrafterActor, config, model, str(model.path), model.runner_settings())
 
 
 def start_target(config: ClusterConfig, name: str, drafter_handle):
     """One replica of a target, drafting with `drafter_handle` (None: plain decoding)."""
     model = config.targets[name]
-    return _start(TargetActor, config, model, str(model.path), model.dtype, model.device, drafter_handle,
+    return _start(TargetActor, config, model, str(model.path), model.runner_settings(), drafter_handle,
                   model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "",
-                  model.overlap_rounds)
+                  model.overlap_rounds, model.max_waiting)
 
 
 def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
@@ -81,7 +81,7 @@ def start_chain(config: ClusterConfig, fleet: Fleet, name: str) -> list:
     inner = fleet.drafters[target.drafter][0]
     for middle in target.via:
         model = config.targets[middle]
-        inner = _start(StageActor, config, model, str(model.path), model.dtype, model.device, inner, model.k,
+        inner = _start(StageActor, config, model, str(model.path), model.runner_settings(), inner, model.k,
                        config.server.drafter_timeout_s)
         stages.append(inner)
     ray.get(inner.info.remote())  # each stage waits for the one below it

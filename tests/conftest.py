@@ -1,11 +1,17 @@
 """Shared fixtures: a tiny tokenizer and tiny seeded Llama checkpoints, built once per session."""
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 
+from actors.compiled import AUTO_ENV
 from actors.runner import ModelRunner
+
+# Fleets in tests run their models eagerly: compiling every graph of every replica at each fleet start would
+# take minutes. The compiled step has tests of its own (tests/test_compiled.py) that ask for it explicitly.
+os.environ.setdefault(AUTO_ENV, "eager")
 from tiny_models import build_llama, build_tokenizer
 
 

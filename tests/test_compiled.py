@@ -1,0 +1,127 @@
+"""The batch-native data plane: the compiled step equals the eager one, padding and slots change nothing.
+
+Compiling is slow (seconds per graph), so the compiled runners are built once per
+module and each test reuses the graphs the others compiled.
+"""
+
+import pytest
+import torch
+
+from actors.buckets import ShapePolicy
+from actors.drafters import ModelDrafter
+from actors.engine import SpeculationEngine
+from actors.errors import CapacityExhausted
+from actors.generator import SpeculativeGenerator
+from actors.runner import ModelRunner, RunnerSettings
+from actors.sampling import make_sampling_params
+
+ATOL = 1e-4  # float32 rounding between differently fused kernels
+
+
+@pytest.fixture(scope="module")
+def compiled_target(target_path) -> ModelRunner:
+    return ModelRunner.from_pretrained(target_path, compile_mode="compile")
+
+
+@pytest.fixture(scope="module")
+def compiled_drafter(drafter_path) -> ModelRunner:
+    return ModelRunner.from_pretrained(drafter_path, compile_mode="compile")
+
+
+def fresh_ids(runner: ModelRunner, prefix: str, count: int) -> list[str]:
+    ids = [f"{prefix}{i}" for i in range(count)]
+    for seq_id in ids:
+        runner.add_sequence(seq_id)
+    return ids
+
+
+def run_script(runner: ModelRunner, prompts: list[list[int]], prefix: str) -> list[torch.Tensor]:
+    """Prefill a batch, decode a step, verify a mixed-width draft, roll back, continue: every logit returned."""
+    ids = fresh_ids(runner, prefix, len(prompts))
+    out = runner.forward(ids, prompts)
+    out += runner.forward(ids, [[3]] * len(ids))
+    out += runner.forward(ids, [[5, 6, 7][: 1 + i % 3] for i in range(len(ids))])
+    for seq_id, prompt in zip(ids, prompts):
+        runner.rollback(seq_id, len(prompt) + 1)
+    out += runner.forward(ids, [[9, 10]] * len(ids))
+    out += runner.forward(ids[:1], [[11]])  # one row alone: a batch of 1 has graphs of its own
+    for seq_id in ids:
+        runner.free(seq_id)
+    return out
+
+
+def test_the_compiled_step_equals_the_eager_one(target, compiled_target, prompts):
+    eager = run_script(target, prompts, "e")
+    compiled = run_script(compiled_target, prompts, "c")
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, atol=ATOL, rtol=0)
+
+
+def test_compiled_exits_equal_eager_exits(drafter_runner, compiled_drafter, prompts):
+    exits = drafter_runner.exit_layers
+    results = []
+    for runner, prefix in ((drafter_runner, "e"), (compiled_drafter, "c")):
+        ids = fresh_ids(runner, prefix, len(exits))
+        first = runner.forward(ids, [prompts[0]] * len(exits), exits=exits, last_only=True)
+        steps = [runner.forward(ids, [[t]] * len(exits), exits=exits, last_only=True) for t in (4, 8, 15)]
+        results.append(torch.stack([torch.cat(r) for r in [first, *steps]]))
+        for seq_id in ids:
+            runner.free(seq_id)
+    torch.testing.assert_close(results[1], results[0], atol=ATOL, rtol=0)
+
+
+def test_compiled_greedy_speculation_equals_eager_plain_decoding(target, compiled_target, compiled_drafter, prompts):
+    params = make_sampling_params(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = SpeculativeGenerator(target).generate(prompts, params)
+    speculative = SpeculativeGenerator(compiled_target, ModelDrafter(compiled_drafter), k=3, exit_layer=2)
+    assert [r.tokens for r in speculative.generate(prompts, params)] == [r.tokens for r in plain]
+
+
+def test_warm_up_compiles_every_graph_before_serving(target_path, prompts):
+    """After `serving` warmed it up, decoding and verifying compile nothing new."""
+    runner = ModelRunner.serving(str(target_path), RunnerSettings(compile="compile", max_sequences=4))
+    assert runner.compile_mode == "compile" and runner.warm_up_s > 0
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run_script(runner, prompts[:3], "w")
+
+
+def test_padding_to_buckets_gives_each_row_what_it_gives_alone(target_path, prompts):
+    padded = ModelRunner.from_pretrained(target_path)
+    padded.shapes = ShapePolicy(bucketed=True)  # batches of 5 run as 8, widths of 3 as 4, keys in blocks of 64
+    exact = ModelRunner.from_pretrained(target_path)
+    for a, b in zip(run_script(padded, prompts[:5], "p"), run_script(exact, prompts[:5], "x")):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_a_freed_slot_decodes_as_in_a_fresh_replica(target_path, prompts):
+    reused = ModelRunner.from_pretrained(target_path, max_sequences=1)
+    reused.add_sequence("first")
+    reused.forward(["first"], [prompts[7] + prompts[6]])  # leaves keys in positions the next owner will not write
+    reused.free("first")
+    fresh = ModelRunner.from_pretrained(target_path, max_sequences=1)
+    for runner in (reused, fresh):
+        runner.add_sequence("second")
+    for tokens in (prompts[1], [4], [5, 6]):
+        torch.testing.assert_close(reused.forward(["second"], [tokens])[0], fresh.forward(["second"], [tokens])[0],
+                                   atol=0, rtol=0)
+
+
+def test_sequences_beyond_the_slots_wait_and_decode_exactly(target_path, prompts):
+    params = make_sampling_params(temperature=0, max_tokens=6, ignore_eos=True)
+    roomy = SpeculativeGenerator(ModelRunner.from_pretrained(target_path)).generate(prompts, params)
+    tight_runner = ModelRunner.from_pretrained(target_path, max_sequences=2)
+    tight = SpeculativeGenerator(tight_runner).generate(prompts, params)
+    assert [r.tokens for r in tight] == [r.tokens for r in roomy]
+    assert tight_runner.store.free_slots == 2
+
+
+def test_a_full_queue_refuses_with_capacity_exhausted(target_path, prompts):
+    engine = SpeculationEngine(ModelRunner.from_pretrained(target_path, max_sequences=1), max_waiting=1)
+    params = make_sampling_params(temperature=0, max_tokens=4)
+    engine.add(prompts[0], params)
+    engine.step()  # the first takes the slot
+    engine.add(prompts[1], params)  # the second waits
+    with pytest.raises(CapacityExhausted, match="retry later"):
+        engine.add(prompts[2], params)
+    assert engine.num_live == 2
