@@ -4,8 +4,8 @@ On a CPU a small model's forward is bound by per-op dispatch and by streaming
 its weights, not by arithmetic (../shared/PERF-NOTES.md); inductor fuses the
 step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
 
-- "compile": one graph with dynamic sizes per (depth, query width 1 or more,
-  last-only or all logits), run on exact shapes (`ShapePolicy(bucketed=False)`):
+- "compile": one graph with dynamic sizes per (depth, batch 1 or more, query
+  width 1 or more), run on exact shapes (`ShapePolicy(bucketed=False)`):
   on a CPU padding costs arithmetic, and the dynamic graph ran as fast as
   per-shape ones once weights are pre-transposed (see docs/ARCHITECTURE.md).
 - "compile-static": one graph per shape bucket (`ShapePolicy(bucketed=True)`),
@@ -64,10 +64,10 @@ def shape_policy(mode: CompileMode) -> ShapePolicy:
     return ShapePolicy(bucketed=(mode == "compile-static"))
 
 
-def warm_up(run: Callable[[int, int, int, bool, int], object], depths: list[int]) -> float:
+def warm_up(run: Callable[[int, int, int, int], object], depths: list[int]) -> float:
     """Compile every graph a dynamic-shape runner uses; returns the seconds it took.
 
-    `run(batch, width, start, last_only, depth)` runs one step on scratch rows.
+    `run(batch, width, start, depth)` runs one step on scratch rows.
     Sizes of 1 get graphs of their own (one stream; one new token); other sizes
     are chosen pairwise distinct (batch 2, width 3, keys past them) so that the
     compiler does not assume two sizes equal and recompile when they differ.
@@ -75,9 +75,8 @@ def warm_up(run: Callable[[int, int, int, bool, int], object], depths: list[int]
     started = time.perf_counter()
     for depth in depths:
         for batch in (1, 2):
-            run(batch, 1, 8, False, depth)  # decoding, drafting: one new token per row
-            run(batch, 3, 8, False, depth)  # verifying a draft: every position's logits
-            run(batch, 3, 8, True, depth)  # a prompt: the last position's logits
+            run(batch, 1, 8, depth)  # decoding, drafting: one new token per row
+            run(batch, 3, 8, depth)  # verifying a draft, a prompt
     seconds = time.perf_counter() - started
     log.info("compiled the model step for depths %s in %.1f s", depths, seconds)
     return seconds

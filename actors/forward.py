@@ -64,17 +64,14 @@ class LlamaStep(nn.Module):
         positions: torch.Tensor,
         slots: torch.Tensor,
         exits: torch.Tensor,
-        last: torch.Tensor,
         key_length: int,
         depth: int,
-        last_only: bool,
     ) -> torch.Tensor:
-        """Run `depth` layers for every row and return float32 logits at each row's exit.
+        """Run `depth` layers for every row and return float32 logits [B, T, V] at each row's exit.
 
-        ids, positions [B, T] long; slots, exits, last [B] long (`last`: index of a
-        row's last real token, for `last_only`); `key_length` the keys read per row.
-        Returns [B, V] with
-        `last_only`, else [B, T, V].
+        ids, positions [B, T] long; slots, exits [B] long; `key_length` the keys read per row.
+        Every position gets logits, also for a prompt that needs only its last: one graph
+        fewer to compile, for a head over 64 positions once per prompt chunk.
         """
         hidden = F.embedding(ids, self.embed)  # [B, T, H]
         cos, sin = self.cos[positions], self.sin[positions]  # each [B, T, D]
@@ -85,8 +82,6 @@ class LlamaStep(nn.Module):
             hidden = self._layer(layer, store, hidden, positions, slots, cos, sin, mask, key_length)
             if layer + 1 in self.exit_layers:
                 chosen = hidden if len(self.exit_layers) == 1 else torch.where((exits == layer + 1)[:, None, None], hidden, chosen)
-        if last_only:
-            chosen = chosen[torch.arange(chosen.shape[0], device=ids.device), last]  # [B, H]
         return (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
 
     def _layer(self, layer, store, hidden, positions, slots, cos, sin, mask, key_length) -> torch.Tensor:

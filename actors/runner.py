@@ -208,27 +208,28 @@ class ModelRunner:
         starts = torch.tensor(chunk.starts + [0] * pad)
         slots = torch.tensor([caches[r].slot for r in chunk.rows] + [self.store.scratch_slot] * pad)
         exits = torch.tensor(chunk.exits + [max(chunk.exits)] * pad)
-        last = torch.tensor([len(t) - 1 for t in chunk.tokens] + [0] * pad)
         keys = self.shapes.keys(max(s + len(t) for s, t in zip(chunk.starts, chunk.tokens)), self.store.positions)
-        logits = self._call(ids, starts, slots, exits, last, keys, max(chunk.exits), last_only and width > 1)
-        return logits[:, -1] if last_only and width == 1 else logits  # one graph serves both at width 1
+        logits = self._call(ids, starts, slots, exits, keys, max(chunk.exits))  # [b, T, V]
+        if not last_only:
+            return logits
+        return logits[torch.arange(count), torch.tensor([len(t) - 1 for t in chunk.tokens])]  # [count, V]
 
-    def _call(self, ids, starts, slots, exits, last, keys: int, depth: int, last_only: bool) -> torch.Tensor:
+    def _call(self, ids, starts, slots, exits, keys: int, depth: int) -> torch.Tensor:
         device = self._device
         positions = starts[:, None] + torch.arange(ids.shape[1])[None, :]  # [b, T]; padding runs past a row's end
         return self._run(self.store, ids.to(device), positions.to(device), slots.to(device), exits.to(device),
-                         last.to(device), keys, depth, last_only)
+                         keys, depth)
 
     def warm_up(self) -> float:
         """Compile every graph this runner will use (a "compile" runner); returns the seconds it took."""
         if self.compile_mode != "compile":
             return 0.0
 
-        def scratch_step(batch: int, width: int, start: int, last_only: bool, depth: int) -> None:
+        def scratch_step(batch: int, width: int, start: int, depth: int) -> None:
             full = lambda value: torch.full((batch,), value, dtype=torch.long)
             with torch.inference_mode():
                 self._call(torch.zeros(batch, width, dtype=torch.long), full(start), full(self.store.scratch_slot),
-                           full(depth), full(width - 1), start + width, depth, last_only)
+                           full(depth), start + width, depth)
 
         return warm_up(scratch_step, sorted(set(self.exit_layers)))
 

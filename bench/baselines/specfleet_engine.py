@@ -15,7 +15,7 @@ import torch
 
 from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
-from actors.runner import ModelRunner
+from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
 from bench.metrics import RequestTrace, SpeculationCounts
 
@@ -24,10 +24,11 @@ class Session:
     def __init__(self, settings: dict, modes: list[str]):
         torch.set_num_threads(settings["threads"])
         started = time.perf_counter()
-        self.target = ModelRunner.from_pretrained(settings["target"], device=settings["device"])
+        runner_settings = RunnerSettings(device=settings["device"])  # compiled as a served replica is ('auto')
+        self.target = ModelRunner.serving(settings["target"], runner_settings)
         drafter = None
         if "speculative" in modes:
-            drafter = ModelDrafter(ModelRunner.from_pretrained(settings["drafter"], device=settings["device"]))
+            drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], runner_settings))
         self.engines = {"plain": SpeculationEngine(self.target)}
         if drafter is not None:
             self.engines["speculative"] = SpeculationEngine(self.target, drafter, settings["k"], settings["exit_layer"])
@@ -36,7 +37,7 @@ class Session:
 
     def info(self) -> dict:
         return {"load_s": self.load_s, "torch_threads": torch.get_num_threads(), "device": self.settings["device"],
-                "torch": torch.__version__}
+                "torch": torch.__version__, "compile_mode": self.target.compile_mode}
 
     def run(self, mode: str, cell: dict) -> tuple[list[RequestTrace], SpeculationCounts | None]:
         return run_closed_loop(self.engines[mode], cell, self.settings), None
