@@ -9,7 +9,10 @@ it and decodes plainly (see `SpeculationEngine`), so no stream is lost.
 """
 
 import os
+import queue
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
@@ -76,6 +79,24 @@ class DrafterActor(DraftService):
         self.runner = ModelRunner.serving(path, settings)
         self.exit_layers = self.runner.exit_layers
         self.batcher = DraftBatcher(ModelDrafter(self.runner))
+
+
+def _take(item):
+    """An update from the engine loop's queue, or the error it put there."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+def _merge_until(output: queue.Queue, update: SequenceUpdate, deadline: float) -> SequenceUpdate:
+    """`update` merged with every later one the loop delivers before `deadline` (or the last)."""
+    while update.finish_reason is None:
+        try:
+            later = _take(output.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            break
+        update = replace(later, new_tokens=update.new_tokens + later.new_tokens)
+    return update
 
 
 class RemoteDrafter(Drafter):
@@ -179,11 +200,12 @@ class TargetActor:
 
     def __init__(self, path: str, settings: RunnerSettings, drafter_handle, exit_layer: int | None, k: int,
                  timeout_s: float, name: str = "", drafter_name: str = "", overlap_rounds: bool = False,
-                 max_waiting: int | None = None):
+                 max_waiting: int | None = None, stream_interval_s: float = 0.0):
         """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`);
-        `max_waiting`: sequences that may wait for a KV slot (beyond it, `CapacityExhausted`)."""
+        `max_waiting`: sequences that may wait for a KV slot (beyond it, `CapacityExhausted`);
+        `stream_interval_s`: how long `generate` gathers rounds into one update."""
         runner = ModelRunner.serving(path, settings)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.stream_interval_s = timeout_s, stream_interval_s
         drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
         self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting))
@@ -194,18 +216,20 @@ class TargetActor:
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(runner)}
 
     def generate(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, **speculation) -> Iterator[SequenceUpdate]:
-        """Stream a sequence's updates, one per round, the last with its finish reason.
+        """Stream a sequence's updates, the last with its finish reason.
 
         `speculation` may override k (0: plain decoding) and exit_layer for this sequence.
+        The first update goes out as soon as it exists (time to first token); later rounds
+        are merged into one update per `stream_interval_s` (each update is a Ray object
+        and a message on the front door: per round they cost as much as a forward).
         """
         output = self.loop.submit(seq_id, prompt, params, **speculation)
+        update = _take(output.get())
         while True:
-            update = output.get()
-            if isinstance(update, BaseException):
-                raise update
             yield update
             if update.finish_reason is not None:
                 return
+            update = _merge_until(output, _take(output.get()), time.monotonic() + self.stream_interval_s)
 
     def cancel(self, seq_id: SeqId) -> None:
         self.loop.cancel(seq_id)

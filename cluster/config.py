@@ -111,6 +111,11 @@ class ServerConfig(_Strict):
     http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API (Ray Serve's proxy).")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that leaves it unset.")
     max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight before RESOURCE_EXHAUSTED.")
+    stream_interval_s: float = Field(
+        0.01, ge=0, le=1.0,
+        description="A stream's first update goes out at once; later rounds are merged into one update per this "
+        "many seconds (each update is a Ray object and a message: per round they cost about a forward). 0: every round.",
+    )
     drafter_timeout_s: float = Field(
         10.0, gt=0, description="A drafter call slower than this counts as a dead drafter: the target decodes plainly."
     )

@@ -60,7 +60,7 @@ def start_target(config: ClusterConfig, name: str, drafter_handle):
     model = config.targets[name]
     return _start(TargetActor, config, model, str(model.path), model.runner_settings(), drafter_handle,
                   model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "",
-                  model.overlap_rounds, model.max_waiting)
+                  model.overlap_rounds, model.max_waiting, config.server.stream_interval_s)
 
 
 def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
