@@ -31,7 +31,7 @@ from actors.drafters import Draft, DraftRequest, Drafter
 from actors.errors import CapacityExhausted, DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, logits_to_probs, make_generator
-from actors.telemetry import PLAIN, RoundBuffer, RoundRecord
+from actors.telemetry import PLAIN, RoundBuffer, RoundRecord, RoundTimes
 from actors.verification import Verdict, verify_greedy, verify_sampled
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class SpeculationEngine:
         self.exit_layer = exit_layer
         self.target_name, self.drafter_name = target_name, drafter_name
         self.telemetry, self.clock = RoundBuffer(), clock
+        self.round_hook: Callable[[RoundTimes], None] | None = None  # told where each round's time went
+        self._times = RoundTimes()  # the round under way
         self.max_waiting = max_waiting
         self._live: dict[SeqId, _Live] = {}
         self._waiting: dict[SeqId, _Live] = {}  # admitted, waiting for a KV slot; in arrival order
@@ -190,11 +192,15 @@ class SpeculationEngine:
         running = list(self._live.values())
         if not running:
             return []
+        self._begin_round()
         self._prefill([s for s in running if not s.prefilled])
         arms = [self._arm(s) for s in running]
         started = self.clock()
         drafts = self._propose(running)
         return self._verify_round(running, drafts, arms, self.clock() - started)
+
+    def _begin_round(self) -> None:
+        self._times = RoundTimes(total_s=self.clock())  # total_s holds the start until the round ends
 
     def close(self) -> None:
         """Cancel every live sequence."""
@@ -265,7 +271,9 @@ class SpeculationEngine:
         """Cache every prompt token but the last, all fresh sequences in one forward."""
         rows = [s for s in fresh if len(s.prompt) > 1]
         if rows:
+            started = self.clock()
             self.target.forward([s.seq_id for s in rows], [s.prompt[:-1] for s in rows], last_only=True)
+            self._times.prefill_s += self.clock() - started
         for seq in fresh:
             seq.prefilled = True
 
@@ -279,12 +287,25 @@ class SpeculationEngine:
         logits = self.target.forward(
             [s.seq_id for s in rows], [[s.pending] + d.tokens for s, d in zip(rows, drafts)]
         )  # per row [k_i + 1, V]
-        updates = [self._advance(s, d, self._verify(s, d, l)) for s, d, l in zip(rows, drafts, logits)]
+        forwarded = self.clock()
+        verdicts = [self._verify(s, d, l) for s, d, l in zip(rows, drafts, logits)]
+        verified = self.clock()
+        updates = [self._advance(s, d, v) for s, d, v in zip(rows, drafts, verdicts)]
         self._record_round(rows, arms, before, draft_s, self.clock() - started)
         for update in updates:
             if update.finish_reason is not None:
                 self._release(self._live.pop(update.seq_id))
+        self._end_round(len(rows), sum(len(u.new_tokens) for u in updates), draft_s, forwarded - started,
+                        verified - forwarded)
         return updates
+
+    def _end_round(self, rows: int, emitted: int, draft_s: float, forward_s: float, verification_s: float) -> None:
+        times = self._times
+        times.rows, times.emitted = rows, emitted
+        times.draft_s, times.forward_s, times.verification_s = draft_s, forward_s, verification_s
+        times.total_s = self.clock() - times.total_s
+        if self.round_hook is not None:
+            self.round_hook(times)
 
     def _propose(self, running: list[_Live]) -> list[Draft]:
         no_drafts = [Draft([], None) for _ in running]

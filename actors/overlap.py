@@ -55,6 +55,7 @@ class OverlappedEngine(SpeculationEngine):
         running = list(self._live.values())
         if not running:
             return []
+        self._begin_round()
         started = self.clock()
         due, due_drafts, due_arms = self._collect()
         due_ids = {s.seq_id for s in due}

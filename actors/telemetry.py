@@ -21,6 +21,29 @@ from dataclasses import dataclass
 PLAIN = ""  # drafter name of plain decoding rounds (k = 0)
 
 
+@dataclass
+class RoundTimes:
+    """Where one engine round's time went (seconds of the engine's clock); the engine's round hook receives it.
+
+    draft: the drafter call (with a remote drafter: transfer and its compute);
+    forward: the target's verify forward; verification: accepting or rejecting
+    every row; bookkeeping: the rest (rollback, commits, stops, telemetry).
+    Prefill of sequences that joined this round is apart from them.
+    """
+
+    rows: int = 0  # sequences in the round
+    emitted: int = 0  # tokens the round emitted
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    forward_s: float = 0.0
+    verification_s: float = 0.0
+    total_s: float = 0.0  # the whole round, prefill included
+
+    @property
+    def bookkeeping_s(self) -> float:
+        return max(0.0, self.total_s - self.prefill_s - self.draft_s - self.forward_s - self.verification_s)
+
+
 @dataclass(frozen=True)
 class RoundRecord:
     """One arm's share of one round of a `SpeculationEngine`."""

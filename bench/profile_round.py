@@ -1,23 +1,15 @@
-"""Where a speculation round's time goes: draft, transfer, verify, sampling/verification, Python overhead.
+"""Where a speculation round's time goes, read from the engine's round hook (`RoundTimes`).
 
-The engine is timed from outside by wrapping the methods a round calls, on
-the instances only (nothing in actors/ changes):
+Parts per round: prefill (prompts that joined), draft (the drafter call: with
+a remote drafter it is split into the drafter actor's own compute and the
+rest: transfer, (de)serialisation, Ray), verify forward, verification
+(acceptance / rejection sampling of every row), and bookkeeping (rollback,
+commits, stops, telemetry: the Python the round spends outside models).
 
-- prefill: the target's forward over new prompts;
-- draft: the drafter's `propose` (in-process: its forwards are also timed
-  apart; with a remote drafter it is the whole remote call, split into the
-  drafter actor's own compute and the rest: transfer, (de)serialisation, Ray);
-- verify: the target's forward over [pending, drafts], of which the gathering
-  of cached keys/values into a padded batch (a Python loop per row) is timed
-  apart;
-- verification: acceptance / rejection sampling of each row;
-- rollback: both models' cache rollback and the drafter's commit;
-- other Python: the rest of the round (engine bookkeeping, building lists).
-
-Three engines run the same greedy requests: the target alone (plain), the
-target with an in-process drafter, and (on CPU) the target with the drafter
-in a Ray actor reached through `RemoteDrafter`, as the cluster's target actor
-does.
+Three engines run the same greedy requests on runners compiled as a served
+replica's are: the target alone (plain), the target with an in-process
+drafter, and (on CPU) the target with the drafter in a Ray actor reached
+through `RemoteDrafter`, as the cluster's target actor does.
 """
 
 import os
@@ -29,57 +21,36 @@ import torch
 from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
 from actors.ray_actors import DrafterActor, RemoteDrafter
-from actors.runner import ModelRunner
+from actors.runner import ModelRunner, RunnerSettings
+from actors.telemetry import RoundTimes
 from bench.baselines.specfleet_engine import run_closed_loop
 from bench.memory import process_tree_peaks
 
 REMOTE_TIMEOUT_S = 120.0
+PARTS = {"prefill": "prefill_s", "draft": "draft_s", "verify forward": "forward_s",
+         "verification": "verification_s", "bookkeeping": "bookkeeping_s"}
 
 
-class Stopwatch:
-    """Seconds spent per named part, accumulated by wrappers.
+class RoundProfile:
+    """Sums the `RoundTimes` an engine's round hook receives."""
 
-    On a GPU each timed call ends with a synchronisation, so a part's time is
-    its kernels' time and not just their launch (which makes the round a
-    little slower than unprofiled).
-    """
-
-    def __init__(self, device: str = "cpu"):
+    def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
-        self._sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        self._wrapped: list[tuple[object, str, object]] = []  # (owner, attribute, its own attribute before, if any)
+        self.rounds = 0
 
-    def wrap(self, owner, attribute: str, name: str, name_of=None) -> None:
-        """Time every call of owner.attribute under `name` (or under name_of(args, kwargs))."""
-        original = getattr(owner, attribute)
-        self._wrapped.append((owner, attribute, vars(owner).get(attribute)))
-
-        def timed(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._sync()
-                self.seconds[name_of(args, kwargs) if name_of else name] += time.perf_counter() - started
-
-        setattr(owner, attribute, timed)
-
-    def restore(self) -> None:
-        """Undo every wrap, last first, so shared models can be timed again by another stopwatch."""
-        for owner, attribute, before in reversed(self._wrapped):
-            if before is None:
-                delattr(owner, attribute)
-            else:
-                setattr(owner, attribute, before)
-        self._wrapped.clear()
+    def __call__(self, times: RoundTimes) -> None:
+        self.rounds += 1
+        self.seconds["round"] += times.total_s
+        for part, attribute in PARTS.items():
+            self.seconds[part] += getattr(times, attribute)
 
 
 class TimedDrafterActor(DrafterActor):
     """The cluster's drafter actor, also counting the seconds its `propose` computes."""
 
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, settings: RunnerSettings, threads: int):
         torch.set_num_threads(threads)
-        super().__init__(path)
+        super().__init__(path, settings)
         self.compute_s = 0.0
 
     def propose(self, commits, requests):
@@ -94,40 +65,11 @@ class TimedDrafterActor(DrafterActor):
         return value
 
 
-def instrument(engine: SpeculationEngine, device: str) -> tuple[Stopwatch, list[int]]:
-    """Wrap the engine's parts; returns the stopwatch and a one-item list counting rounds."""
-    watch, rounds = Stopwatch(device), [0]
-    target = engine.target
-    watch.wrap(target, "forward", "verify", lambda args, kwargs: "prefill" if kwargs.get("last_only") else "verify")
-    watch.wrap(target, "_gather_past", "verify: KV gather")
-    watch.wrap(target, "rollback", "rollback")
-    watch.wrap(engine, "_verify", "verification")
-    if engine.drafter is not None:
-        watch.wrap(engine.drafter, "propose", "draft")
-        watch.wrap(engine.drafter, "commit", "rollback")
-        if isinstance(engine.drafter, ModelDrafter):
-            watch.wrap(engine.drafter.runner, "forward", "draft: forwards")
-    watch.wrap(engine, "step", "round")
-    timed_step = engine.step
-
-    def counted_step():
-        updates = timed_step()
-        rounds[0] += bool(updates)
-        return updates
-
-    engine.step = counted_step  # the engine is thrown away after one profile, so this wrap is never undone
-    return watch, rounds
-
-
-TOP_LEVEL = ("prefill", "draft", "verify", "verification", "rollback")
-
-
-def breakdown(seconds: dict[str, float], rounds: int, tokens: int, remote_compute_s: float | None) -> dict:
+def breakdown(profile: RoundProfile, tokens: int, remote_compute_s: float | None) -> dict:
     """Mean milliseconds per round of each part, and its share of the round."""
-    round_s = seconds["round"]
-    parts = {name: seconds.get(name, 0.0) for name in TOP_LEVEL}
-    parts["other Python"] = max(0.0, round_s - sum(parts.values()))
-    details = {name: seconds[name] for name in ("draft: forwards", "verify: KV gather") if name in seconds}
+    seconds, rounds, round_s = profile.seconds, profile.rounds, profile.seconds["round"]
+    parts = {name: seconds[name] for name in PARTS}
+    details = {}
     if remote_compute_s is not None:
         details["draft: drafter actor compute"] = remote_compute_s
         details["draft: transfer + Ray"] = max(0.0, parts["draft"] - remote_compute_s)
@@ -141,21 +83,22 @@ def breakdown(seconds: dict[str, float], rounds: int, tokens: int, remote_comput
 def profile_engine(engine: SpeculationEngine, cell: dict, settings: dict, remote_handle=None) -> dict:
     import ray
 
-    watch, rounds = instrument(engine, settings["device"])
-    try:
-        traces = run_closed_loop(engine, cell, settings)
-    finally:
-        watch.restore()
+    profile = RoundProfile()
+    engine.round_hook = profile
+    if settings["device"].startswith("cuda"):  # a part's time is then its kernels' time, not their launch
+        engine.clock = lambda: (torch.cuda.synchronize(), time.perf_counter())[1]
+    traces = run_closed_loop(engine, cell, settings)
     compute = ray.get(remote_handle.take_compute_s.remote()) if remote_handle is not None else None
-    return breakdown(watch.seconds, rounds[0], sum(t.num_tokens for t in traces), compute)
+    return breakdown(profile, sum(t.num_tokens for t in traces), compute)
 
 
 def run_whole_job(job: dict) -> dict:
     """Profile the plain and in-process engines at each concurrency, then (on CPU) the remote drafter."""
     settings = job["settings"]
     torch.set_num_threads(settings["threads"])
-    target = ModelRunner.from_pretrained(settings["target"], device=settings["device"])
-    drafter = ModelDrafter(ModelRunner.from_pretrained(settings["drafter"], device=settings["device"]))
+    runner_settings = RunnerSettings(device=settings["device"])  # compiled as a served replica is ('auto')
+    target = ModelRunner.serving(settings["target"], runner_settings)
+    drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], runner_settings))
     k, exit_layer = settings["k"], settings["exit_layer"]
     profiles = defaultdict(list)
     for cell in job["cells"]:
@@ -181,7 +124,7 @@ def _profile_remote(target: ModelRunner, job: dict) -> tuple[list[dict], list[di
     try:
         handle = ray.remote(TimedDrafterActor).options(
             num_cpus=0, max_concurrency=16, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings["threads"])}},
-        ).remote(settings["drafter"], settings["threads"])
+        ).remote(settings["drafter"], RunnerSettings(device="cpu"), settings["threads"])
         remote = RemoteDrafter(handle, ray.get(handle.info.remote()), REMOTE_TIMEOUT_S)
         run_closed_loop(SpeculationEngine(target, remote, k, exit_layer), job["warmup"], settings)
         ray.get(handle.take_compute_s.remote())

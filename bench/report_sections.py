@@ -198,8 +198,8 @@ def profile_section(profile: dict) -> list[str]:
     body.append(["tokens per round", *(fmt(p["tokens_per_round"], "{:.2f}") for _, p in columns)])
     header = ["ms per round (share)", *(f"{name}, {streams(p['concurrency'])}" for name, p in columns)]
     lines += [f"Greedy `{profile['category']}` prompts, k = {profile['k']}, exit {profile['exit_layer']}. "
-              "Parts are timed by wrapping the engine's calls (bench/profile_round.py); `draft:` and `verify:` lines "
-              "are parts of draft and verify.", "", *_table(header, body)]
+              "Parts are read from the engine's round hook (`RoundTimes`, bench/profile_round.py); `draft:` lines "
+              "are parts of draft.", "", *_table(header, body)]
     return lines + _profile_findings(engines) + WHAT_WAS_DONE
 
 

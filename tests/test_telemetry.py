@@ -137,5 +137,21 @@ def test_rounds_are_timed_with_the_engine_s_clock(target, prompts):
     engine.add(prompts[0], GREEDY)
     engine.step()
     (record,) = engine.drain_telemetry()
-    assert (record.draft_s, record.verify_s) == (1.0, 1.0)  # three readings per round
+    # readings: draft start/end; verify start, after the forward, after verification, end
+    assert (record.draft_s, record.verify_s) == (1.0, 3.0)
+    engine.close()
+
+
+def test_the_round_hook_says_where_a_round_went(target, drafter_runner, prompts):
+    """Every part of a round is one span of the engine's clock; together they make up the round."""
+    ticks = iter(range(1000))
+    engine = SpeculationEngine(target, ModelDrafter(drafter_runner), k=2, clock=lambda: float(next(ticks)))
+    seen = []
+    engine.round_hook = seen.append
+    engine.add(prompts[1], GREEDY)
+    engine.step()
+    (times,) = seen
+    assert (times.rows, times.prefill_s, times.draft_s, times.forward_s, times.verification_s) == (1, 1.0, 1.0, 1.0, 1.0)
+    assert times.total_s > 4.0 and times.emitted >= 1
+    assert times.bookkeeping_s == times.total_s - 4.0
     engine.close()

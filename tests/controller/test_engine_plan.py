@@ -13,7 +13,7 @@ from actors.engine_loop import EngineLoop
 from actors.errors import InvalidRequest
 from actors.generator import SpeculativeGenerator
 from actors.ray_actors import DrafterActor, RemoteDrafter
-from actors.runner import ModelRunner
+from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
 from test_generator import chi_square_excess, first_two_token_distributions
 
@@ -78,7 +78,7 @@ def test_a_remote_drafter_catches_up_on_commits_buffered_while_off(target, draft
     """RemoteDrafter's real buffering, against a real DrafterActor called in process instead of through Ray."""
     monkeypatch.setattr("actors.ray_actors.ray.get", lambda value, timeout=None: value)
     monkeypatch.setattr("actors.ray_actors.ray.wait", lambda values, num_returns=1, timeout=None: (list(values), []))
-    actor = DrafterActor(str(drafter_path))
+    actor = DrafterActor(str(drafter_path), RunnerSettings())
     remote = RemoteDrafter(InProcessHandle(actor), {"vocab_size": target.vocab_size, "exit_layers": [1, 2, 4]}, 5.0)
     engine = SpeculationEngine(target, remote, k=3, exit_layer=2)
     assert run_switching_plans(engine, prompts[:4]) == plain[:4]
