@@ -112,11 +112,14 @@ def test_an_off_plan_skips_the_drafter_unless_a_sequence_asks_for_drafts(target,
     engine.close()
 
 
-def test_switching_plans_keeps_sampled_output_on_the_target_distribution(target, target_path, drafter_runner, prompts):
+def test_switching_plans_keeps_sampled_output_on_the_target_distribution(target_path, drafter_path, prompts):
     """First token drafted at exit 1 (k = 1), then speculation off: both tokens follow p exactly."""
     prompt, samples, temperature = prompts[0], 3000, 1.3
     exact = first_two_token_distributions(LlamaForCausalLM.from_pretrained(target_path).eval(), prompt, temperature)
-    engine = SpeculationEngine(target, ModelDrafter(drafter_runner), k=1, exit_layer=1)
+    # every sample decodes in the same two rounds, so each model needs a KV slot per sample
+    target = ModelRunner.from_pretrained(target_path, max_sequences=samples)
+    drafter = ModelRunner.from_pretrained(drafter_path, max_sequences=samples)
+    engine = SpeculationEngine(target, ModelDrafter(drafter), k=1, exit_layer=1)
     for seed in range(samples):
         engine.add(prompt, make_sampling_params(temperature=temperature, max_tokens=2, seed=seed, ignore_eos=True), seq_id=seed)
     tokens: dict = {}
