@@ -26,7 +26,7 @@ from bench.goals import evaluate_goals
 from bench.jobs import Job, job_settings, plan_jobs, run_job
 from bench.machine import describe_machine, load_average
 from bench.results import add_greedy_agreement, add_speedups, collect_rows, drop_completions
-from bench.workloads import BenchConfig, prompt_length
+from bench.workloads import MAX_LOAD_TO_START, BenchConfig, prompt_length
 
 ZOO_TARGETS = ("target-s", "target-m", "target-l")
 
@@ -47,9 +47,18 @@ def check_fits(config: BenchConfig) -> None:
                          f"{config.max_tokens} + k {config.k} + 1 exceed the target's context of {context}")
 
 
+def check_quiet(config: BenchConfig) -> None:
+    """Refuse to measure on a busy machine unless forced: the report records the load either way."""
+    load = load_average()
+    if load and load[0] > MAX_LOAD_TO_START and not config.force:
+        raise InvalidRequest(f"bench: the 1-minute load average is {load[0]} (above {MAX_LOAD_TO_START}): stop other "
+                             "work (other engines' idle processes too) or pass --force")
+
+
 def run_benchmark(config: BenchConfig, command: str, log_dir: Path | None = None, echo=print) -> dict:
     """Run everything the config asks for; returns the report (not yet written)."""
     check_fits(config)
+    check_quiet(config)
     started = time.perf_counter()
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="specfleet-bench-logs-"))
     settings = job_settings(config)

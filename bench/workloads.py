@@ -23,6 +23,9 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Category = Literal["code", "docstring", "long_context", "hex_literals"]
 
 
+MAX_LOAD_TO_START = 1.0  # 1-minute load average above which a run refuses to start unless forced
+
+
 class BenchConfig(BaseModel):
     """Settings of one `specfleet bench` run."""
 
@@ -60,6 +63,7 @@ class BenchConfig(BaseModel):
     multi_target_repeats: int = Field(5, ge=1, description="Interleaved repeats of the multi-target phases (plain, shared, dedicated).")
     keep_tokens: bool = Field(False, description="Keep every request's completion tokens in the JSON (large).")
     child_timeout_s: float = Field(2400.0, gt=0, description="Longest a system's benchmark process may run.")
+    force: bool = Field(False, description=f"Run even when the 1-minute load average exceeds {MAX_LOAD_TO_START} (a busy machine skews every row).")
 
     def export_path(self) -> Path:
         return self.drafter_export or self.drafter.with_name(f"{self.drafter.name}-exit-{self.exit_layer}")

@@ -42,6 +42,7 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip the per-round profile")
     parser.add_argument("--no-multi-target", action="store_true", help="skip the shared-drafter measurement")
     parser.add_argument("--keep-tokens", action="store_true", help="keep every completion's tokens in the JSON")
+    parser.add_argument("--force", action="store_true", help="run even on a busy machine (load average above 1.0)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "reports", help="folder of bench.json and the plots")
     parser.add_argument("--markdown", type=Path, default=REPO / "BENCHMARKS.md", help="where to write the report")
     parser.add_argument("--from-json", type=Path, help="only render the report of an earlier bench.json")
@@ -62,6 +63,7 @@ def config_from_args(args: argparse.Namespace):
     overrides |= {"profile": False} if args.no_profile else {}
     overrides |= {"multi_target": False} if args.no_multi_target else {}
     overrides |= {"keep_tokens": True} if args.keep_tokens else {}
+    overrides |= {"force": True} if args.force else {}
     try:
         return preset_config(args.preset, **overrides)
     except ValidationError as err:

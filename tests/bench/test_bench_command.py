@@ -3,6 +3,7 @@
 import pytest
 
 import bench.harness
+from actors.errors import InvalidRequest
 from cluster.cli import main
 
 
@@ -35,3 +36,15 @@ def test_bad_options_end_with_one_line_and_status_2(argv, message, nothing_runs,
 def test_rendering_a_missing_report_is_refused(tmp_path, capsys):
     assert main(["bench", "--from-json", str(tmp_path / "nope.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_busy_machine_refuses_to_benchmark_unless_forced(monkeypatch):
+    from bench import harness
+    from bench.workloads import preset_config
+
+    monkeypatch.setattr(harness, "load_average", lambda: [3.5, 2.0, 1.0])
+    with pytest.raises(InvalidRequest, match="load average is 3.5"):
+        harness.check_quiet(preset_config("quick"))
+    harness.check_quiet(preset_config("quick", force=True))
+    monkeypatch.setattr(harness, "load_average", lambda: [0.4, 0.5, 0.6])
+    harness.check_quiet(preset_config("quick"))

@@ -27,6 +27,7 @@ def run(tmp_path_factory, target_path, drafter_path, drafter_export_path, manife
         prompt_tokens=16, long_prompt_tokens=40, max_tokens=MAX_TOKENS, concurrency=CONCURRENCY, min_requests=2,
         target=target_path, drafter=drafter_path, drafter_export=drafter_export_path, exit_layer=2, k=3,
         corpus_manifest=manifest_path, multi_target=False, keep_tokens=True, child_timeout_s=900,
+        force=True,  # the test suite keeps the machine busy
     )
     out = tmp_path_factory.mktemp("bench")
     report = run_benchmark(config, "pytest", log_dir=out, echo=lambda line: None)

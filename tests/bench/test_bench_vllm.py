@@ -32,6 +32,7 @@ def report(tmp_path_factory, manifest_path):
         prompts_per_category=2, prompt_tokens=16, max_tokens=MAX_TOKENS, min_requests=2,
         target=ZOO / "target-s", drafter=ZOO / "drafter", exit_layer=1, k=3, corpus_manifest=manifest_path,
         vllm_python=Path(VLLM_PYTHON), profile=False, multi_target=False, child_timeout_s=1200,
+        force=True,  # the test suite keeps the machine busy
     )
     return run_benchmark(config, "pytest", log_dir=tmp_path_factory.mktemp("vllm"), echo=lambda line: None)
 
