@@ -208,22 +208,20 @@ WHAT_WAS_DONE = [
     "What was done about each part:",
     "",
     "- **transfer + Ray**: one Ray call per round per target actor, for all its live sequences; the previous "
-    "round's commits ride along with the next proposal instead of costing calls of their own; a greedy draft "
-    "travels as its token ids alone (no q rows, and the drafter's confidence rows only when a cascade asks).",
+    "round's commits ride along with the next proposal; a greedy draft travels as its token ids alone. Streams "
+    "send their first update at once and then one merged update per `server.stream_interval_s`, not one per round.",
     "- **draft**: each draft step is one batched forward over every sequence that drafts, from every target "
-    "sharing the drafter (rows may use different exits), on per-sequence KV caches, so a step feeds one token "
-    "per row; a proposal that arrives while another target's drafts joins it at the next step instead of "
-    "waiting for it to finish (continuous batching by draft step); greedy rows take the argmax; the controller "
-    "picks a cheaper exit or a shorter k per target from measured goodput, and turns speculation off where no "
-    "arm beats plain decoding (bench/reports/controller_shift.md).",
-    "- **verify**: every live sequence of a target in one forward (continuous batching between rounds).",
-    "- **Python overhead**: streams detokenize incrementally; the round's bookkeeping stays near 1% above.",
-    "- **what is left**: these tiny models are overhead-bound on CPU, so a forward's cost follows its layer "
-    "count more than its width: a draft step of the 2-layer, 96-wide exit costs about a quarter of target-l's "
-    "6-layer, 192-wide forward (see draft: forwards / k against the plain round above), where GPU pairs pay "
-    "one or two orders of magnitude less. Four draft steps then cost about one verify, and at this zoo's "
-    "greedy acceptance (about 0.3) a round cannot emit enough tokens to pay for them: the break-even lines "
-    "above are that arithmetic. A GPU and a better-trained zoo are what would move it.",
+    "sharing the drafter (rows may use different exits), continuously batched by draft step; the controller "
+    "picks a cheaper exit or a shorter k per target, or turns speculation off, from measured goodput.",
+    "- **forwards**: one preallocated KV store per replica (slots written by position, no per-layer gather), a "
+    "fused step (q/k/v and gate/up in one matmul each, weights pre-transposed) compiled by inductor at start-up "
+    "(`RunnerSettings.compile`), every live sequence of a target in one step.",
+    "- **what is left**: on this CPU a step streams its weights from cache each time, so target-l costs about "
+    "1 ms per step whatever the batch up to a few rows, a 4-token verify about 1.2-1.6 ms, and a draft step of "
+    "the 2-layer exit 0.3-0.4 ms (a third of a target step, where a GPU pair pays a tenth or less). At this zoo's "
+    "greedy acceptance (about 0.3, MAL near 2) a k = 4 round cannot emit enough tokens to pay for four draft "
+    "steps and a wider verify: the break-even lines above are that arithmetic. A cheaper drafter relative to "
+    "its target (zoo v2, issue 17) and a GPU are what would move it.",
     "",
 ]
 

@@ -16,7 +16,7 @@ import ray
 from actors.drafters import DraftRequest
 from actors.generator import SpeculativeGenerator
 from actors.ray_actors import DrafterActor, RemoteDrafter
-from actors.runner import ModelRunner
+from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
 from cluster.placement import start_fleet, stop_fleet
@@ -116,7 +116,7 @@ class SlowFinishDrafter(DrafterActor):
 def test_a_sequence_id_reused_right_after_its_finish_starts_afresh(ray_cluster, drafter_path, prompts):
     """Without waiting, the start would run beside the slow finish (a threaded actor): 'already exists', or freed later."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor class lives in this test module
-    handle = ray.remote(SlowFinishDrafter).options(max_concurrency=8, resources={"draft": 1}).remote(str(drafter_path))
+    handle = ray.remote(SlowFinishDrafter).options(max_concurrency=8, resources={"draft": 1}).remote(str(drafter_path), RunnerSettings())
     try:
         drafter = RemoteDrafter(handle, ray.get(handle.info.remote()), timeout_s=10)
         drafter.start("reused", prompts[0], GREEDY)
