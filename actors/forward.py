@@ -35,7 +35,6 @@ class LlamaStep(nn.Module):
         self.head_dim = attention.head_dim
         self.scale = attention.scaling
         self.eps = config.rms_norm_eps
-        self.exit_layers = tuple(getattr(config, "exit_layers", None) or [config.num_hidden_layers])
         self.embed = nn.Buffer(model.model.embed_tokens.weight)  # [V, H]
         self.lm_head = nn.Buffer(model.lm_head.weight.t().contiguous())  # [H, V]
         self.final_norm = nn.Buffer(model.model.norm.weight)  # [H]
@@ -77,11 +76,10 @@ class LlamaStep(nn.Module):
         cos, sin = self.cos[positions], self.sin[positions]  # each [B, T, D]
         visible = torch.arange(key_length, device=ids.device)[None, None, :] <= positions[:, :, None]  # [B, T, K]
         mask = visible[:, None]  # [B, 1, T, K]
-        chosen = hidden
+        chosen = hidden  # each row's hidden state at its exit, once the row has passed it
         for layer in range(depth):
             hidden = self._layer(layer, store, hidden, positions, slots, cos, sin, mask, key_length)
-            if layer + 1 in self.exit_layers:
-                chosen = hidden if len(self.exit_layers) == 1 else torch.where((exits == layer + 1)[:, None, None], hidden, chosen)
+            chosen = torch.where((exits == layer + 1)[:, None, None], hidden, chosen)  # any layer may be an exit
         return (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
 
     def _layer(self, layer, store, hidden, positions, slots, cos, sin, mask, key_length) -> torch.Tensor:

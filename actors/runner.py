@@ -77,7 +77,7 @@ class ModelRunner:
         self._device = param.device
         capacity = self.max_context + MAX_WIDTH  # room for padded queries past the context
         self.step = LlamaStep(model, capacity)  # keeps the weights it needs; the unfused ones go with `model`
-        self.exit_layers: list[int] = list(self.step.exit_layers)
+        self.exit_layers: list[int] = list(getattr(config, "exit_layers", None) or [self.num_layers])
         self.store = KVStore(self.num_layers, max_sequences, capacity, self.step.num_kv_heads, self.step.head_dim,
                              param.dtype, param.device)
         self.compile_mode = compile_mode
@@ -221,7 +221,10 @@ class ModelRunner:
                          keys, depth)
 
     def warm_up(self) -> float:
-        """Compile every graph this runner will use (a "compile" runner); returns the seconds it took."""
+        """Compile the graphs of every exit the model declares (a "compile" runner); returns the seconds it took.
+
+        Another exit still works, at the cost of a compile the first time a request asks for it.
+        """
         if self.compile_mode != "compile":
             return 0.0
 

@@ -127,3 +127,14 @@ def test_runs_in_bfloat16(target_path, prompts):
     runner.add_sequence("half")
     logits = runner.forward(["half"], [prompts[0]])[0]
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_an_exit_the_model_does_not_declare_still_reads_its_own_layer(drafter_runner, drafter_path, prompts):
+    """Exits 1, 2 and 4 are declared; exit 3, alone and batched with exit 1, is the first three layers."""
+    hf_drafter = LlamaForCausalLM.from_pretrained(drafter_path).eval()
+    tokens = prompts[0]
+    drafter_runner.add_sequence("three")
+    drafter_runner.add_sequence("one")
+    three, one = drafter_runner.forward(["three", "one"], [tokens, tokens], exits=[3, 1])
+    torch.testing.assert_close(three, hf_exit_logits(hf_drafter, tokens, 3), atol=ATOL, rtol=0)
+    torch.testing.assert_close(one, hf_exit_logits(hf_drafter, tokens, 1), atol=ATOL, rtol=0)
