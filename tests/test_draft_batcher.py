@@ -93,7 +93,14 @@ def test_a_late_proposal_joins_the_next_step_of_one_under_way(drafter_runner, pr
         late["thread"], late["outcome"] = in_background(lambda: batcher.propose([DraftRequest("b", 3, 1)]))
         wait_until_queued(batcher)
 
-    hooks[1] = send_b
+    def note_whether_b_was_served():
+        """Runs before A's 5th step, holding the leader: B must already have its drafts in hand."""
+        deadline = time.monotonic() + 30
+        while "result" not in late["outcome"] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        late["served_before_step_5"] = "result" in late["outcome"]
+
+    hooks[1], hooks[5] = send_b, note_whether_b_was_served
     a_thread, a = in_background(lambda: batcher.propose([DraftRequest("a", 6, 1)]))
     a_thread.join(60)
     late["thread"].join(60)
@@ -101,7 +108,7 @@ def test_a_late_proposal_joins_the_next_step_of_one_under_way(drafter_runner, pr
     expected = reference_drafts(drafter_runner, {"a": prompts[0]}, 6) | reference_drafts(drafter_runner, {"b": prompts[1]}, 3)
     assert a["result"][0].tokens == expected["a"] and b["result"][0].tokens == expected["b"]
     assert batcher.forwards == 6
-    assert b["finished_at"] < a["finished_at"]  # B got its drafts without waiting for the rest of A's
+    assert late["served_before_step_5"]  # B got its drafts without waiting for the rest of A's
 
 
 def test_a_sequence_finished_mid_proposal_stops_and_the_others_go_on(drafter_runner, prompts):
