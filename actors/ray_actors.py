@@ -21,7 +21,7 @@ from actors.draft_batcher import DraftBatcher
 from actors.drafters import Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
 from actors.engine_loop import EngineLoop
-from actors.errors import DrafterUnavailable
+from actors.errors import DrafterUnavailable, InvalidRequest
 from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner, RunnerSettings, SeqId
 from actors.sampling import SamplingParams
@@ -43,9 +43,10 @@ class DraftService:
     batcher: DraftBatcher
     runner: ModelRunner
     exit_layers: list[int]
+    max_exit: int  # the deepest exit a caller may ask for (exits run 1..max_exit)
 
     def info(self) -> dict:
-        return {"vocab_size": self.runner.vocab_size, "exit_layers": self.exit_layers,
+        return {"vocab_size": self.runner.vocab_size, "exit_layers": self.exit_layers, "max_exit": self.max_exit,
                 "max_context": self.runner.max_context, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), **runner_info(self.runner)}
 
@@ -77,7 +78,7 @@ class DrafterActor(DraftService):
 
     def __init__(self, path: str, settings: RunnerSettings):
         self.runner = ModelRunner.serving(path, settings)
-        self.exit_layers = self.runner.exit_layers
+        self.exit_layers, self.max_exit = self.runner.exit_layers, self.runner.num_layers
         self.batcher = DraftBatcher(ModelDrafter(self.runner))
 
 
@@ -119,13 +120,15 @@ class RemoteDrafter(Drafter):
     def __init__(self, handle, info: dict, timeout_s: float):
         self.handle, self.timeout_s = handle, timeout_s
         self.vocab_size = info["vocab_size"]
-        self.exit_layers = info["exit_layers"]
+        self.exit_layers, self.max_exit = info["exit_layers"], info["max_exit"]
         self._commits: list[tuple[SeqId, list[int]]] = []
         self._in_flight: tuple[ray.ObjectRef, set[SeqId]] | None = None  # the last proposal and whom it names
         self._finishing: dict[SeqId, ray.ObjectRef] = {}  # finishes sent, not yet seen done
 
     def check_exit(self, exit_layer: int) -> None:
-        self._call(self.handle.check_exit.remote(exit_layer))
+        """Checked against what the actor said at pairing: no Ray call on the target's loop thread."""
+        if not 1 <= exit_layer <= self.max_exit:
+            raise InvalidRequest(f"exit {exit_layer} is outside the drafter's exits 1..{self.max_exit}")
 
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
         finishing = self._finishing.pop(seq_id, None)

@@ -28,7 +28,7 @@ class StageActor(DraftService):
     def __init__(self, path: str, settings: RunnerSettings, inner_handle, inner_k: int, timeout_s: float):
         self.runner = ModelRunner.serving(path, settings)
         inner_info = ray.get(inner_handle.info.remote())
-        self.exit_layers = inner_info["exit_layers"]
+        self.exit_layers, self.max_exit = inner_info["exit_layers"], inner_info["max_exit"]
         inner = RemoteDrafter(inner_handle, inner_info, timeout_s)
         self.batcher = DraftBatcher(StagedDrafter(self.runner, inner, inner_k))
 

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.cascades import CascadeParams
+from actors.engine import MAX_DRAFT_LENGTH
 from actors.errors import SpecfleetError
 from actors.runner import RunnerSettings
 from cluster.defaults import models_dir
@@ -82,7 +83,7 @@ class DrafterConfig(ModelConfig):
 class TargetConfig(ModelConfig):
     drafter: str | None = Field(None, description="Name of the drafter that serves this target; None decodes plainly.")
     exit_layer: int | None = Field(None, ge=1, description="Drafter exit to draft with; None uses its deepest exit.")
-    k: int = Field(4, ge=1, le=64, description="Draft tokens per round.")
+    k: int = Field(4, ge=1, le=MAX_DRAFT_LENGTH, description="Draft tokens per round.")
     cascade: CascadeParams | None = Field(
         None, description="Default speculative cascade (deferral rule and lenience alpha) of this target's requests; "
         "None verifies losslessly. A request's own rule or alpha overrides it."
@@ -126,7 +127,7 @@ class ControllerConfig(_Strict):
     adaptive: bool = Field(
         True, description="Let a bandit choose each target's exit and k, or no speculation, from measured goodput; False keeps the configured plan."
     )
-    k_choices: list[Annotated[int, Field(ge=1, le=64)]] = Field(
+    k_choices: list[Annotated[int, Field(ge=1, le=MAX_DRAFT_LENGTH)]] = Field(
         [2, 4, 6], min_length=1, description="Draft lengths the bandit chooses among (with every drafter exit)."
     )
     rebalance_margin: float = Field(

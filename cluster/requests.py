@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from actors.cascades import CascadeParams, make_cascade_params
+from actors.engine import MAX_DRAFT_LENGTH
 from actors.errors import InvalidRequest
 from actors.sampling import SamplingParams, make_sampling_params
 from cluster.config import TargetConfig
@@ -82,6 +83,6 @@ def _draft_overrides(speculation: pb.Speculation, target: TargetConfig) -> dict:
         raise InvalidRequest("this target has no drafter to speculate with; use AUTO or OFF")
     if speculation.drafter and speculation.drafter != target.drafter:
         raise InvalidRequest(f"this target is paired with drafter {target.drafter!r}, not {speculation.drafter!r}")
-    if speculation.k < 1:
-        raise InvalidRequest("FIXED speculation needs k >= 1")
+    if not 1 <= speculation.k <= MAX_DRAFT_LENGTH:
+        raise InvalidRequest(f"FIXED speculation needs 1 <= k <= {MAX_DRAFT_LENGTH}, got {speculation.k}")
     return {"k": speculation.k, "exit_layer": speculation.exit_layer or None}

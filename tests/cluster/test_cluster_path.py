@@ -147,6 +147,8 @@ def test_speculation_off_and_fixed_per_request(stub, prompts, expected):
         (lambda r: r.token_ids.ids.extend([1] * 300), grpc.StatusCode.INVALID_ARGUMENT, "leaves no room"),
         (lambda r: r.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.FIXED, k=2, exit_layer=9)),
          grpc.StatusCode.INVALID_ARGUMENT, "exit 9 is outside"),
+        (lambda r: r.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.FIXED, k=1000)),
+         grpc.StatusCode.INVALID_ARGUMENT, "needs 1 <= k <= 64, got 1000"),
     ],
 )
 def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(stub, prompts, expected, mutate, code, message):
