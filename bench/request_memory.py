@@ -56,7 +56,7 @@ def measure(target_path: Path, drafter_path: Path, requests: int, every: int, ma
     return {"requests": requests, "max_tokens": max_tokens, "seconds": round(time.perf_counter() - started, 1),
             "compile_mode": info["compile_mode"], "max_sequences": info["max_sequences"], "samples": samples,
             "growth_after_baseline_mib": round(growth, 1), "goal_mib": GOAL_MIB, "met": growth <= GOAL_MIB,
-            "load_average": os.getloadavg()}
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def markdown(report: dict) -> str:
