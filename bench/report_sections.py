@@ -77,6 +77,11 @@ def notes_section(report: dict) -> list[str]:
             notes.append(f"{label(row['system'], row['mode'])}: greedy output differs from the target alone in "
                          f"{row['greedy_compared'] - row['greedy_identical']} of {row['greedy_compared']} requests "
                          f"({row['category']}, {streams(row['concurrency'])}).")
+    for row in rows:
+        if row.get("error") and row["category"] != "all":
+            notes.append(f"{label(row['system'], row['mode'])} failed its {row['category']} cell at temperature "
+                         f"{row['temperature']:g}, {streams(row['concurrency'])}: {row['error'].splitlines()[0][:120]} "
+                         "(its pooled row for that temperature and concurrency covers only the categories that ran).")
     return ["## Notes", "", *(f"- {note}" for note in notes), ""] if notes else []
 
 

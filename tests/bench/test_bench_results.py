@@ -88,3 +88,13 @@ def test_goals_met_not_met_and_not_measured():
     hf = goal("Hugging Face generate")
     assert hf["status"] == "not measured" and "hf: not among the measured systems" in hf["detail"]
     assert goal("three targets sharing one drafter")["status"] == "met"
+
+
+def test_the_notes_say_which_cells_failed_and_that_pooled_rows_lack_them():
+    from bench.report_sections import notes_section
+
+    failed = row("plain", 0.0, concurrency=64, temperature=1.0, error="EngineDeadError: engine core died\ntraceback")
+    report = {"rows": [{**failed, "system": "vllm"}, {**row("plain", 10.0), "system": "vllm"}]}
+    (note,) = [line for line in notes_section(report) if line.startswith("- ")]
+    assert "failed its code cell at temperature 1, 64 streams: EngineDeadError: engine core died (" in note
+    assert "traceback" not in note and "covers only the categories that ran" in note
