@@ -1,18 +1,19 @@
-"""The model step: one Llama forward over slots of a preallocated KV store, in static shapes.
+"""The model step: one Llama forward over slots of a preallocated KV store.
 
 `LlamaStep` is the whole decoder as one function of tensors, in the style of
 gpt-fast: every row of a batch names its slot in the `KVStore`, its new tokens'
 positions, and the exit it reads its logits at. Keys and values are written
 into the store by position (`index_put_`), attention reads each row's slot up
-to a bucketed key length with a causal mask from positions, and nothing is
-allocated per sequence. Shapes depend only on (batch, width, key length,
-depth), so `torch.compile` turns the step into a few fused kernels (see
-`actors.compiled`), and the runner pads every call up to a bucket
-(`actors.buckets`).
+to a key length with a causal mask from positions, and nothing is allocated
+per sequence. Shapes depend only on (batch, width, key length, depth), so
+`torch.compile` turns the step into a few fused kernels (`actors.compiled`);
+the runner's shape policy (`actors.buckets`) says whether calls are padded
+to buckets.
 
-Projections are fused at load (q/k/v into one matrix, gate/up into one): two
-fewer matmuls per layer and per token, the same arithmetic as Hugging Face's
-separate ones up to float rounding.
+Projections are fused at load (q/k/v into one matrix, gate/up into one) and
+pre-transposed ([in, out], which this CPU's matmul reads faster for a few
+rows): two fewer matmuls per layer and per token, the same arithmetic as
+Hugging Face's separate ones up to float rounding.
 """
 
 import torch
