@@ -91,6 +91,11 @@ class DrafterSpec(_Strict):
 
 class CorpusSettings(_Strict):
     root: Path | None = Field(None, description="Directory of Python sources; None means this interpreter's standard library.")
+    packages: list[str] = Field(
+        default_factory=list,
+        description="Installed distributions (pip names) whose Python files join the corpus, read from this "
+        "interpreter's site-packages as it installed them; [] for the root directory only.",
+    )
     valid_fraction: float = Field(description="Fraction of files held out to pick the best checkpoint.", gt=0, lt=0.5)
     test_fraction: float = Field(description="Fraction of files held out for `zoo eval` reports.", gt=0, lt=0.5)
     max_files: int | None = Field(None, description="Use only this many files (a fixed pseudo-random subset); None uses all.", gt=0)
@@ -106,6 +111,11 @@ class ZooConfig(_Strict):
     out_dir: Path = Field(description="Where the tokenizer, models, manifest and reports are written.")
     corpus: CorpusSettings = Field(description="Which source files are used and how they are split.")
     tokenizer: TokenizerSettings = Field(description="The shared tokenizer.")
+    tokenizer_from: Path | None = Field(
+        None,
+        description="Directory of an existing tokenizer to use instead of training one (keeps token ids, and so "
+        "per-token perplexities, comparable with models trained before); None trains one on the training split.",
+    )
     context: int = Field(description="Training sequence length in tokens (also max_position_embeddings).", gt=1)
     targets: list[TargetSpec] = Field(description="Targets in increasing size.", min_length=1)
     drafter: DrafterSpec = Field(description="The sorted multi-exit drafter.")
@@ -184,57 +194,58 @@ def _smoke(out_dir: Path) -> ZooConfig:
     )
 
 
-def _full(out_dir: Path) -> ZooConfig:
-    def train(lr: float, seed: int) -> TrainSettings:
-        return TrainSettings(steps=4000, batch_size=16, lr=lr, warmup_steps=300, eval_every=250, seed=seed)
+# The project's own pinned dependencies (pyproject.toml); their installed Python files join the corpus.
+PINNED_PACKAGES = [
+    "torch", "transformers", "tokenizers", "safetensors", "pydantic", "pyyaml", "grpcio", "grpcio-health-checking",
+    "grpcio-reflection", "protobuf", "ray", "prometheus-client",
+]
+
+
+def _zoo(preset_name: str, out_dir: Path, steps: dict[str, int], batch_size: int, threads: int | None) -> ZooConfig:
+    """The zoo's models; presets differ only in how long they train.
+
+    Deep, narrow targets beside a shallow drafter keep drafting cheap relative to
+    verification: on this project's CPU one step of exit 1 costs about an eighth of a
+    target-xl forward of five tokens. Head sizes are 32, 48 (target-l) and 64
+    (target-xl), which vLLM's CPU attention supports (it rejects 16, 24 and 40). The
+    tokenizer is the first zoo's, so per-token perplexities stay comparable.
+    """
+
+    def train(name: str, lr: float, seed: int) -> TrainSettings:
+        return TrainSettings(steps=steps[name], batch_size=batch_size, lr=lr, warmup_steps=max(10, steps[name] // 20),
+                             eval_every=max(10, steps[name] // 10), seed=seed)
 
     return ZooConfig(
-        preset="full",
+        preset=preset_name,
         out_dir=out_dir,
-        corpus=CorpusSettings(valid_fraction=0.025, test_fraction=0.025),
+        corpus=CorpusSettings(valid_fraction=0.025, test_fraction=0.025, packages=PINNED_PACKAGES),
         tokenizer=TokenizerSettings(vocab_size=4096),
-        context=512,
-        targets=[  # about 2.6M, 7.5M and 13.7M parameters
-            TargetSpec(name="target-s", shape=_shape(192, 4, 4, 512), train=train(2e-3, 1)),
-            TargetSpec(name="target-m", shape=_shape(256, 8, 4, 704), train=train(1.5e-3, 2)),
-            TargetSpec(name="target-l", shape=_shape(320, 10, 5, 864), train=train(1e-3, 3)),
+        tokenizer_from=Path("models") / TOKENIZER_DIR,
+        context=1024,
+        targets=[
+            TargetSpec(name="target-s", shape=_shape(96, 2, 3, 256), train=train("target-s", 3e-3, 1)),
+            TargetSpec(name="target-m", shape=_shape(160, 4, 5, 432), train=train("target-m", 3e-3, 2)),
+            TargetSpec(name="target-l", shape=_shape(192, 6, 4, 512), train=train("target-l", 2e-3, 3)),
+            TargetSpec(name="target-xl", shape=_shape(320, 8, 5, 864), train=train("target-xl", 1.5e-3, 5)),
         ],
-        drafter=DrafterSpec(shape=_shape(128, 6, 4, 352), exit_layers=[2, 4, 6], train=train(2e-3, 4), distill_from="target-l"),
-        valid_tokens=65536,
+        drafter=DrafterSpec(shape=_shape(160, 4, 5, 432), exit_layers=[1, 2, 4], train=train(DRAFTER_NAME, 3e-3, 4),
+                            distill_from="target-xl", distill_weight=0.8),
+        valid_tokens=32768,
         eval_tokens=131072,
+        threads=threads,
     )
 
 
 def _cpu(out_dir: Path) -> ZooConfig:
-    """A zoo that trains in under an hour on two CPU cores, for machines without a GPU.
+    """The zoo as trained on two CPU cores in about two hours (2.5-5M tokens per model: far from converged)."""
+    steps = {"target-s": 300, "target-m": 300, "target-l": 400, "target-xl": 640, DRAFTER_NAME: 400}
+    return _zoo("cpu", out_dir, steps, batch_size=8, threads=2)
 
-    Same corpus and tokenizer as `full`, but narrower models, a 256-token context
-    and 1-1.5M training tokens per model: far from converged. In that regime a
-    bigger model only wins with a high learning rate and more steps, so the
-    larger targets get both. Deep, narrow targets beside a shallow drafter keep
-    drafting cheap relative to verification. Head sizes are 32 (48 for target-l),
-    which vLLM's CPU attention supports (it rejects 16, 24 and 40).
-    """
 
-    def train(steps: int, seed: int) -> TrainSettings:
-        return TrainSettings(steps=steps, batch_size=8, lr=3e-3, warmup_steps=50, eval_every=100, seed=seed)
-
-    return ZooConfig(
-        preset="cpu",
-        out_dir=out_dir,
-        corpus=CorpusSettings(valid_fraction=0.025, test_fraction=0.025),
-        tokenizer=TokenizerSettings(vocab_size=4096),
-        context=256,
-        targets=[
-            TargetSpec(name="target-s", shape=_shape(96, 2, 3, 256), train=train(500, 1)),
-            TargetSpec(name="target-m", shape=_shape(160, 4, 5, 432), train=train(600, 2)),
-            TargetSpec(name="target-l", shape=_shape(192, 6, 4, 512), train=train(1000, 3)),
-        ],
-        drafter=DrafterSpec(shape=_shape(96, 4, 3, 256), exit_layers=[1, 2, 4], train=train(500, 4), distill_from="target-l"),
-        valid_tokens=16384,
-        eval_tokens=32768,
-        threads=1,
-    )
+def _full(out_dir: Path) -> ZooConfig:
+    """The same zoo trained ten times longer (a GPU's budget: 25-50M tokens per model)."""
+    steps = {"target-s": 1500, "target-m": 1500, "target-l": 2000, "target-xl": 3200, DRAFTER_NAME: 2000}
+    return _zoo("full", out_dir, steps, batch_size=16, threads=None)
 
 
 PRESETS = {"smoke": _smoke, "cpu": _cpu, "full": _full}

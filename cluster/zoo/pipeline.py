@@ -2,6 +2,7 @@
 
 Every step writes into `config.out_dir`, and a later run reuses the manifest and tokenizer found
 there, so models can be trained in separate runs (`only=[...]`) and still share one tokenizer.
+A rerun skips models whose training finished and resumes one that was stopped (`STATE_FILE`).
 """
 
 import logging
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "zoo_config.json"
 MANIFEST_FILE = "corpus_manifest.json"
 TRAINING_FILE = "training.json"
+STATE_FILE = "train_state.pt"  # weights + optimizer of an unfinished run; removed when it finishes
 
 
 @dataclass
@@ -80,6 +82,10 @@ def _prepare_data(config: ZooConfig) -> _Data:
     if (tokenizer_dir / "tokenizer.json").exists():
         log.info("reusing the tokenizer in %s", tokenizer_dir)
         tokenizer = load_tokenizer(tokenizer_dir)
+    elif config.tokenizer_from is not None:
+        log.info("copying the tokenizer in %s", config.tokenizer_from)
+        tokenizer = load_tokenizer(config.tokenizer_from)
+        tokenizer.save_pretrained(tokenizer_dir)
     else:
         tokenizer = train_tokenizer(train_texts, config.tokenizer)
         tokenizer.save_pretrained(tokenizer_dir)
@@ -160,8 +166,14 @@ def _fit(
     train_loss: LossFn,
     valid_loss: LossFn,
 ) -> TrainResult:
-    """Train, saving each new best checkpoint; finally record the whole run in the card and training.json."""
+    """Train, saving each new best checkpoint; finally record the whole run in the card and training.json.
+
+    A model whose training.json records every step of `settings` is not trained again.
+    """
     path = config.out_dir / name
+    if _finished(path, settings):
+        log.info("%s is already trained (%s); skipping it", name, path / TRAINING_FILE)
+        return TrainResult.model_validate_json((path / TRAINING_FILE).read_text())
 
     def card(result: TrainResult) -> str:
         return model_card(name, role, model, config, data.manifest, training_section(settings, result, objective))
@@ -170,12 +182,22 @@ def _fit(
         save_checkpoint(model, data.tokenizer, path, config.save_dtype, card(result))
 
     log.info("training %s", name)
+    path.mkdir(parents=True, exist_ok=True)
     result = train_model(
-        model, train_loss, valid_loss, data.train_tokens, data.valid_windows, settings, config.context, config.eval_batch_size, save
+        model, train_loss, valid_loss, data.train_tokens, data.valid_windows, settings, config.context,
+        config.eval_batch_size, save, path / STATE_FILE,
     )
     (path / "README.md").write_text(card(result))
     (path / TRAINING_FILE).write_text(result.model_dump_json(indent=1))
+    (path / STATE_FILE).unlink(missing_ok=True)
     return result
+
+
+def _finished(path: Path, settings: TrainSettings) -> bool:
+    record = path / TRAINING_FILE
+    if not (record.exists() and (path / WEIGHTS_FILE).exists()):
+        return False
+    return TrainResult.model_validate_json(record.read_text()).steps == settings.steps
 
 
 def _export_exits(config: ZooConfig, data: _Data) -> None:

@@ -3,13 +3,16 @@
 Batches are non-overlapping windows of the token stream, reshuffled each epoch with a fresh
 offset, so every epoch sees the whole training split. The checkpoint with the best loss on
 the valid split is handed to `on_best` (weight decay + best-checkpoint selection are the
-regularisers: Llama has no dropout).
+regularisers: Llama has no dropout). A run that is stopped resumes from its last evaluation
+(`state_path`: weights, optimizer, history), with the same batches and schedule as an
+uninterrupted run.
 """
 
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +138,41 @@ def _optimizer(model: LlamaForCausalLM, settings: TrainSettings) -> torch.optim.
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
 
 
+class _Progress(BaseModel):
+    """Where a run stands at an evaluation: what `state_path` holds besides tensors."""
+
+    step: int = Field(0, description="Optimizer steps done.")
+    seconds: float = Field(0.0, description="Wall time spent so far, over every run.")
+    history: list[EvalPoint] = Field(default_factory=list, description="Every evaluation so far.")
+    settings: TrainSettings | None = Field(None, description="The settings of the run, to refuse resuming another.")
+
+    def best(self) -> EvalPoint:
+        return min(self.history, key=lambda p: p.valid_loss, default=EvalPoint(step=0, train_loss=math.inf, valid_loss=math.inf))
+
+
+def _save_state(path: Path, model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, progress: _Progress) -> None:
+    """Write atomically (a stop mid-write leaves the previous state)."""
+    partial = path.with_suffix(".partial")
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "progress": progress.model_dump_json()}
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def _load_state(
+    path: Path | None, model: LlamaForCausalLM, optimizer: torch.optim.Optimizer, settings: TrainSettings
+) -> _Progress:
+    if path is None or not path.exists():
+        return _Progress(settings=settings)
+    state = torch.load(path, weights_only=True)
+    progress = _Progress.model_validate_json(state["progress"])
+    if progress.settings != settings:
+        raise ValueError(f"{path} was written with other training settings; delete it to start over")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    log.info("resuming from step %d (%s)", progress.step, path)
+    return progress
+
+
 def train_model(
     model: LlamaForCausalLM,
     train_loss: LossFn,
@@ -145,14 +183,20 @@ def train_model(
     context: int,
     eval_batch_size: int,
     on_best: Callable[[TrainResult], None],
+    state_path: Path | None = None,
 ) -> TrainResult:
-    """Train in place; call on_best(result so far) whenever the valid loss improves."""
+    """Train in place; call on_best(result so far) whenever the valid loss improves.
+
+    With `state_path`, the run saves its state there at every evaluation and resumes from it.
+    """
     optimizer = _optimizer(model, settings)
+    progress = _load_state(state_path, model, optimizer, settings)
     batches = training_batches(train_tokens, context, settings.batch_size, settings.seed)
-    history: list[EvalPoint] = []
-    best = EvalPoint(step=0, train_loss=math.inf, valid_loss=math.inf)
-    start, running = time.perf_counter(), 0.0
-    for step in range(1, settings.steps + 1):
+    for _ in range(progress.step):
+        next(batches)  # the batches an uninterrupted run would have consumed
+    history, best = list(progress.history), progress.best()
+    start, running = time.perf_counter() - progress.seconds, 0.0
+    for step in range(progress.step + 1, settings.steps + 1):
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, settings)
@@ -174,6 +218,9 @@ def train_model(
         if point.valid_loss < best.valid_loss:
             best = point
             on_best(_result(settings, step, context, len(train_tokens), best, start, history))
+        if state_path is not None:
+            progress = _Progress(step=step, seconds=time.perf_counter() - start, history=history, settings=settings)
+            _save_state(state_path, model, optimizer, progress)
     return _result(settings, settings.steps, context, len(train_tokens), best, start, history)
 
 

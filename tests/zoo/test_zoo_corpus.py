@@ -1,9 +1,12 @@
+import importlib.metadata
 from pathlib import Path
 
 import pytest
 
 from cluster.zoo.config import CorpusSettings, preset
-from cluster.zoo.corpus import build_manifest, list_python_files, load_manifest, read_split, save_manifest, split_of
+from cluster.zoo.corpus import (
+    build_manifest, list_python_files, load_manifest, read_split, save_manifest, site_packages, split_of,
+)
 
 
 def write_tree(root: Path) -> None:
@@ -87,3 +90,17 @@ def test_standard_library_manifest_holds_out_files(tmp_path: Path) -> None:
     assert not any("site-packages" in p for p in paths)
     held_out = len(manifest.split("valid")) + len(manifest.split("test"))
     assert 0.02 < held_out / len(paths) < 0.1
+
+
+def test_installed_packages_join_the_corpus_once_per_distinct_file(tmp_path: Path) -> None:
+    write_tree(tmp_path)
+    yaml_init = site_packages() / "yaml/__init__.py"
+    (tmp_path / "copy_of_yaml_init.py").write_bytes(yaml_init.read_bytes())
+    manifest = build_manifest(CorpusSettings(root=tmp_path, valid_fraction=0.2, test_fraction=0.2, packages=["pyyaml"]))
+    packaged = {f.path for f in manifest.files if f.source == "site-packages"}
+    assert "yaml/constructor.py" in packaged and "yaml/__init__.py" not in packaged  # same bytes as the root's copy
+    assert len({f.sha256 for f in manifest.files}) == len(manifest.files)
+    assert manifest.packages == {"pyyaml": importlib.metadata.version("pyyaml")}
+    for split in ("train", "valid", "test"):
+        entries, texts = manifest.split(split), read_split(manifest, split)
+        assert [len(t.encode()) for t in texts] == [e.bytes for e in entries]

@@ -6,25 +6,27 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from cluster.zoo.config import TrainSettings, ZooConfig, check_budget, preset, shipped_bytes
+from cluster.zoo.config import ModelShape, TrainSettings, ZooConfig, check_budget, preset, shipped_bytes
 from cluster.zoo.exits import exit_logits
 from cluster.zoo.pipeline import CONFIG_FILE, TRAINING_FILE, model_names, weight_bytes
-from cluster.zoo.train import TrainResult, heldout_windows, lr_at, training_batches
+from cluster.zoo.train import TrainResult, build_model, heldout_windows, lm_loss, lr_at, train_model, training_batches
 
 from zoo_helpers import run_cli
 
 SMOKE_DIRS = ["target-s", "target-m", "target-l", "drafter", "drafter-exit-1", "drafter-exit-2", "drafter-exit-3"]
 
 
-def test_full_preset_fits_the_weight_budget(tmp_path: Path) -> None:
-    config = preset("full", tmp_path)
+@pytest.mark.parametrize("name", ["cpu", "full"])
+def test_presets_fit_the_weight_budget_with_a_small_drafter(tmp_path: Path, name: str) -> None:
+    config = preset(name, tmp_path)
     sizes = shipped_bytes(config)
     assert check_budget(config) == sum(sizes.values()) <= 64 * 2**20
     targets = [sizes[t.name] for t in config.targets]
-    assert targets == sorted(targets) and len(targets) == 3
-    assert sizes["drafter"] < targets[0] and len(config.drafter.exit_layers) >= 3
+    assert targets == sorted(targets) and len(targets) == 4 and config.context == 1024
+    assert sizes["drafter"] * 5 < targets[-1] and len(config.drafter.exit_layers) >= 3
+    assert config.drafter.distill_from == config.targets[-1].name
 
 
 def test_budget_is_enforced(tmp_path: Path) -> None:
@@ -126,3 +128,38 @@ def test_unknown_model_names_are_refused(tmp_path: Path) -> None:
 def test_drafter_needs_its_teacher_trained_first(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="train it first"):
         run_cli(["zoo", "train", "--preset", "smoke", "--out", str(tmp_path), "--models", "drafter"])
+
+
+def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    settings = TrainSettings(steps=6, batch_size=2, lr=3e-3, warmup_steps=1, eval_every=3, seed=0)
+    shape = ModelShape(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=32)
+    tokens = torch.randint(0, 50, (400,), generator=torch.Generator().manual_seed(0))  # [N]
+    valid = heldout_windows(tokens[:100], 16, 64)  # [W, 17]
+
+    def run(state_path: Path | None, stop_at: int | None = None) -> tuple[LlamaForCausalLM, TrainResult]:
+        model = build_model(shape, 50, 16, 0, seed=1)
+        calls = 0
+
+        def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += model.training
+            if calls == stop_at:
+                raise KeyboardInterrupt  # the process is stopped mid-run
+            return lm_loss(model(inputs).logits, targets)
+
+        return model, train_model(model, loss, loss, tokens, valid, settings, 16, 4, lambda _: None, state_path)
+
+    straight, straight_result = run(None)
+    state = tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(state, stop_at=5)  # after the evaluation at step 3
+    resumed, resumed_result = run(state)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert [p.valid_loss for p in resumed_result.history] == pytest.approx([p.valid_loss for p in straight_result.history])
+    def never(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("a state written with other settings was resumed")
+
+    with pytest.raises(ValueError, match="other training settings"):
+        train_model(build_model(shape, 50, 16, 0, seed=1), never, never, tokens, valid,
+                    settings.model_copy(update={"lr": 1e-3}), 16, 4, lambda _: None, state)
