@@ -45,8 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.drafters import Draft
 from actors.errors import InvalidRequest
-from actors.sampling import SamplingParams, logits_to_probs
-from actors.verification import Verdict, verify_greedy, verify_sampled
+from actors.verification import Verdict
 
 CascadeRule = Literal["chow", "diff", "opt"]
 
@@ -116,56 +115,19 @@ def defer_to_drafter(cascade: CascadeParams, q1: torch.Tensor, p1: torch.Tensor)
     return max_q >= max_p - cascade.alpha * total_variation
 
 
-def verify_cascade(
-    draft: Draft, target_logits: torch.Tensor, params: SamplingParams, cascade: CascadeParams, generator: torch.Generator
-) -> CascadeVerdict:
-    """Verify a draft against the cascade's pi; target_logits [k + 1, V] as for `verify_greedy`."""
-    k = len(draft.tokens)
-    device = target_logits.device
-    tokens = torch.tensor(draft.tokens, dtype=torch.long, device=device)  # [k]
-    defer = _deferrals(draft, target_logits[:k], cascade)  # [k]
-    if params.greedy:
-        verdict = verify_greedy(tokens, _defer_greedy(tokens, target_logits, defer))
-    else:
-        p = logits_to_probs(target_logits, params)  # [k + 1, V]
-        q = _draft_rows(draft, tokens, p.shape[-1], device)  # [k, V]
-        verdict = verify_sampled(tokens, None if draft.probs is None else q, _mixture(q, p, defer), generator)
-    return _end_round(verdict, draft.tokens, defer, cascade)
+def cascade_defer(draft: Draft, target_logits: torch.Tensor, cascade: CascadeParams) -> torch.Tensor:
+    """Which draft positions defer to the drafter, [k] bool; target_logits [k + 1, V] as the round scored them.
 
-
-def _deferrals(draft: Draft, target_logits: torch.Tensor, cascade: CascadeParams) -> torch.Tensor:
-    """[k] bool; a drafter that reports no confidence (model-free) never gets a deferral."""
+    A drafter that reports no confidence (model-free) never gets a deferral. The row is then
+    verified by `verify_round` with this `defer`, against pi instead of p.
+    """
     k = len(draft.tokens)
     if draft.confidence is None or k == 0:
         return torch.zeros(k, dtype=torch.bool, device=target_logits.device)
-    return defer_to_drafter(cascade, draft.confidence.to(target_logits.device), confidence(target_logits))
+    return defer_to_drafter(cascade, draft.confidence.to(target_logits.device), confidence(target_logits[:k]))
 
 
-def _defer_greedy(tokens: torch.Tensor, target_logits: torch.Tensor, defer: torch.Tensor) -> torch.Tensor:
-    """Logits whose argmax is pi's point mass: the draft token where deferred, the target's argmax elsewhere."""
-    mixed = target_logits.float().clone()  # [k + 1, V]
-    k = tokens.shape[0]
-    point_masses = torch.nn.functional.one_hot(tokens, mixed.shape[-1]).float()  # [k, V]
-    mixed[:k] = torch.where(defer[:, None], point_masses, mixed[:k])
-    return mixed
-
-
-def _draft_rows(draft: Draft, tokens: torch.Tensor, vocab_size: int, device) -> torch.Tensor:
-    """q [k, V]: the drafter's rows, or point masses on its tokens when it gave none."""
-    if draft.probs is not None:
-        return draft.probs.to(device)
-    return torch.nn.functional.one_hot(tokens, vocab_size).float()
-
-
-def _mixture(q: torch.Tensor, p: torch.Tensor, defer: torch.Tensor) -> torch.Tensor:
-    """pi [k + 1, V]: q where a position defers, p elsewhere and at the bonus row."""
-    k = q.shape[0]
-    pi = p.clone()
-    pi[:k] = torch.where(defer[:, None], q, p[:k])
-    return pi
-
-
-def _end_round(verdict: Verdict, draft_tokens: list[int], defer: torch.Tensor, cascade: CascadeParams) -> CascadeVerdict:
+def cascade_verdict(verdict: Verdict, draft_tokens: list[int], defer: torch.Tensor, cascade: CascadeParams) -> CascadeVerdict:
     """Count deferrals among judged positions; drop the bonus when the rule could have deferred there."""
     k = len(draft_tokens)
     judged = min(verdict.num_accepted + 1, k)  # accepted positions and the first rejected one

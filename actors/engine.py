@@ -26,13 +26,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from actors.cascades import CascadeParams, accepted_and_deferred, verify_cascade
+from actors.cascades import CascadeParams, accepted_and_deferred, cascade_defer, cascade_verdict
 from actors.drafters import Draft, DraftRequest, Drafter
 from actors.errors import CapacityExhausted, DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
-from actors.sampling import SamplingParams, logits_to_probs, make_generator
+from actors.sampling import SamplingParams, make_generator
 from actors.telemetry import PLAIN, RoundBuffer, RoundRecord, RoundTimes
-from actors.verification import Verdict, verify_greedy, verify_sampled
+from actors.verification import RowToVerify, Verdict, verify_round
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class SpeculationEngine:
             [s.seq_id for s in rows], [[s.pending] + d.tokens for s, d in zip(rows, drafts)]
         )  # per row [k_i + 1, V]
         forwarded = self.clock()
-        verdicts = [self._verify(s, d, l) for s, d, l in zip(rows, drafts, logits)]
+        verdicts = _verify(rows, drafts, logits)
         verified = self.clock()
         updates = [self._advance(s, d, v) for s, d, v in zip(rows, drafts, verdicts)]
         self._record_round(rows, arms, before, draft_s, self.clock() - started)
@@ -347,16 +347,6 @@ class SpeculationEngine:
                 target=self.target_name, drafter=self.drafter_name if k else PLAIN,
             ))
 
-    @staticmethod
-    def _verify(seq: _Live, draft: Draft, target_logits: torch.Tensor) -> Verdict:
-        if seq.cascade is not None:
-            return verify_cascade(draft, target_logits, seq.params, seq.cascade, seq.generator)
-        draft_tokens = torch.tensor(draft.tokens, dtype=torch.long)
-        if seq.params.greedy:
-            return verify_greedy(draft_tokens, target_logits)
-        target_probs = logits_to_probs(target_logits, seq.params)  # [k + 1, V]
-        return verify_sampled(draft_tokens, draft.probs, target_probs, seq.generator)
-
     def _advance(self, seq: _Live, draft: Draft, verdict: Verdict) -> SequenceUpdate:
         """Record the round, roll both models back to what was emitted, and check for a stop."""
         emitted = verdict.emitted(draft.tokens)
@@ -397,6 +387,15 @@ class SpeculationEngine:
             log.warning("drafter unavailable, falling back to plain decoding: %s", err)
             self.drafter, self.k = None, 0
             return None
+
+
+def _verify(rows: list[_Live], drafts: list[Draft], logits: list[torch.Tensor]) -> list[Verdict]:
+    """Every row's draft verified in one call; a cascade row against its pi, then counted as a cascade."""
+    defers = [None if s.cascade is None else cascade_defer(d, l, s.cascade) for s, d, l in zip(rows, drafts, logits)]
+    verdicts = verify_round([RowToVerify(d.tokens, l, s.params, s.generator, d.probs, defer)
+                             for s, d, l, defer in zip(rows, drafts, logits, defers)])
+    return [v if s.cascade is None else cascade_verdict(v, d.tokens, defer, s.cascade)
+            for s, d, v, defer in zip(rows, drafts, verdicts, defers)]
 
 
 def _forget(drafter: Drafter, seq_id: SeqId) -> None:

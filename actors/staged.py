@@ -35,7 +35,7 @@ from actors.engine import SpeculationStats
 from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, logits_to_probs, make_generator
-from actors.verification import Verdict, verify_greedy, verify_sampled
+from actors.verification import RowToVerify, verify_round
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,10 @@ class StagedDrafter(SteppedDrafter):
         drafts = self._inner_drafts(requests)
         feeds = [self._uncached(s, st) for s, st in zip(rows, states)]
         logits = self.middle.forward(rows, [f + d.tokens for f, d in zip(feeds, drafts)])  # per row [n_i, V]
-        for seq_id, state, feed, draft, row_logits in zip(rows, states, feeds, drafts, logits):
-            window = row_logits[-(len(draft.tokens) + 1) :]  # [j + 1, V]: judges y_1..y_j, then the bonus
-            verdict = self._verify(state, draft, window)
+        windows = [row[-(len(d.tokens) + 1) :] for row, d in zip(logits, drafts)]  # [j + 1, V]: y_1..y_j, then the bonus
+        verdicts = verify_round([RowToVerify(d.tokens, w, st.params, st.generator, d.probs)
+                                 for st, d, w in zip(states, drafts, windows)])
+        for seq_id, state, feed, draft, window, verdict in zip(rows, states, feeds, drafts, windows, verdicts):
             emitted = verdict.emitted(draft.tokens)
             cached_before = self.middle.cached_length(seq_id) - len(feed) - len(draft.tokens)
             self.middle.rollback(seq_id, cached_before + len(feed) + verdict.num_accepted)
@@ -181,13 +182,6 @@ class StagedDrafter(SteppedDrafter):
         if self.middle.cached_length(seq_id) >= len(tokens):
             self.middle.rollback(seq_id, len(tokens) - 1)
         return tokens[self.middle.cached_length(seq_id) :]
-
-    @staticmethod
-    def _verify(state: _StagedState, draft: Draft, window: torch.Tensor) -> Verdict:
-        tokens = torch.tensor(draft.tokens, dtype=torch.long)
-        if state.params.greedy:
-            return verify_greedy(tokens, window)
-        return verify_sampled(tokens, draft.probs, logits_to_probs(window, state.params), state.generator)
 
     def _stage(self, state: _StagedState, proposal: _Proposal, emitted: list[int], rows: torch.Tensor) -> None:
         """Append a round's tokens and their middle-model rows; the inner drafter learns them too."""

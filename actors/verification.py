@@ -17,11 +17,13 @@ A model-free drafter has no q: it is a point mass on its token, so the rule
 reduces to accepting with probability p(x).
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from actors.sampling import sample
+from actors.sampling import SamplingParams, logits_to_probs, sample
 
 
 @dataclass(frozen=True)
@@ -36,63 +38,130 @@ class Verdict:
         return list(draft_tokens[: self.num_accepted]) + [self.next_token]
 
 
-def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
-    """Keep draft tokens while they equal the target's argmax.
+@dataclass(frozen=True)
+class RowToVerify:
+    """One sequence's draft and what judges it."""
 
-    draft_tokens: [k] long; target_logits: [k + 1, V], row i scoring the token after
-    the i-th fed position (row 0 judges x_1, row k proposes the bonus token).
+    draft_tokens: list[int]  # x_1..x_k
+    target_logits: torch.Tensor  # [k + 1, V]: row i scores the token after the i-th fed position (row k: the bonus)
+    params: SamplingParams  # greedy rows compare argmaxes; sampled rows rejection-sample p shaped by these
+    generator: torch.Generator  # the sequence's own random stream (sampled rows only)
+    draft_probs: torch.Tensor | None = None  # [k, V]: the q the draft was sampled from; None: a point-mass drafter
+    defer: torch.Tensor | None = None  # [k] bool: positions where a speculative cascade lets q stand (see cascades)
+
+
+def verify_round(rows: Sequence[RowToVerify]) -> list[Verdict]:
+    """Verify every row of a round together, greedy and sampled rows mixed (after vLLM's rejection sampler).
+
+    Rows are padded to the longest draft: one argmax over every row, one gather of p(x)
+    and q(x), one acceptance prefix per row. Only the random draws stay per row, each from
+    the row's own generator in the same order as for a row alone (k uniforms, then one
+    sample), so a seeded sequence decodes the same whatever its batch mates.
+    A cascade row verifies against pi = q where it defers and p elsewhere (greedy: the
+    draft token where it defers), which is the same rule with p replaced by pi.
     """
-    k = draft_tokens.shape[0]
-    target_tokens = target_logits.argmax(dim=-1)  # [k + 1]
-    matches = draft_tokens == target_tokens[:k]  # [k]
-    num_accepted = int(torch.cumprod(matches.int(), dim=0).sum())
-    return Verdict(num_accepted, int(target_tokens[num_accepted]))
+    if not rows:
+        return []
+    k_max = max(len(r.draft_tokens) for r in rows)
+    logits = pad_sequence([r.target_logits.float() for r in rows], batch_first=True)  # [R, K + 1, V]
+    drafts = pad_sequence([torch.tensor(r.draft_tokens + [0], dtype=torch.long) for r in rows],
+                          batch_first=True)[:, :k_max].to(logits.device)  # [R, K], padded with 0
+    lengths = torch.tensor([len(r.draft_tokens) for r in rows], device=logits.device)  # [R]
+    valid = torch.arange(k_max, device=logits.device) < lengths[:, None]  # [R, K]
+    defer = _padded_defer(rows, k_max, logits.device)  # [R, K]
+    verdicts: list[Verdict | None] = [None] * len(rows)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    if greedy:
+        _verify_greedy_rows(greedy, logits, drafts, valid, defer, verdicts)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        _verify_sampled_rows([rows[i] for i in sampled], sampled, logits, drafts, valid, defer, verdicts)
+    return verdicts  # type: ignore[return-value]
 
 
-def verify_sampled(
-    draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    target_probs: torch.Tensor,
-    generator: torch.Generator,
-) -> Verdict:
-    """Lossless stochastic verification (rejection sampling).
+def _padded_defer(rows: Sequence[RowToVerify], k_max: int, device) -> torch.Tensor:
+    """[R, K] bool: cascade deferrals, False for lossless rows and padding."""
+    defer = torch.zeros(len(rows), k_max, dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        if row.defer is not None and len(row.draft_tokens):
+            defer[i, : len(row.draft_tokens)] = row.defer.to(device)
+    return defer
 
-    draft_tokens: [k] long; draft_probs: [k, V], the exact distributions the
-    draft tokens were sampled from, or None for a point-mass drafter;
-    target_probs: [k + 1, V], already shaped by the same temperature/top-k/top-p.
-    """
-    k = draft_tokens.shape[0]
-    if k == 0:
-        return Verdict(0, int(sample(target_probs[:1], generator)))
-    positions = torch.arange(k)
-    p_of_draft = target_probs[positions, draft_tokens]  # [k]
-    q_of_draft = torch.ones(k) if draft_probs is None else draft_probs[positions, draft_tokens]  # [k]
-    uniforms = torch.rand(k, generator=generator)  # [k]
+
+def _accepted_lengths(accepted: torch.Tensor) -> torch.Tensor:
+    """Leading accepted positions per row: accepted [R, K] bool -> [R] long."""
+    return torch.cumprod(accepted.long(), dim=1).sum(dim=1)
+
+
+def _verify_greedy_rows(index: list[int], logits: torch.Tensor, drafts: torch.Tensor, valid: torch.Tensor,
+                        defer: torch.Tensor, verdicts: list) -> None:
+    """Keep draft tokens while they equal the target's argmax (the draft token itself where deferred)."""
+    k_max = drafts.shape[1]
+    rows = torch.tensor(index, device=logits.device)  # [G]
+    target_tokens = logits[rows].argmax(dim=-1)  # [G, K + 1]
+    target_tokens[:, :k_max] = torch.where(defer[rows], drafts[rows], target_tokens[:, :k_max])
+    num_accepted = _accepted_lengths((drafts[rows] == target_tokens[:, :k_max]) & valid[rows])  # [G]
+    next_tokens = target_tokens.gather(1, num_accepted[:, None]).squeeze(1)  # [G]
+    for i, n, token in zip(index, num_accepted.tolist(), next_tokens.tolist()):
+        verdicts[i] = Verdict(n, token)
+
+
+def _verify_sampled_rows(rows: list[RowToVerify], index: list[int], logits: torch.Tensor, drafts: torch.Tensor,
+                         valid: torch.Tensor, defer: torch.Tensor, verdicts: list) -> None:
+    """Lossless rejection sampling: accept x with min(1, p(x) / q(x)), else sample norm(max(0, p - q))."""
+    at = torch.tensor(index, device=logits.device)  # [S]
+    drafts, valid, defer = drafts[at], valid[at], defer[at]  # [S, K] each
+    k_max = drafts.shape[1]
+    p = _target_probs(rows, logits[at])  # [S, K + 1, V]
+    q = _draft_probs(rows, drafts, p.shape[-1])  # [S, K, V]
+    p[:, :k_max] = torch.where(defer[..., None], q, p[:, :k_max])  # a cascade's pi
+    p_of_draft = p[:, :k_max].gather(-1, drafts[..., None]).squeeze(-1)  # [S, K]
+    q_of_draft = q.gather(-1, drafts[..., None]).squeeze(-1)  # [S, K]
+    uniforms = torch.stack([_uniforms(r, k_max) for r in rows]).to(p.device)  # [S, K]
     # u < min(1, p/q), written as u * q < p so that q == 0 cannot divide by zero.
-    accepted = uniforms * q_of_draft < p_of_draft  # [k]
-    num_accepted = int(torch.cumprod(accepted.int(), dim=0).sum())
-    if num_accepted == k:
-        return Verdict(k, int(sample(target_probs[k : k + 1], generator)))
-    q_rejected = _draft_distribution(draft_tokens, draft_probs, num_accepted, target_probs.shape[-1])
-    residual = _residual(target_probs[num_accepted], q_rejected)  # [V]
-    return Verdict(num_accepted, int(sample(residual[None], generator)))
+    num_accepted = _accepted_lengths((uniforms * q_of_draft < p_of_draft) & valid)  # [S]
+    lengths = valid.sum(dim=1)  # [S]
+    p_next = p.gather(1, num_accepted[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)  # [S, V]
+    q_next = torch.cat([q, q.new_zeros(q.shape[0], 1, q.shape[2])], dim=1)  # [S, K + 1, V]: no q at the bonus position
+    q_next = q_next.gather(1, num_accepted[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)  # [S, V]
+    final = torch.where((num_accepted == lengths)[:, None], p_next, _residual(p_next, q_next))  # [S, V]
+    for j, (i, row) in enumerate(zip(index, rows)):
+        verdicts[i] = Verdict(int(num_accepted[j]), int(sample(final[j : j + 1], row.generator)))
 
 
-def _draft_distribution(
-    draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, position: int, vocab_size: int
-) -> torch.Tensor:
-    """q at one position, [V]; a point mass where the drafter gave no probabilities."""
-    if draft_probs is not None:
-        return draft_probs[position]
-    return torch.nn.functional.one_hot(draft_tokens[position], vocab_size).float()
+def _target_probs(rows: list[RowToVerify], logits: torch.Tensor) -> torch.Tensor:
+    """p [S, K + 1, V], each row shaped by its own sampling parameters (one transform per distinct set)."""
+    probs = torch.empty_like(logits)
+    groups: dict[SamplingParams, list[int]] = {}
+    for j, row in enumerate(rows):
+        groups.setdefault(row.params, []).append(j)
+    for params, members in groups.items():
+        at = torch.tensor(members, device=logits.device)
+        probs[at] = logits_to_probs(logits[at], params)
+    return probs
+
+
+def _draft_probs(rows: list[RowToVerify], drafts: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """q [S, K, V]: each row's drafter distributions, point masses on its tokens where it gave none."""
+    q = torch.nn.functional.one_hot(drafts, vocab_size).float()  # [S, K, V]
+    for j, row in enumerate(rows):
+        if row.draft_probs is not None and len(row.draft_tokens):
+            q[j, : len(row.draft_tokens)] = row.draft_probs.to(q.device, torch.float32)
+    return q
+
+
+def _uniforms(row: RowToVerify, k_max: int) -> torch.Tensor:
+    """The row's k acceptance draws from its own generator, padded to [K] (padding is masked out)."""
+    k = len(row.draft_tokens)
+    return torch.cat([torch.rand(k, generator=row.generator), torch.zeros(k_max - k)])
 
 
 def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """norm(max(0, p - q)), [V].
+    """norm(max(0, p - q)) per row, [S, V].
 
     A rejection can only happen where some p(x) < q(x), so the residual has mass
     unless p == q up to rounding; then p itself is the right distribution.
     """
-    residual = torch.clamp(p - q, min=0.0)
-    total = residual.sum()
-    return p if total <= 0 else residual / total
+    residual = torch.clamp(p - q, min=0.0)  # [S, V]
+    total = residual.sum(dim=-1, keepdim=True)  # [S, 1]
+    return torch.where(total > 0, residual / total.clamp(min=torch.finfo(p.dtype).tiny), p)

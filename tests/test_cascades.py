@@ -5,18 +5,29 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from actors.cascades import CascadeParams, CascadeVerdict, defer_to_drafter, make_cascade_params, verify_cascade
+from actors.cascades import (
+    CascadeParams, CascadeVerdict, cascade_defer, cascade_verdict, defer_to_drafter, make_cascade_params,
+)
 from actors.drafters import Draft, ModelDrafter, NgramDrafter
 from actors.errors import InvalidRequest
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import logits_to_probs, make_generator, make_sampling_params
+from actors.verification import RowToVerify, verify_round
 from cluster.config import InvalidConfig, TargetConfig, parse_config
 from cluster.requests import speculation_overrides
 from specfleet.v1 import generation_pb2 as pb
 from test_generator import chi_square_excess
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def verify_cascade(draft: Draft, target_logits: torch.Tensor, params, cascade: CascadeParams,
+                   generator: torch.Generator) -> CascadeVerdict:
+    """One cascade row verified alone, as the engine verifies it among others."""
+    defer = cascade_defer(draft, target_logits, cascade)
+    verdict = verify_round([RowToVerify(draft.tokens, target_logits, params, generator, draft.probs, defer)])[0]
+    return cascade_verdict(verdict, draft.tokens, defer, cascade)
 
 # Three positions' temperature-1 distributions (drafter q1, target p1), with
 #   A: max q 0.6, max p 0.7, TV 0.6   B: max q 0.6, max p 0.7, TV 0.1   C: max q 0.7, max p 0.5, TV 0.2
