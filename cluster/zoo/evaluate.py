@@ -16,6 +16,7 @@ from cluster.zoo.config import DRAFTER_NAME, TOKENIZER_DIR, ZooConfig
 from cluster.zoo.corpus import corpus_root, load_manifest, read_split
 from cluster.zoo.exits import exit_layers_of, exit_logits
 from cluster.zoo.export import export_exit
+from cluster.zoo.measured import Measured, measure
 from cluster.zoo.pipeline import CONFIG_FILE, MANIFEST_FILE
 from cluster.zoo.tokenizer import encode_documents, load_tokenizer
 from cluster.zoo.train import heldout_windows, lm_loss
@@ -48,6 +49,7 @@ class EvalReport(BaseModel):
     mal_formula: str = Field(description="How MAL is computed from a per-position acceptance rate a.")
     models: list[ModelStats] = Field(description="Targets, then drafter exits.")
     matrix: list[PairStats] = Field(description="One entry per (drafter exit, target).")
+    measured: Measured = Field(description="Greedy speculation with the largest target and step costs, in the runner.")
 
 
 def expected_accepted_length(rate: float, k: int) -> float:
@@ -117,6 +119,8 @@ def evaluate_zoo(out_dir: Path, eval_tokens: int | None = None) -> EvalReport:
         )
         for (layer, name), (agree, overlap) in pairs.items()
     ]
+    paths = {name: out_dir / name for name in targets}
+    measured = measure(out_dir / DRAFTER_NAME, paths, windows, config.mal_k)
     return EvalReport(
         test_files=len(manifest.split("test")),
         tokens=count,
@@ -125,6 +129,7 @@ def evaluate_zoo(out_dir: Path, eval_tokens: int | None = None) -> EvalReport:
         mal_formula=MAL_FORMULA,
         models=models,
         matrix=matrix,
+        measured=measured,
     )
 
 
@@ -151,8 +156,35 @@ def to_markdown(report: EvalReport) -> str:
     ]
     for field, title in metrics:
         lines += ["", f"**{title}**", "", *_matrix_table(report, field)]
-    lines += ["", f"{report.mal_formula}."]
+    lines += ["", f"{report.mal_formula}.", "", *_measured_tables(report.measured)]
     return "\n".join(lines) + "\n"
+
+
+def _measured_tables(measured: Measured) -> list[str]:
+    """Measured speculation (per-position acceptance, MAL) and step costs relative to the largest target."""
+    k = measured.k
+    lines = [
+        f"**Measured greedy speculation with `{measured.target}`, k = {k}** ({measured.prompts} held-out prompts of "
+        f"{measured.prompt_tokens} tokens, {measured.max_tokens} tokens each, in the engine; rounds cut short by "
+        "max_tokens left out)",
+        "",
+        "| exit | rounds | " + " | ".join(f"a_{j}" for j in range(1, k + 1)) + " | MAL |",
+        "|---|---:|" + "---:|" * (k + 1),
+    ]
+    lines += [f"| exit {a.exit_layer} | {a.rounds} | " + " | ".join(f"{r:.3f}" for r in a.per_position) + f" | {a.mal:.3f} |"
+              for a in measured.acceptance]
+    reference = next(c for c in measured.costs if c.model == measured.target)
+    lines += [
+        "",
+        f"**One step in the runner** ({measured.compile_mode}, one row after {measured.context_tokens} cached tokens; "
+        "median)",
+        "",
+        f"| model | new tokens | ms | / {measured.target} step |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {c.model} | {c.tokens} | {c.median_ms:.3f} | {c.median_ms / reference.median_ms:.3f} |"
+              for c in measured.costs]
+    return lines
 
 
 def _matrix_table(report: EvalReport, field: str) -> list[str]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cluster.zoo.evaluate import EvalReport, acceptance_sums, expected_accepted_length, to_markdown
+from cluster.zoo.measured import mal_from_rates, per_position_acceptance
 
 
 def test_expected_accepted_length_formula() -> None:
@@ -50,5 +51,27 @@ def test_acceptance_matrix_is_complete_and_in_range(smoke_report: dict) -> None:
 def test_markdown_tables(smoke_report: dict) -> None:
     markdown = to_markdown(EvalReport.model_validate(smoke_report))
     assert "| exit \\ target | target-s | target-m | target-l |" in markdown
-    assert markdown.count("| exit 2 |") == 4 and "| drafter-exit-3 |" in markdown
+    assert markdown.count("| exit 2 |") == 5 and "| drafter-exit-3 |" in markdown
+    assert "**Measured greedy speculation with `target-l`, k = 4**" in markdown and "| target-l | 5 |" in markdown
     assert "(1 - a^(k+1)) / (1 - a)" in markdown
+
+
+def test_per_position_acceptance_and_its_mal_match_the_mean_accepted_length() -> None:
+    lengths = [0, 1, 4, 4]  # accepted draft tokens of four rounds with k = 4
+    rates = per_position_acceptance(lengths, 4)
+    assert rates == pytest.approx([3 / 4, 2 / 3, 1.0, 1.0])
+    assert mal_from_rates(rates) == pytest.approx(1 + sum(lengths) / len(lengths))
+    assert per_position_acceptance([], 2) == [0.0, 0.0] and mal_from_rates([0.0, 0.0]) == 1.0
+
+
+def test_measured_speculation_and_step_costs_cover_every_exit_and_target(smoke_report: dict) -> None:
+    measured = EvalReport.model_validate(smoke_report).measured
+    assert measured.target == "target-l" and measured.k == 4
+    assert [a.exit_layer for a in measured.acceptance] == [1, 2, 3]
+    for exit_acceptance in measured.acceptance:
+        assert exit_acceptance.rounds > 0 and all(0 <= r <= 1 for r in exit_acceptance.per_position)
+        assert exit_acceptance.mal == pytest.approx(mal_from_rates(exit_acceptance.per_position))
+    costs = {c.model: c for c in measured.costs}
+    assert set(costs) == {"drafter-exit-1", "drafter-exit-2", "drafter-exit-3", "target-s", "target-m", "target-l"}
+    assert all(c.median_ms > 0 for c in costs.values())
+    assert costs["target-l"].tokens == 5 and costs["drafter-exit-1"].tokens == 1
