@@ -56,6 +56,7 @@ class Drafter(ABC):
     """Proposes draft tokens for many sequences."""
 
     vocab_size: int | None = None  # None: the drafter emits any id the context holds
+    default_exit: int | None = None  # the exit drafted from when none is asked for (the deepest); None: no exits
 
     def check_exit(self, exit_layer: int) -> None:
         """Reject an exit this drafter cannot draft from."""

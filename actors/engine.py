@@ -15,7 +15,9 @@ judges the draft. With no drafter the same loop is plain autoregressive
 decoding (k = 0), the baseline every speedup is measured against.
 
 If the drafter fails (`DrafterUnavailable`, e.g. its actor died), the engine
-drops it and goes on decoding plainly: slower, never a wrong or lost token.
+drops it and goes on decoding plainly: slower, never a wrong or lost token. A
+sequence the drafter has no room for (`CapacityExhausted` at its start) decodes
+plainly too, and so does every sequence of a target without (or that lost) its drafter.
 """
 
 import itertools
@@ -26,17 +28,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from actors.cascades import CascadeParams, accepted_and_deferred, cascade_defer, cascade_verdict
+from actors.cascades import accepted_and_deferred, cascade_defer, cascade_verdict
 from actors.drafters import Draft, DraftRequest, Drafter
 from actors.errors import CapacityExhausted, DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, make_generator
+from actors.speculation import FOLLOW_PLAN, MAX_DRAFT_LENGTH, SpeculationSpec
 from actors.telemetry import PLAIN, RoundBuffer, RoundRecord, RoundTimes
 from actors.verification import RowToVerify, Verdict, verify_round
 
 log = logging.getLogger(__name__)
-
-MAX_DRAFT_LENGTH = 64  # beyond this a round costs more than any drafter saves
 
 
 @dataclass
@@ -86,9 +87,8 @@ class _Live:
     params: SamplingParams
     generator: torch.Generator
     pending: int  # last emitted token, not yet in the target's cache
-    k: int | None = None  # this sequence's draft length (0: no speculation); None follows the engine's
-    exit_layer: int | None = None  # this sequence's drafter exit; None follows the engine's
-    cascade: CascadeParams | None = None  # speculative cascade; None verifies losslessly
+    spec: SpeculationSpec = FOLLOW_PLAN  # this sequence's overrides of the engine's plan, and its cascade
+    drafting: bool = False  # the drafter holds this sequence; False: it decodes plainly
     prefilled: bool = False
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -119,15 +119,14 @@ class SpeculationEngine:
             check_pairing(target, drafter)
             if not 1 <= k <= MAX_DRAFT_LENGTH:
                 raise InvalidRequest(f"draft length k must be in 1..{MAX_DRAFT_LENGTH}, got {k}")
-            if exit_layer is not None:
-                drafter.check_exit(exit_layer)
         self.target, self.drafter = target, drafter
         self.k = k if drafter is not None else 0
-        self.exit_layer = exit_layer
+        self.exit_layer = self._resolve_exit(exit_layer)
         self.target_name, self.drafter_name = target_name, drafter_name
         self.telemetry, self.clock = RoundBuffer(), clock
         self.round_hook: Callable[[RoundTimes], None] | None = None  # told where each round's time went
         self._times = RoundTimes()  # the round under way
+        self._round_started = 0.0  # clock() when it began
         self.max_waiting = max_waiting
         self._live: dict[SeqId, _Live] = {}
         self._waiting: dict[SeqId, _Live] = {}  # admitted, waiting for a KV slot; in arrival order
@@ -139,22 +138,16 @@ class SpeculationEngine:
         return len(self._live) + len(self._waiting)
 
     def add(
-        self,
-        prompt: Sequence[int],
-        params: SamplingParams,
-        seq_id: SeqId | None = None,
-        k: int | None = None,
-        exit_layer: int | None = None,
-        cascade: CascadeParams | None = None,
+        self, prompt: Sequence[int], params: SamplingParams, seq_id: SeqId | None = None, spec: SpeculationSpec = FOLLOW_PLAN
     ) -> SeqId:
         """Validate a sequence; it takes a KV slot at the next step that finds one free, and is prefilled then.
 
-        `k` and `exit_layer` override the engine's speculation for this sequence
-        (k = 0 decodes it plainly); `cascade` verifies it against a speculative
-        cascade instead of the target alone (see `actors.cascades`).
+        `spec` may override the engine's k and exit for this sequence (k = 0 decodes it
+        plainly) and verify it against a speculative cascade (see `actors.cascades`).
         """
         self._check_prompt(prompt, params)
-        self._check_speculation(k, exit_layer)
+        if spec.exit_layer is not None and self.drafter is not None:
+            self.drafter.check_exit(spec.exit_layer)
         seq_id = next(self._ids) if seq_id is None else seq_id
         if seq_id in self._live or seq_id in self._waiting:
             raise InvalidRequest(f"sequence {seq_id!r} is already being generated")
@@ -164,7 +157,7 @@ class SpeculationEngine:
                 f"{len(self._waiting)} waiting): retry later"
             )
         self._waiting[seq_id] = _Live(seq_id, list(prompt), params, make_generator(params.seed), pending=prompt[-1],
-                                      k=k, exit_layer=exit_layer, cascade=cascade)
+                                      spec=spec)
         return seq_id
 
     def _admit_waiting(self) -> None:
@@ -173,9 +166,19 @@ class SpeculationEngine:
             seq_id = next(iter(self._waiting))
             seq = self._waiting.pop(seq_id)
             self.target.add_sequence(seq_id)
-            if self.drafter is not None:
-                self._call_drafter(lambda d: d.start(seq_id, seq.prompt, seq.params))
+            seq.drafting = self._start_drafting(seq, seq.prompt)
             self._live[seq_id] = seq
+
+    def _start_drafting(self, seq: _Live, context: list[int]) -> bool:
+        """Start a sequence on the drafter; False when there is none or it has no room (the sequence decodes plainly)."""
+        if self.drafter is None:
+            return False
+        try:
+            self._call_drafter(lambda d: d.start(seq.seq_id, context, seq.params))
+        except CapacityExhausted as err:
+            log.info("drafter full, sequence %r decodes plainly: %s", seq.seq_id, err)
+            return False
+        return self.drafter is not None
 
     def cancel(self, seq_id: SeqId) -> bool:
         """Stop a sequence and free its state on both models; False if it was not live."""
@@ -200,7 +203,7 @@ class SpeculationEngine:
         return self._verify_round(running, drafts, arms, self.clock() - started)
 
     def _begin_round(self) -> None:
-        self._times = RoundTimes(total_s=self.clock())  # total_s holds the start until the round ends
+        self._times, self._round_started = RoundTimes(), self.clock()
 
     def close(self) -> None:
         """Cancel every live sequence."""
@@ -216,10 +219,11 @@ class SpeculationEngine:
         skipped rounds still receives every commit and catches up by common
         prefix at its next proposal. exit_layer None drafts from the deepest exit.
         """
-        self._check_speculation(k, exit_layer)
+        if not 0 <= k <= MAX_DRAFT_LENGTH:
+            raise InvalidRequest(f"draft length k must be in 0..{MAX_DRAFT_LENGTH}, got {k}")
         if k and self.drafter is None:
             raise InvalidRequest("this target has no drafter (or lost it): only k = 0, plain decoding, is possible")
-        self.k, self.exit_layer = k, exit_layer
+        self.k, self.exit_layer = k, self._resolve_exit(exit_layer)
 
     def drain_telemetry(self) -> list[RoundRecord]:
         """The round records written since the last drain (thread-safe)."""
@@ -236,11 +240,10 @@ class SpeculationEngine:
             check_pairing(self.target, drafter)
         old, self.drafter = self.drafter, drafter
         for seq in self._live.values():
-            if old is not None:
+            if old is not None and seq.drafting:
                 _forget(old, seq.seq_id)
-            if self.drafter is not None:
-                self._call_drafter(lambda d: d.start(seq.seq_id, seq.prompt + seq.tokens, seq.params))
-        self.k = 0
+            seq.drafting = self._start_drafting(seq, seq.prompt + seq.tokens)
+        self.k, self.exit_layer = 0, None
         if self.drafter is not None:
             self.set_plan(k, exit_layer)
 
@@ -257,13 +260,14 @@ class SpeculationEngine:
                 f"the target's context of {self.target.max_context} tokens"
             )
 
-    def _check_speculation(self, k: int | None, exit_layer: int | None) -> None:
-        if k is not None and not 0 <= k <= MAX_DRAFT_LENGTH:
-            raise InvalidRequest(f"draft length k must be in 0..{MAX_DRAFT_LENGTH}, got {k}")
-        if exit_layer is not None and self.drafter is None:
-            raise InvalidRequest("this target has no drafter, so no exit to choose")
-        if exit_layer is not None:
-            self.drafter.check_exit(exit_layer)
+    def _resolve_exit(self, exit_layer: int | None) -> int | None:
+        """The exit drafted from: the one asked for (checked), else the drafter's deepest; None without exits."""
+        if self.drafter is None:
+            return None
+        if exit_layer is None:
+            return self.drafter.default_exit
+        self.drafter.check_exit(exit_layer)
+        return exit_layer
 
     # -- one round -------------------------------------------------------------------
 
@@ -303,32 +307,37 @@ class SpeculationEngine:
         times = self._times
         times.rows, times.emitted = rows, emitted
         times.draft_s, times.forward_s, times.verification_s = draft_s, forward_s, verification_s
-        times.total_s = self.clock() - times.total_s
+        times.total_s = self.clock() - self._round_started
         if self.round_hook is not None:
             self.round_hook(times)
 
     def _propose(self, running: list[_Live]) -> list[Draft]:
-        no_drafts = [Draft([], None) for _ in running]
-        requests = [self._request(s) for s in running]
-        if self.drafter is None or not any(r.k for r in requests):
-            return no_drafts  # nobody drafts this round: skip the call (commits still reach the drafter)
-        drafts = self._call_drafter(lambda d: d.propose(requests))
-        return no_drafts if drafts is None else drafts
+        """One draft per row: the drafter's for the sequences it holds, empty for the others."""
+        drafts = [Draft([], None) for _ in running]
+        asking = [(i, self._request(s)) for i, s in enumerate(running) if s.drafting]
+        if self.drafter is None or not any(r.k for _, r in asking):
+            return drafts  # nobody drafts this round: skip the call (commits still reach the drafter)
+        proposed = self._call_drafter(lambda d: d.propose([r for _, r in asking]))
+        for (i, _), draft in zip(asking, proposed or []):
+            drafts[i] = draft
+        return drafts
 
     def _request(self, seq: _Live) -> DraftRequest:
-        return DraftRequest(seq.seq_id, self._draft_length(seq), seq.exit_layer or self.exit_layer,
-                            confidence=seq.cascade is not None)
+        return DraftRequest(seq.seq_id, self._draft_length(seq), self._arm(seq)[0], confidence=seq.spec.cascade is not None)
 
     def _draft_length(self, seq: _Live) -> int:
         """k, cut so the round cannot emit past max_tokens (it emits at most k + 1; a deferring cascade, k)."""
-        k = self.k if seq.k is None or self.drafter is None else seq.k
-        bonus = 0 if seq.cascade is not None and seq.cascade.can_defer else 1
-        return max(0, min(k, seq.params.max_tokens - len(seq.tokens) - bonus))
+        cascade = seq.spec.cascade
+        bonus = 0 if cascade is not None and cascade.can_defer else 1
+        return max(0, min(self._arm(seq)[1], seq.params.max_tokens - len(seq.tokens) - bonus))
 
     def _arm(self, seq: _Live) -> tuple[int | None, int]:
         """(exit, k) this sequence speculates with now; (None, 0) when it decodes plainly."""
-        k = self.k if seq.k is None or self.drafter is None else seq.k
-        return (seq.exit_layer or self.exit_layer, k) if k else (None, 0)
+        if self.drafter is None or not seq.drafting:
+            return None, 0
+        k = self.k if seq.spec.k is None else seq.spec.k
+        exit_layer = self.exit_layer if seq.spec.exit_layer is None else seq.spec.exit_layer
+        return (exit_layer, k) if k else (None, 0)
 
     def _record_round(
         self, running: list[_Live], arms: list, before: list[SpeculationStats], draft_s: float, verify_s: float
@@ -354,7 +363,7 @@ class SpeculationEngine:
         seq.stats.add(SpeculationStats(len(draft.tokens), accepted, 1, len(emitted), deferred))
         cached_before = self.target.cached_length(seq.seq_id) - len(draft.tokens) - 1
         self.target.rollback(seq.seq_id, cached_before + 1 + verdict.num_accepted)
-        if self.drafter is not None:
+        if self.drafter is not None and seq.drafting:
             self._call_drafter(lambda d: d.commit(seq.seq_id, emitted))
         seq.pending = emitted[-1]
         new_tokens = self._append(seq, emitted)
@@ -376,7 +385,7 @@ class SpeculationEngine:
 
     def _release(self, seq: _Live) -> None:
         self.target.free(seq.seq_id)
-        if self.drafter is not None:
+        if self.drafter is not None and seq.drafting:
             self._call_drafter(lambda d: d.finish(seq.seq_id))
 
     def _call_drafter(self, call):
@@ -391,11 +400,12 @@ class SpeculationEngine:
 
 def _verify(rows: list[_Live], drafts: list[Draft], logits: list[torch.Tensor]) -> list[Verdict]:
     """Every row's draft verified in one call; a cascade row against its pi, then counted as a cascade."""
-    defers = [None if s.cascade is None else cascade_defer(d, l, s.cascade) for s, d, l in zip(rows, drafts, logits)]
+    cascades = [s.spec.cascade for s in rows]
+    defers = [None if c is None else cascade_defer(d, l, c) for c, d, l in zip(cascades, drafts, logits)]
     verdicts = verify_round([RowToVerify(d.tokens, l, s.params, s.generator, d.probs, defer)
                              for s, d, l, defer in zip(rows, drafts, logits, defers)])
-    return [v if s.cascade is None else cascade_verdict(v, d.tokens, defer, s.cascade)
-            for s, d, v, defer in zip(rows, drafts, verdicts, defers)]
+    return [v if c is None else cascade_verdict(v, d.tokens, defer, c)
+            for c, d, v, defer in zip(cascades, drafts, verdicts, defers)]
 
 
 def _forget(drafter: Drafter, seq_id: SeqId) -> None:

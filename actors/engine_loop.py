@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from actors.engine import SequenceUpdate, SpeculationEngine, SpeculationStats
 from actors.runner import SeqId
 from actors.sampling import SamplingParams
+from actors.speculation import FOLLOW_PLAN, SpeculationSpec
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,11 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def submit(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, **speculation) -> queue.Queue:
-        """Queue a sequence; its updates (or the error that refused it) arrive on the returned queue.
-
-        `speculation` holds the per-sequence overrides of `SpeculationEngine.add` (k, exit_layer).
-        """
+    def submit(self, seq_id: SeqId, prompt: list[int], params: SamplingParams,
+               spec: SpeculationSpec = FOLLOW_PLAN) -> queue.Queue:
+        """Queue a sequence; its updates (or the error that refused it) arrive on the returned queue."""
         output: queue.Queue = queue.Queue()
-        self._inbox.put(lambda: self._admit(seq_id, prompt, params, speculation, output))
+        self._inbox.put(lambda: self._admit(seq_id, prompt, params, spec, output))
         return output
 
     def cancel(self, seq_id: SeqId) -> None:
@@ -53,9 +52,9 @@ class EngineLoop:
         self._inbox.put(run)
         return done.result()
 
-    def _admit(self, seq_id, prompt, params, speculation: dict, output: queue.Queue) -> None:
+    def _admit(self, seq_id, prompt, params, spec: SpeculationSpec, output: queue.Queue) -> None:
         try:
-            self.engine.add(prompt, params, seq_id=seq_id, **speculation)
+            self.engine.add(prompt, params, seq_id=seq_id, spec=spec)
         except Exception as err:  # the caller re-raises it; the loop goes on
             output.put(err)
             return

@@ -14,6 +14,7 @@ from actors.engine import SpeculationEngine, SpeculationStats
 from actors.errors import InvalidRequest
 from actors.runner import ModelRunner
 from actors.sampling import SamplingParams
+from actors.speculation import SpeculationSpec
 
 
 @dataclass
@@ -37,7 +38,7 @@ class SpeculativeGenerator:
     ):
         """`cascade` verifies every sequence against a speculative cascade (None: lossless)."""
         self.engine = SpeculationEngine(target, drafter, k, exit_layer)
-        self.cascade = cascade
+        self.spec = SpeculationSpec(cascade=cascade)  # every sequence's
         self.elapsed_s = 0.0  # wall time of the last `generate`
 
     @property
@@ -55,7 +56,7 @@ class SpeculativeGenerator:
         results: dict = {}
         try:
             for prompt, p in zip(prompts, params_list):
-                seq_id = self.engine.add(prompt, p, cascade=self.cascade)
+                seq_id = self.engine.add(prompt, p, spec=self.spec)
                 results[seq_id] = GenerationResult(list(prompt), [], "")
             while self.engine.num_live:
                 for update in self.engine.step():

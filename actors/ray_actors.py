@@ -15,16 +15,17 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.draft_batcher import DraftBatcher
 from actors.drafters import Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
 from actors.engine_loop import EngineLoop
-from actors.errors import DrafterUnavailable, InvalidRequest
+from actors.errors import CapacityExhausted, DrafterUnavailable, InvalidRequest
 from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner, RunnerSettings, SeqId
 from actors.sampling import SamplingParams
+from actors.speculation import FOLLOW_PLAN, SpeculationSpec
 
 
 def runner_info(runner: ModelRunner) -> dict:
@@ -49,9 +50,6 @@ class DraftService:
         return {"vocab_size": self.runner.vocab_size, "exit_layers": self.exit_layers, "max_exit": self.max_exit,
                 "max_context": self.runner.max_context, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), **runner_info(self.runner)}
-
-    def check_exit(self, exit_layer: int) -> None:
-        self.batcher.drafter.check_exit(exit_layer)
 
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
         self.batcher.start(seq_id, prompt, params)
@@ -121,6 +119,7 @@ class RemoteDrafter(Drafter):
         self.handle, self.timeout_s = handle, timeout_s
         self.vocab_size = info["vocab_size"]
         self.exit_layers, self.max_exit = info["exit_layers"], info["max_exit"]
+        self.default_exit = max(self.exit_layers)
         self._commits: list[tuple[SeqId, list[int]]] = []
         self._in_flight: tuple[ray.ObjectRef, set[SeqId]] | None = None  # the last proposal and whom it names
         self._finishing: dict[SeqId, ray.ObjectRef] = {}  # finishes sent, not yet seen done
@@ -177,10 +176,15 @@ class RemoteDrafter(Drafter):
             self._in_flight = None
 
     def _call(self, ref):
+        """The call's result; a full drafter raises `CapacityExhausted` as a local one does, a dead one `DrafterUnavailable`."""
         try:
             return ray.get(ref, timeout=self.timeout_s)
         except (RayActorError, GetTimeoutError) as err:
             raise DrafterUnavailable(f"drafter actor failed: {type(err).__name__}") from None
+        except RayTaskError as err:
+            if isinstance(err.cause, CapacityExhausted):
+                raise CapacityExhausted(str(err.cause)) from None
+            raise
 
 
 class RemoteDrafts:
@@ -218,15 +222,16 @@ class TargetActor:
         return {"vocab_size": runner.vocab_size, "max_context": runner.max_context, "eos_token_id": runner.eos_token_id,
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(runner)}
 
-    def generate(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, **speculation) -> Iterator[SequenceUpdate]:
+    def generate(self, seq_id: SeqId, prompt: list[int], params: SamplingParams,
+                 spec: SpeculationSpec = FOLLOW_PLAN) -> Iterator[SequenceUpdate]:
         """Stream a sequence's updates, the last with its finish reason.
 
-        `speculation` may override k (0: plain decoding) and exit_layer for this sequence.
+        `spec` may override k (0: plain decoding) and the exit for this sequence, or cascade it.
         The first update goes out as soon as it exists (time to first token); later rounds
         are merged into one update per `stream_interval_s` (each update is a Ray object
         and a message on the front door: per round they cost as much as a forward).
         """
-        output = self.loop.submit(seq_id, prompt, params, **speculation)
+        output = self.loop.submit(seq_id, prompt, params, spec)
         update = _take(output.get())
         while True:
             yield update

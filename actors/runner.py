@@ -4,8 +4,9 @@ The runner owns its forward pass (in the style of gpt-fast, `actors.forward`)
 over the weights of a Hugging Face `LlamaForCausalLM`, so that
 
 - a batch of sequences with different cached lengths and different numbers of
-  new tokens runs in one forward, padded up to a shape bucket
-  (`actors.buckets`) so that the step can be compiled (`actors.compiled`);
+  new tokens runs in one forward, which can be compiled (`actors.compiled`):
+  on exact shapes, or padded up to a shape bucket (`actors.buckets`) where
+  the mode wants static shapes;
 - every sequence lives in a slot of one `KVStore` taken when it is added and
   given back when it is freed: keys and values are written by position, never
   gathered or grown;

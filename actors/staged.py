@@ -105,6 +105,10 @@ class StagedDrafter(SteppedDrafter):
         self.stats = SpeculationStats()  # the inner stage's rounds: drafted/accepted by the middle model, its forwards
         self._states: dict[SeqId, _StagedState] = {}
 
+    @property
+    def default_exit(self) -> int | None:
+        return None if self.inner is None else self.inner.default_exit
+
     def check_exit(self, exit_layer: int) -> None:
         """Exits name the innermost drafter's layers; the middle model always runs whole."""
         if self.inner is None:

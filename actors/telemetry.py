@@ -48,7 +48,7 @@ class RoundTimes:
 class RoundRecord:
     """One arm's share of one round of a `SpeculationEngine`."""
 
-    exit_layer: int | None  # drafter exit drafted from; None: the drafter's deepest exit, or no drafting (k = 0)
+    exit_layer: int | None  # drafter exit drafted from (the engine resolves the deepest); None: no exits, or k = 0
     k: int  # draft length the arm asks for (0: plain decoding); a round may draft fewer near max_tokens
     sequences: int  # this arm's sequences in the round
     round_sequences: int  # all sequences in the round, every arm together
@@ -111,7 +111,7 @@ class RoundBuffer:
         return records
 
 
-PairKey = tuple[str, str, int, int]  # (target, drafter, exit_layer or 0 for the deepest/none, k)
+PairKey = tuple[str, str, int, int]  # (target, drafter, exit_layer or 0 for none, k)
 
 
 @dataclass
@@ -120,7 +120,7 @@ class PairTotals:
 
     target: str
     drafter: str
-    exit_layer: int  # 0: the drafter's deepest exit, or plain decoding
+    exit_layer: int  # 0: a drafter without exits, or plain decoding
     k: int
     rounds: int = 0  # sequence-rounds: target forward rows
     drafted: int = 0

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.cascades import CascadeParams
-from actors.engine import MAX_DRAFT_LENGTH
+from actors.speculation import MAX_DRAFT_LENGTH
 from actors.errors import SpecfleetError
 from actors.runner import RunnerSettings
 from cluster.defaults import models_dir
@@ -51,24 +51,18 @@ class AutoscaleConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
+class ModelConfig(RunnerSettings):
+    """A model served by replicas: where and how many, plus how each replica runs it (`RunnerSettings`'s fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
     path: Path = Field(description="Local Hugging Face checkpoint folder (Llama architecture).")
     pool: str = Field(description="Name of the pool whose nodes host this model's actors.")
     replicas: int = Field(1, ge=1, le=64, description="Actors serving this model at start.")
     autoscale: AutoscaleConfig | None = Field(None, description="Let the controller scale the replicas within bounds; None keeps `replicas`.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights and compute dtype.")
-    device: str = Field("cpu", description="torch device inside the actor, e.g. 'cpu' or 'cuda'.")
-    max_sequences: int = Field(
-        64, ge=1, le=4096,
-        description="KV-store slots of each replica: sequences it decodes (drafts for) at once, allocated at load.",
-    )
-    compile: Literal["auto", "eager", "compile", "compile-static"] = Field(
-        "auto", description="How each replica runs its model step (actors.compiled): 'auto' compiles on a CPU, where "
-        "the benchmark shows it pays, eager elsewhere until measured; compiling happens before the replica serves.",
-    )
 
     def runner_settings(self) -> RunnerSettings:
-        return RunnerSettings(dtype=self.dtype, device=self.device, max_sequences=self.max_sequences, compile=self.compile)
+        return RunnerSettings(**self.model_dump(include=set(RunnerSettings.model_fields)))
 
 
 class DrafterConfig(ModelConfig):

@@ -25,9 +25,10 @@ from actors.engine import SequenceUpdate
 from actors.errors import CapacityExhausted, InvalidRequest, ModelNotFound, SpecfleetError
 from actors.loading import load_tokenizer
 from actors.sampling import SamplingParams
+from actors.speculation import SpeculationSpec
 from cluster.metrics import RequestObserver, RequestTimer
 from cluster.placement import Fleet
-from cluster.requests import ModelLimits, prompt_ids, sampling_params, speculation_overrides
+from cluster.requests import ModelLimits, prompt_ids, sampling_params, speculation_spec
 from specfleet.v1 import generation_pb2 as pb
 
 
@@ -49,7 +50,7 @@ class Admitted:
     tokenizer: object
     prompt: list[int]
     params: SamplingParams
-    speculation: dict  # per-sequence engine overrides: k, exit_layer, cascade
+    speculation: SpeculationSpec  # validated here, carried as is to the engine
 
 
 class Frontend:
@@ -76,7 +77,9 @@ class Frontend:
         limits, tokenizer = self.limits[request.model], self.tokenizers[request.model]
         prompt = prompt_ids(request, tokenizer, limits)
         params = sampling_params(request, self.config.server.default_max_tokens, len(prompt), limits)
-        speculation = speculation_overrides(request.speculation, self.config.targets[request.model])
+        target = self.config.targets[request.model]
+        max_exit = self.fleet.infos[target.drafter][0]["max_exit"] if target.drafter else None
+        speculation = speculation_spec(request.speculation, target, max_exit)
         if self._in_flight >= self.config.server.max_concurrent_requests:
             raise Overloaded("too many requests in flight; retry later")
         handle = min(self.fleet.targets[request.model], key=lambda h: self._load.get(id(h), 0))
@@ -88,7 +91,7 @@ class Frontend:
         timer, outcome = RequestTimer(self.observer, admitted.model) if self.observer else None, "cancelled"
         try:
             stream = admitted.handle.generate.options(num_returns="streaming").remote(
-                admitted.seq_id, admitted.prompt, admitted.params, **admitted.speculation
+                admitted.seq_id, admitted.prompt, admitted.params, admitted.speculation
             )
             async for ref in stream:
                 update: SequenceUpdate = await ref
@@ -141,7 +144,7 @@ class Frontend:
         exit_layer, k = update.arm
         if k:
             stats.drafter, stats.k = target.drafter, k
-            stats.exit_layer = exit_layer or max(self.fleet.infos[target.drafter][0]["exit_layers"])
+            stats.exit_layer = exit_layer or 0  # the engine resolved the deepest exit; 0: a drafter without exits
         return stats
 
     def _enter(self, admitted: Admitted, delta: int) -> None:

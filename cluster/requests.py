@@ -3,9 +3,9 @@
 from dataclasses import dataclass
 
 from actors.cascades import CascadeParams, make_cascade_params
-from actors.engine import MAX_DRAFT_LENGTH
 from actors.errors import InvalidRequest
 from actors.sampling import SamplingParams, make_sampling_params
+from actors.speculation import FOLLOW_PLAN, MAX_DRAFT_LENGTH, NO_SPECULATION, SpeculationSpec
 from cluster.config import TargetConfig
 from specfleet.v1 import generation_pb2 as pb
 
@@ -48,14 +48,15 @@ def sampling_params(request: pb.GenerateRequest, default_max_tokens: int, prompt
 CASCADE_RULES = {pb.Cascade.CHOW: "chow", pb.Cascade.DIFF: "diff", pb.Cascade.OPT: "opt"}
 
 
-def speculation_overrides(speculation: pb.Speculation, target: TargetConfig) -> dict:
-    """Per-request speculation as engine overrides: {} follows the plan, {"k": 0} decodes plainly.
+def speculation_spec(speculation: pb.Speculation, target: TargetConfig, max_exit: int | None) -> SpeculationSpec:
+    """The request's speculation, validated: AUTO follows the target's plan, OFF decodes plainly.
 
-    A speculative cascade (the request's, else the target's default) rides along as "cascade".
+    `max_exit` is the deepest exit of the target's drafter (None: it has none). A speculative
+    cascade (the request's, else the target's default) rides along.
     """
-    overrides = _draft_overrides(speculation, target)
-    cascade = None if overrides.get("k") == 0 else cascade_override(speculation, target)
-    return overrides if cascade is None else {**overrides, "cascade": cascade}
+    spec = _draft_spec(speculation, target, max_exit)
+    cascade = None if spec.k == 0 else cascade_override(speculation, target)
+    return spec if cascade is None else spec.model_copy(update={"cascade": cascade})
 
 
 def cascade_override(speculation: pb.Speculation, target: TargetConfig) -> CascadeParams | None:
@@ -73,16 +74,19 @@ def cascade_override(speculation: pb.Speculation, target: TargetConfig) -> Casca
     return make_cascade_params(rule=rule, alpha=alpha)
 
 
-def _draft_overrides(speculation: pb.Speculation, target: TargetConfig) -> dict:
+def _draft_spec(speculation: pb.Speculation, target: TargetConfig, max_exit: int | None) -> SpeculationSpec:
     mode = speculation.mode
     if mode in (pb.Speculation.MODE_UNSPECIFIED, pb.Speculation.AUTO):
-        return {}
+        return FOLLOW_PLAN
     if mode == pb.Speculation.OFF:
-        return {"k": 0}
+        return NO_SPECULATION
     if target.drafter is None:
         raise InvalidRequest("this target has no drafter to speculate with; use AUTO or OFF")
     if speculation.drafter and speculation.drafter != target.drafter:
         raise InvalidRequest(f"this target is paired with drafter {target.drafter!r}, not {speculation.drafter!r}")
     if not 1 <= speculation.k <= MAX_DRAFT_LENGTH:
         raise InvalidRequest(f"FIXED speculation needs 1 <= k <= {MAX_DRAFT_LENGTH}, got {speculation.k}")
-    return {"k": speculation.k, "exit_layer": speculation.exit_layer or None}
+    exit_layer = speculation.exit_layer or None  # the wire's 0: the plan's exit
+    if exit_layer is not None and not 1 <= exit_layer <= (max_exit or 0):
+        raise InvalidRequest(f"exit {exit_layer} is outside the drafter's exits 1..{max_exit}")
+    return SpeculationSpec(k=speculation.k, exit_layer=exit_layer)

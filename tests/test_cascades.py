@@ -14,8 +14,9 @@ from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import logits_to_probs, make_generator, make_sampling_params
 from actors.verification import RowToVerify, verify_round
+from actors.speculation import FOLLOW_PLAN, NO_SPECULATION, SpeculationSpec
 from cluster.config import InvalidConfig, TargetConfig, parse_config
-from cluster.requests import speculation_overrides
+from cluster.requests import speculation_spec
 from specfleet.v1 import generation_pb2 as pb
 from test_generator import chi_square_excess
 
@@ -239,12 +240,12 @@ def with_cascade(**cascade) -> pb.Speculation:
 
 def test_a_requests_cascade_overrides_the_targets_default_field_by_field():
     target = target_config(cascade={"rule": "opt", "alpha": 0.3})
-    assert speculation_overrides(pb.Speculation(), target) == {"cascade": CascadeParams(rule="opt", alpha=0.3)}
-    assert speculation_overrides(with_cascade(alpha=0.0), target)["cascade"] == CascadeParams(rule="opt", alpha=0.0)
-    chow = speculation_overrides(with_cascade(rule=pb.Cascade.CHOW), target)["cascade"]
+    assert speculation_spec(pb.Speculation(), target, 4) == SpeculationSpec(cascade=CascadeParams(rule="opt", alpha=0.3))
+    assert speculation_spec(with_cascade(alpha=0.0), target, 4).cascade == CascadeParams(rule="opt", alpha=0.0)
+    chow = speculation_spec(with_cascade(rule=pb.Cascade.CHOW), target, 4).cascade
     assert chow == CascadeParams(rule="chow", alpha=0.3)
-    assert speculation_overrides(pb.Speculation(mode=pb.Speculation.OFF), target) == {"k": 0}  # plain decoding: no cascade
-    assert speculation_overrides(pb.Speculation(), target_config()) == {}  # no default: lossless
+    assert speculation_spec(pb.Speculation(mode=pb.Speculation.OFF), target, 4) == NO_SPECULATION  # plain decoding: no cascade
+    assert speculation_spec(pb.Speculation(), target_config(), 4) == FOLLOW_PLAN  # no default: lossless
 
 
 @pytest.mark.parametrize(
@@ -259,9 +260,18 @@ def test_a_requests_cascade_overrides_the_targets_default_field_by_field():
 )
 def test_bad_cascade_requests_are_refused(speculation, target, message):
     with pytest.raises(InvalidRequest, match=message):
-        speculation_overrides(speculation, target)
+        speculation_spec(speculation, target, 4)
 
 
 def test_the_configured_default_is_validated():
     with pytest.raises(InvalidConfig, match="alpha"):
         parse_config({"pools": {"p": {}}, "targets": {"t": {"path": "t", "pool": "p", "cascade": {"rule": "chow", "alpha": 2}}}})
+
+
+def test_a_fixed_speculation_is_checked_against_the_drafters_exits_at_the_front_door():
+    fixed = pb.Speculation(mode=pb.Speculation.FIXED, k=3, exit_layer=2)
+    assert speculation_spec(fixed, target_config(), 4) == SpeculationSpec(k=3, exit_layer=2)
+    deepest = pb.Speculation(mode=pb.Speculation.FIXED, k=3)  # exit 0 on the wire: the plan's
+    assert speculation_spec(deepest, target_config(), 4) == SpeculationSpec(k=3)
+    with pytest.raises(InvalidRequest, match="exit 5 is outside the drafter's exits 1..4"):
+        speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, k=3, exit_layer=5), target_config(), 4)

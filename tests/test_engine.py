@@ -6,7 +6,9 @@ from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
 from actors.errors import DrafterUnavailable, InvalidRequest
 from actors.generator import SpeculativeGenerator
+from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from actors.speculation import SpeculationSpec
 
 from engine_runs import run_to_end
 
@@ -73,3 +75,39 @@ def test_duplicate_ids_are_refused(target):
         engine.add([1, 2], GREEDY, seq_id="x")
     engine.close()
     assert target.num_sequences == 0
+
+
+def test_sequences_the_drafter_has_no_room_for_decode_plainly_and_exactly(target, drafter_path, prompts, plain):
+    small_drafter = ModelRunner.from_pretrained(drafter_path, max_sequences=2)
+    engine = SpeculationEngine(target, ModelDrafter(small_drafter), k=3, exit_layer=2)
+    for index, prompt in enumerate(prompts):
+        engine.add(prompt, GREEDY, seq_id=index)
+    arms: dict = {}
+    tokens: dict = {}
+    while engine.num_live:
+        for update in engine.step():
+            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
+            arms.setdefault(update.seq_id, set()).add(update.arm)
+    assert [tokens[i] for i in range(len(prompts))] == plain
+    assert arms[0] != {(None, 0)} and arms[len(prompts) - 1] == {(None, 0)}  # the first two draft, the rest cannot
+    assert engine.drafter is not None and small_drafter.num_sequences == 0
+
+
+def test_a_target_without_its_drafter_decodes_a_fixed_speculation_request_plainly(target, prompts, plain):
+    engine = SpeculationEngine(target)  # e.g. its drafter died before the request came
+    engine.add(prompts[0], GREEDY, seq_id="fixed", spec=SpeculationSpec(k=4, exit_layer=2))
+    assert run_to_end(engine)["fixed"] == plain[0]
+
+
+def test_the_deepest_exit_is_resolved_to_a_number_once(target, drafter_runner, prompts):
+    engine = SpeculationEngine(target, ModelDrafter(drafter_runner), k=2)
+    assert engine.exit_layer == max(drafter_runner.exit_layers)
+    engine.set_plan(3, 1)
+    assert engine.exit_layer == 1
+    engine.set_plan(3, None)
+    assert engine.exit_layer == max(drafter_runner.exit_layers)
+    engine.add(prompts[0], GREEDY, seq_id="s")
+    assert {u.arm for u in engine.step()} == {(max(drafter_runner.exit_layers), 3)}
+    with pytest.raises(InvalidRequest, match="exit"):
+        engine.add(prompts[1], GREEDY, spec=SpeculationSpec(exit_layer=99))
+    engine.close()

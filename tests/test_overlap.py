@@ -18,6 +18,7 @@ from actors.generator import SpeculativeGenerator
 from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from actors.speculation import SpeculationSpec
 
 from engine_runs import run_to_end
 
@@ -108,12 +109,12 @@ def test_greedy_output_is_the_targets_with_joins_overrides_and_plan_changes(targ
     drafter = BackgroundDrafter(drafter_runner)
     overlapped = verifies_while_drafting(target, drafter)
     engine = OverlappedEngine(target, drafter, k=3, exit_layer=2)
-    overrides = [{}, {"k": 0}, {"k": 5, "exit_layer": 4}, {}, {"exit_layer": 1}, {}, {"k": 2}, {}]
+    overrides = [{}, {"k": 0}, {"k": 5, "exit_layer": 4}, {}, {"exit_layer": 1}, {}, {"k": 2}, {}]  # SpeculationSpec fields
     tokens, waiting, steps = {}, list(enumerate(prompts)), 0
     while waiting or engine.num_live:
         if waiting and steps % 2 == 0:  # newcomers join while the others are mid-generation
             index, prompt = waiting.pop(0)
-            engine.add(prompt, GREEDY, seq_id=index, **overrides[index])
+            engine.add(prompt, GREEDY, seq_id=index, spec=SpeculationSpec(**overrides[index]))
         if steps in (6, 14):
             engine.set_plan(*((0, None) if steps == 6 else (4, 4)))  # off, then on again, with drafts in flight
         for update in engine.step():
@@ -155,7 +156,7 @@ def test_sampled_output_is_the_same_draws_as_without_overlap(target, drafter_run
     for engine_class in (SpeculationEngine, OverlappedEngine):
         engine = engine_class(target, BackgroundDrafter(drafter_runner), k=3, exit_layer=4)
         for index, (prompt, p) in enumerate(zip(prompts, params)):
-            engine.add(prompt, p, seq_id=index, cascade=cascade if index % 3 == 0 else None)
+            engine.add(prompt, p, seq_id=index, spec=SpeculationSpec(cascade=cascade if index % 3 == 0 else None))
         outputs.append(in_order(run_to_end(engine), len(prompts)))
     assert outputs[0] == outputs[1]
     assert len({tuple(t) for t in outputs[0]}) == len(prompts)

@@ -8,6 +8,7 @@ from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
 from actors.sampling import make_sampling_params
 from actors.telemetry import PLAIN, RoundBuffer, RoundRecord, TelemetryAggregator
+from actors.speculation import NO_SPECULATION
 from specfleet.v1 import generation_pb2 as pb
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=16, ignore_eos=True)
@@ -51,7 +52,7 @@ def test_the_engine_writes_one_record_per_round_that_adds_up(target, drafter_run
 def test_a_round_shared_by_two_arms_writes_a_record_for_each(target, drafter_runner, prompts):
     engine = SpeculationEngine(target, ModelDrafter(drafter_runner), k=2, exit_layer=1, drafter_name="d")
     engine.add(prompts[0], GREEDY)  # follows the plan
-    engine.add(prompts[1], GREEDY, k=0)  # plain decoding by request
+    engine.add(prompts[1], GREEDY, spec=NO_SPECULATION)  # plain decoding by request
     engine.step()
     planned, plain = sorted(engine.drain_telemetry(), key=lambda r: -r.k)
     assert (planned.exit_layer, planned.k, planned.drafter, planned.drafted) == (1, 2, "d", 2)

@@ -15,6 +15,7 @@ from actors.generator import SpeculativeGenerator
 from actors.ray_actors import DrafterActor, RemoteDrafter
 from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
+from actors.speculation import SpeculationSpec
 from test_generator import chi_square_excess, first_two_token_distributions
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=24, ignore_eos=True)
@@ -106,7 +107,7 @@ def test_an_off_plan_skips_the_drafter_unless_a_sequence_asks_for_drafts(target,
         engine.step()
     assert drafter.proposals == 0
     assert {(r.k, r.drafted) for r in engine.drain_telemetry()} == {(0, 0)}
-    engine.add(prompts[1], GREEDY, k=3)  # a per-request override still drafts
+    engine.add(prompts[1], GREEDY, spec=SpeculationSpec(k=3))  # a per-request override still drafts
     engine.step()
     assert drafter.proposals == 1
     engine.close()
