@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from actors.drafters import DraftRequest
+from actors.engine import SpeculationEngine
 from actors.generator import SpeculativeGenerator
 from actors.ray_actors import DrafterActor, RemoteDrafter
 from actors.runner import ModelRunner, RunnerSettings
@@ -156,3 +157,27 @@ def test_killing_the_drafter_with_drafts_in_flight_loses_no_token(fleet, prompts
     for first, stream, tokens in zip(firsts, streams, expected):
         assert first + [t for ref in stream for t in ray.get(ref).new_tokens] == tokens
     assert not ray.get(handle.has_drafter.remote())
+
+
+def test_a_drafter_actor_without_a_free_slot_leaves_the_sequence_to_plain_decoding(ray_cluster, target_path, drafter_path,
+                                                                                   prompts):
+    """A full drafter refuses through Ray as a local one does (CapacityExhausted); the engine then decodes that
+    sequence plainly and exactly, while the one the drafter holds keeps drafting."""
+    handle = ray.remote(DrafterActor).options(max_concurrency=8, resources={"draft": 1}).remote(
+        str(drafter_path), RunnerSettings(max_sequences=1))
+    try:
+        target = ModelRunner.from_pretrained(target_path)
+        engine = SpeculationEngine(target, RemoteDrafter(handle, ray.get(handle.info.remote()), timeout_s=30), k=3)
+        engine.add(prompts[0], GREEDY, seq_id="drafted")
+        engine.add(prompts[1], GREEDY, seq_id="plain")
+        tokens, arms = {}, {}
+        while engine.num_live:
+            for update in engine.step():
+                tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
+                arms.setdefault(update.seq_id, set()).add(update.arm)
+        alone = SpeculativeGenerator(ModelRunner.from_pretrained(target_path)).generate(prompts[:2], GREEDY)
+        assert [tokens["drafted"], tokens["plain"]] == [r.tokens for r in alone]
+        assert arms["plain"] == {(None, 0)} and (None, 0) not in arms["drafted"]
+        assert engine.drafter is not None
+    finally:
+        ray.kill(handle)
