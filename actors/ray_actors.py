@@ -176,7 +176,8 @@ class RemoteDrafter(Drafter):
             self._in_flight = None
 
     def _call(self, ref):
-        """The call's result; a full drafter raises `CapacityExhausted` as a local one does, a dead one `DrafterUnavailable`."""
+        """The call's result. A full drafter raises `CapacityExhausted` as a local one does; a dead, stalled or
+        failing one `DrafterUnavailable` (the engine then decodes plainly), never Ray's error text."""
         try:
             return ray.get(ref, timeout=self.timeout_s)
         except (RayActorError, GetTimeoutError) as err:
@@ -184,7 +185,7 @@ class RemoteDrafter(Drafter):
         except RayTaskError as err:
             if isinstance(err.cause, CapacityExhausted):
                 raise CapacityExhausted(str(err.cause)) from None
-            raise
+            raise DrafterUnavailable(f"drafter call failed: {type(err.cause).__name__}") from None
 
 
 class RemoteDrafts:
