@@ -173,7 +173,7 @@ def _measured_tables(measured: Measured) -> list[str]:
     ]
     lines += [f"| exit {a.exit_layer} | {a.rounds} | " + " | ".join(f"{r:.3f}" for r in a.per_position) + f" | {a.mal:.3f} |"
               for a in measured.acceptance]
-    reference = next(c for c in measured.costs if c.model == measured.target)
+    reference = next(c for c in measured.costs if c.model == measured.target and c.tokens == k + 1)
     lines += [
         "",
         f"**One step in the runner** ({measured.compile_mode}, one row after {measured.context_tokens} cached tokens; "
@@ -184,6 +184,17 @@ def _measured_tables(measured: Measured) -> list[str]:
     ]
     lines += [f"| {c.model} | {c.tokens} | {c.median_ms:.3f} | {c.median_ms / reference.median_ms:.3f} |"
               for c in measured.costs]
+    exits = [a.exit_layer for a in measured.acceptance]
+    lines += [
+        "",
+        f"**Forward-bound speedup over `{measured.target}` alone**: MAL(k) x T(1) / (T(k + 1) + k x d(exit)) from the "
+        "two tables above (model steps only: the engine's own time per round is left out)",
+        "",
+        "| exit \\ k | " + " | ".join(str(j) for j in range(1, k + 1)) + " |",
+        "|---|" + "---:|" * k,
+    ]
+    lines += [f"| exit {e} | " + " | ".join(f"{measured.forward_bound_speedup(e, j):.2f}" for j in range(1, k + 1)) + " |"
+              for e in exits]
     return lines
 
 

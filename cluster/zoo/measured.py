@@ -46,7 +46,18 @@ class Measured(BaseModel):
     acceptance: list[ExitAcceptance] = Field(description="Greedy speculation of each exit with the target.")
     compile_mode: str = Field(description="How the runner ran the timed steps.")
     context_tokens: int = Field(description="Cached tokens before each timed step.")
-    costs: list[StepCost] = Field(description="One step of each exit (1 token) and each target (k + 1 tokens).")
+    costs: list[StepCost] = Field(description="One step of each exit (1 token), each target (k + 1 tokens), and the "
+                                  "largest target at every width 1..k + 1.")
+
+    def cost(self, model: str, tokens: int) -> float:
+        return next(c.median_ms for c in self.costs if c.model == model and c.tokens == tokens)
+
+    def forward_bound_speedup(self, exit_layer: int, k: int) -> float:
+        """Tokens/s of speculation with (exit, k) over the target alone, counting model steps only:
+        MAL(k) x T(1) / (T(k + 1) + k x d(exit)), with MAL(k) from the measured per-position acceptance."""
+        rates = next(a.per_position for a in self.acceptance if a.exit_layer == exit_layer)[:k]
+        round_ms = self.cost(self.target, k + 1) + k * self.cost(f"drafter-exit-{exit_layer}", 1)
+        return mal_from_rates(rates) * self.cost(self.target, 1) / round_ms
 
 
 def per_position_acceptance(lengths: list[int], k: int) -> list[float]:
@@ -110,10 +121,13 @@ def measure_costs(drafter_path: Path, targets: dict[str, Path], context: list[in
     drafter.warm_up()
     costs = [StepCost(model=f"drafter-exit-{e}", tokens=1, median_ms=step_ms(drafter, context, 1, e, repeats))
              for e in drafter.exit_layers]
+    largest = list(targets)[-1]
     for name, path in targets.items():
         runner = ModelRunner.from_pretrained(str(path), max_sequences=1, compile_mode=mode)
         runner.warm_up()
-        costs.append(StepCost(model=name, tokens=k + 1, median_ms=step_ms(runner, context, k + 1, runner.num_layers, repeats)))
+        for width in range(1, k + 2) if name == largest else [k + 1]:
+            costs.append(StepCost(model=name, tokens=width, median_ms=step_ms(runner, context, width, runner.num_layers,
+                                                                                repeats)))
     return mode, costs
 
 

@@ -51,7 +51,7 @@ def test_acceptance_matrix_is_complete_and_in_range(smoke_report: dict) -> None:
 def test_markdown_tables(smoke_report: dict) -> None:
     markdown = to_markdown(EvalReport.model_validate(smoke_report))
     assert "| exit \\ target | target-s | target-m | target-l |" in markdown
-    assert markdown.count("| exit 2 |") == 5 and "| drafter-exit-3 |" in markdown
+    assert markdown.count("| exit 2 |") == 6 and "| drafter-exit-3 |" in markdown
     assert "**Measured greedy speculation with `target-l`, k = 4**" in markdown and "| target-l | 5 |" in markdown
     assert "(1 - a^(k+1)) / (1 - a)" in markdown
 
@@ -75,3 +75,13 @@ def test_measured_speculation_and_step_costs_cover_every_exit_and_target(smoke_r
     assert set(costs) == {"drafter-exit-1", "drafter-exit-2", "drafter-exit-3", "target-s", "target-m", "target-l"}
     assert all(c.median_ms > 0 for c in costs.values())
     assert costs["target-l"].tokens == 5 and costs["drafter-exit-1"].tokens == 1
+
+
+def test_forward_bound_speedup_follows_from_the_measured_tables(smoke_report: dict) -> None:
+    measured = EvalReport.model_validate(smoke_report).measured
+    assert {c.tokens for c in measured.costs if c.model == "target-l"} == {1, 2, 3, 4, 5}
+    rates = measured.acceptance[1].per_position
+    expected = (1 + rates[0] + rates[0] * rates[1]) * measured.cost("target-l", 1) / (
+        measured.cost("target-l", 3) + 2 * measured.cost("drafter-exit-2", 1))
+    assert measured.forward_bound_speedup(2, 2) == pytest.approx(expected)
+    assert "**Forward-bound speedup over `target-l` alone**" in to_markdown(EvalReport.model_validate(smoke_report))
