@@ -31,6 +31,8 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", type=Path, help="report path (default: <out>/eval.json)")
     evaluate.add_argument("--markdown", type=Path, help="table path (default: <out>/eval.md)")
     evaluate.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    evaluate.add_argument("--manifest", type=Path, help="score this manifest's test split (default: the zoo's own)")
+    evaluate.add_argument("--context", type=int, help="window length in tokens (default: the zoo's training context)")
     evaluate.set_defaults(func=run_eval)
 
 
@@ -54,7 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     _log_to_stderr()
     with torch_threads(args.threads):
-        report = evaluate_zoo(args.out, args.eval_tokens)
+        report = evaluate_zoo(args.out, args.eval_tokens, args.manifest, args.context)
     markdown = to_markdown(report)
     (args.json or args.out / "eval.json").write_text(report.model_dump_json(indent=1))
     (args.markdown or args.out / "eval.md").write_text(markdown)

@@ -93,14 +93,19 @@ def score(
     return losses, pairs
 
 
-def evaluate_zoo(out_dir: Path, eval_tokens: int | None = None) -> EvalReport:
-    """Score the zoo saved in out_dir on (up to eval_tokens of) its test split."""
+def evaluate_zoo(out_dir: Path, eval_tokens: int | None = None, manifest_path: Path | None = None,
+                 context: int | None = None) -> EvalReport:
+    """Score the zoo saved in out_dir on (up to eval_tokens of) a test split in windows of `context` tokens.
+
+    By default the zoo's own test split and training context; another zoo's manifest and a
+    shorter context compare two zoos on the same held-out files and windows.
+    """
     config = ZooConfig.model_validate_json((out_dir / CONFIG_FILE).read_text())
-    manifest = load_manifest(out_dir / MANIFEST_FILE)
+    manifest = load_manifest(manifest_path or out_dir / MANIFEST_FILE)
     tokenizer = load_tokenizer(out_dir / TOKENIZER_DIR)
     # Files are read from this machine's corpus root and must match the recorded hashes.
     test_tokens = encode_documents(tokenizer, read_split(manifest, "test", corpus_root(config.corpus)))
-    windows = heldout_windows(test_tokens, config.context, eval_tokens or config.eval_tokens)  # [W, T+1]
+    windows = heldout_windows(test_tokens, context or config.context, eval_tokens or config.eval_tokens)  # [W, T+1]
     drafter = load_model(out_dir / DRAFTER_NAME)
     targets = {t.name: load_model(out_dir / t.name) for t in config.targets}
     losses, pairs = score(drafter, targets, windows, config.eval_batch_size)
@@ -124,7 +129,7 @@ def evaluate_zoo(out_dir: Path, eval_tokens: int | None = None) -> EvalReport:
     return EvalReport(
         test_files=len(manifest.split("test")),
         tokens=count,
-        context=config.context,
+        context=windows.shape[1] - 1,
         k=config.mal_k,
         mal_formula=MAL_FORMULA,
         models=models,

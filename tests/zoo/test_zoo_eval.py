@@ -6,6 +6,8 @@ import torch
 from cluster.zoo.evaluate import EvalReport, acceptance_sums, expected_accepted_length, to_markdown
 from cluster.zoo.measured import mal_from_rates, per_position_acceptance
 
+from zoo_helpers import run_cli
+
 
 def test_expected_accepted_length_formula() -> None:
     assert expected_accepted_length(0.0, 4) == 1.0
@@ -85,3 +87,14 @@ def test_forward_bound_speedup_follows_from_the_measured_tables(smoke_report: di
         measured.cost("target-l", 3) + 2 * measured.cost("drafter-exit-2", 1))
     assert measured.forward_bound_speedup(2, 2) == pytest.approx(expected)
     assert "**Forward-bound speedup over `target-l` alone**" in to_markdown(EvalReport.model_validate(smoke_report))
+
+
+def test_eval_can_score_another_manifest_in_shorter_windows(smoke_zoo, tmp_path) -> None:
+    """Two zoos compare like with like: the same held-out files, the same window length."""
+    report_path = tmp_path / "eval.json"
+    args = ["zoo", "eval", "--out", str(smoke_zoo), "--threads", "1", "--context", "32", "--eval-tokens", "512",
+            "--manifest", str(smoke_zoo / "corpus_manifest.json"), "--json", str(report_path),
+            "--markdown", str(tmp_path / "eval.md")]
+    assert run_cli(args) == 0
+    report = EvalReport.model_validate_json(report_path.read_text())
+    assert report.context == 32 and report.tokens == 512
