@@ -110,11 +110,16 @@ def training_batches(tokens: torch.Tensor, context: int, batch_size: int, seed: 
 
 
 def heldout_windows(tokens: torch.Tensor, context: int, max_tokens: int) -> torch.Tensor:
-    """The first max_tokens // context non-overlapping windows: LongTensor[W, context + 1]."""
+    """max_tokens // context non-overlapping windows spread evenly over the whole stream: LongTensor[W, context + 1].
+
+    Spread, not the first ones: a split's files are in path order, so its head is one
+    corner of the corpus (e.g. the standard library before the installed packages).
+    """
     count = min(max_tokens // context, (len(tokens) - 1) // context)
     if count < 1:
         raise ValueError(f"held-out text of {len(tokens)} tokens is shorter than one window of {context + 1}")
-    starts = context * torch.arange(count)  # [W]
+    stride = (len(tokens) - 1 - context) // (count - 1) if count > 1 else 0  # >= context: windows never overlap
+    starts = stride * torch.arange(count)  # [W]
     return tokens[starts[:, None] + torch.arange(context + 1)]  # [W, T+1]
 
 

@@ -47,7 +47,9 @@ def test_training_batches_cover_each_epoch_with_disjoint_windows() -> None:
 
 def test_heldout_windows_are_fixed_and_capped() -> None:
     windows = heldout_windows(torch.arange(50), context=8, max_tokens=24)
-    assert windows.shape == (3, 9) and windows[1, 0] == 8 and windows[2, -1] == 24
+    assert windows.shape == (3, 9) and windows[:, 0].tolist() == [0, 20, 40] and windows[2, -1] == 48  # spread out
+    assert heldout_windows(torch.arange(50), context=8, max_tokens=24).equal(windows)
+    assert heldout_windows(torch.arange(25), context=8, max_tokens=24)[:, 0].tolist() == [0, 8, 16]  # back to back
     with pytest.raises(ValueError):
         heldout_windows(torch.arange(5), context=8, max_tokens=24)
 
