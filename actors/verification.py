@@ -51,82 +51,78 @@ class RowToVerify:
 
 
 def verify_round(rows: Sequence[RowToVerify]) -> list[Verdict]:
-    """Verify every row of a round together, greedy and sampled rows mixed (after vLLM's rejection sampler).
+    """Verify every row of a round in one call, greedy and sampled rows mixed (after vLLM's rejection sampler).
 
-    Rows are padded to the longest draft: one argmax over every row, one gather of p(x)
-    and q(x), one acceptance prefix per row. Only the random draws stay per row, each from
-    the row's own generator in the same order as for a row alone (k uniforms, then one
-    sample), so a seeded sequence decodes the same whatever its batch mates.
+    Greedy rows: one argmax per row, every argmax moved to Python at once, the accepted
+    prefix compared there (a handful of ids per row: cheaper than tensor ops on a CPU).
+    Sampled rows are padded to their longest draft: one gather of p(x) and q(x), one
+    acceptance prefix per row, one residual per row. Only the random draws stay per row,
+    each from the row's own generator in the same order as for a row alone (k uniforms,
+    then one sample), so a seeded sequence decodes the same whatever its batch mates.
     A cascade row verifies against pi = q where it defers and p elsewhere (greedy: the
     draft token where it defers), which is the same rule with p replaced by pi.
     """
-    if not rows:
-        return []
-    k_max = max(len(r.draft_tokens) for r in rows)
-    logits = pad_sequence([r.target_logits.float() for r in rows], batch_first=True)  # [R, K + 1, V]
-    drafts = pad_sequence([torch.tensor(r.draft_tokens + [0], dtype=torch.long) for r in rows],
-                          batch_first=True)[:, :k_max].to(logits.device)  # [R, K], padded with 0
-    lengths = torch.tensor([len(r.draft_tokens) for r in rows], device=logits.device)  # [R]
-    valid = torch.arange(k_max, device=logits.device) < lengths[:, None]  # [R, K]
-    defer = _padded_defer(rows, k_max, logits.device)  # [R, K]
     verdicts: list[Verdict | None] = [None] * len(rows)
     greedy = [i for i, r in enumerate(rows) if r.params.greedy]
     if greedy:
-        _verify_greedy_rows(greedy, logits, drafts, valid, defer, verdicts)
+        for i, verdict in zip(greedy, _verify_greedy_rows([rows[i] for i in greedy])):
+            verdicts[i] = verdict
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        _verify_sampled_rows([rows[i] for i in sampled], sampled, logits, drafts, valid, defer, verdicts)
+        for i, verdict in zip(sampled, _verify_sampled_rows([rows[i] for i in sampled])):
+            verdicts[i] = verdict
     return verdicts  # type: ignore[return-value]
 
 
-def _padded_defer(rows: Sequence[RowToVerify], k_max: int, device) -> torch.Tensor:
-    """[R, K] bool: cascade deferrals, False for lossless rows and padding."""
-    defer = torch.zeros(len(rows), k_max, dtype=torch.bool, device=device)
-    for i, row in enumerate(rows):
-        if row.defer is not None and len(row.draft_tokens):
-            defer[i, : len(row.draft_tokens)] = row.defer.to(device)
-    return defer
+def _verify_greedy_rows(rows: list[RowToVerify]) -> list[Verdict]:
+    """Keep draft tokens while they equal the target's argmax (the draft token itself where a cascade defers)."""
+    argmaxes = torch.cat([r.target_logits.argmax(dim=-1) for r in rows]).tolist()  # sum of (k_i + 1) ids
+    verdicts, offset = [], 0
+    for row in rows:
+        k = len(row.draft_tokens)
+        targets = argmaxes[offset : offset + k + 1]
+        offset += k + 1
+        if row.defer is not None:
+            targets[:k] = [d if f else t for d, t, f in zip(row.draft_tokens, targets, row.defer.tolist())]
+        accepted = 0
+        while accepted < k and row.draft_tokens[accepted] == targets[accepted]:
+            accepted += 1
+        verdicts.append(Verdict(accepted, targets[accepted]))
+    return verdicts
 
 
-def _accepted_lengths(accepted: torch.Tensor) -> torch.Tensor:
-    """Leading accepted positions per row: accepted [R, K] bool -> [R] long."""
-    return torch.cumprod(accepted.long(), dim=1).sum(dim=1)
-
-
-def _verify_greedy_rows(index: list[int], logits: torch.Tensor, drafts: torch.Tensor, valid: torch.Tensor,
-                        defer: torch.Tensor, verdicts: list) -> None:
-    """Keep draft tokens while they equal the target's argmax (the draft token itself where deferred)."""
-    k_max = drafts.shape[1]
-    rows = torch.tensor(index, device=logits.device)  # [G]
-    target_tokens = logits[rows].argmax(dim=-1)  # [G, K + 1]
-    target_tokens[:, :k_max] = torch.where(defer[rows], drafts[rows], target_tokens[:, :k_max])
-    num_accepted = _accepted_lengths((drafts[rows] == target_tokens[:, :k_max]) & valid[rows])  # [G]
-    next_tokens = target_tokens.gather(1, num_accepted[:, None]).squeeze(1)  # [G]
-    for i, n, token in zip(index, num_accepted.tolist(), next_tokens.tolist()):
-        verdicts[i] = Verdict(n, token)
-
-
-def _verify_sampled_rows(rows: list[RowToVerify], index: list[int], logits: torch.Tensor, drafts: torch.Tensor,
-                         valid: torch.Tensor, defer: torch.Tensor, verdicts: list) -> None:
+def _verify_sampled_rows(rows: list[RowToVerify]) -> list[Verdict]:
     """Lossless rejection sampling: accept x with min(1, p(x) / q(x)), else sample norm(max(0, p - q))."""
-    at = torch.tensor(index, device=logits.device)  # [S]
-    drafts, valid, defer = drafts[at], valid[at], defer[at]  # [S, K] each
-    k_max = drafts.shape[1]
-    p = _target_probs(rows, logits[at])  # [S, K + 1, V]
+    k_max = max(len(r.draft_tokens) for r in rows)
+    logits = pad_sequence([r.target_logits.float() for r in rows], batch_first=True)  # [S, K + 1, V]
+    drafts = torch.tensor([r.draft_tokens + [0] * (k_max - len(r.draft_tokens)) for r in rows],
+                          dtype=torch.long, device=logits.device).view(len(rows), k_max)  # [S, K], padded with 0
+    lengths = torch.tensor([len(r.draft_tokens) for r in rows], device=logits.device)  # [S]
+    valid = torch.arange(k_max, device=logits.device) < lengths[:, None]  # [S, K]
+    defer = _padded_defer(rows, k_max, logits.device)  # [S, K]
+    p = _target_probs(rows, logits)  # [S, K + 1, V]
     q = _draft_probs(rows, drafts, p.shape[-1])  # [S, K, V]
     p[:, :k_max] = torch.where(defer[..., None], q, p[:, :k_max])  # a cascade's pi
     p_of_draft = p[:, :k_max].gather(-1, drafts[..., None]).squeeze(-1)  # [S, K]
     q_of_draft = q.gather(-1, drafts[..., None]).squeeze(-1)  # [S, K]
     uniforms = torch.stack([_uniforms(r, k_max) for r in rows]).to(p.device)  # [S, K]
     # u < min(1, p/q), written as u * q < p so that q == 0 cannot divide by zero.
-    num_accepted = _accepted_lengths((uniforms * q_of_draft < p_of_draft) & valid)  # [S]
-    lengths = valid.sum(dim=1)  # [S]
+    num_accepted = torch.cumprod(((uniforms * q_of_draft < p_of_draft) & valid).long(), dim=1).sum(dim=1)  # [S]
     p_next = p.gather(1, num_accepted[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)  # [S, V]
     q_next = torch.cat([q, q.new_zeros(q.shape[0], 1, q.shape[2])], dim=1)  # [S, K + 1, V]: no q at the bonus position
     q_next = q_next.gather(1, num_accepted[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)  # [S, V]
     final = torch.where((num_accepted == lengths)[:, None], p_next, _residual(p_next, q_next))  # [S, V]
-    for j, (i, row) in enumerate(zip(index, rows)):
-        verdicts[i] = Verdict(int(num_accepted[j]), int(sample(final[j : j + 1], row.generator)))
+    return [Verdict(int(n), int(sample(final[j : j + 1], row.generator)))
+            for j, (n, row) in enumerate(zip(num_accepted.tolist(), rows))]
+
+
+def _padded_defer(rows: Sequence[RowToVerify], k_max: int, device) -> torch.Tensor:
+    """[S, K] bool: cascade deferrals, False for lossless rows and padding."""
+    defer = torch.zeros(len(rows), k_max, dtype=torch.bool, device=device)
+    for i, row in enumerate(rows):
+        if row.defer is not None and len(row.draft_tokens):
+            defer[i, : len(row.draft_tokens)] = row.defer.to(device)
+    return defer
 
 
 def _target_probs(rows: list[RowToVerify], logits: torch.Tensor) -> torch.Tensor:
