@@ -12,10 +12,7 @@ RUN apt-get update \
     && apt-get install --yes --no-install-recommends wget \
     && rm -rf /var/lib/apt/lists/*
 
-# RAY_worker_niceness: Ray starts workers at nice 15, below its own processes; here the actors are the
-# workload (cluster/local_ray.py).
 ENV PYTHONUNBUFFERED=1 \
-    RAY_worker_niceness=0 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 

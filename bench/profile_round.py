@@ -118,11 +118,9 @@ def _profile_remote(target: ModelRunner, job: dict) -> tuple[list[dict], list[di
     """The target here, the drafter in a Ray actor reached through `RemoteDrafter`, as in a target actor."""
     import ray
 
-    from cluster.local_ray import start_local_ray
-
     settings = job["settings"]
     k, exit_layer = settings["k"], settings["exit_layer"]
-    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         handle = ray.remote(TimedDrafterActor).options(
             num_cpus=0, max_concurrency=16, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings["threads"])}},

@@ -21,7 +21,6 @@ from actors.ray_actors import DrafterActor, TargetActor
 from actors.runner import RunnerSettings
 from actors.sampling import make_sampling_params
 from cluster.defaults import models_dir
-from cluster.local_ray import start_local_ray
 
 PROC = Path("/proc")
 BASELINE_REQUESTS = 100  # growth is measured from here: the first requests warm allocators and caches up
@@ -79,7 +78,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "reports")
     args = parser.parse_args()
-    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         report = measure(models_dir() / "target-l", models_dir() / "drafter", args.requests, args.every, args.max_tokens)
     finally:

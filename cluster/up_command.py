@@ -10,7 +10,6 @@ import ray
 from ray import serve
 
 from cluster.config import ClusterConfig, default_config, load_config
-from cluster.local_ray import start_local_ray
 from cluster.serve.app import build_app_from_config
 
 APP_NAME = "specfleet"
@@ -30,7 +29,7 @@ def run_up(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else default_config()
     host = args.host or config.server.host
     http_port = args.http_port or config.server.http_port
-    ray.init(address=args.address) if args.address else start_local_ray(**local_ray_resources(config))
+    ray.init(address=args.address) if args.address else ray.init(address="local", **local_ray_resources(config))
     try:
         serve.start(http_options={"host": host, "port": http_port, "location": "HeadOnly"})
         ingress = serve.run(build_app_from_config(config, host, config.server.grpc_port if args.port is None else args.port),

@@ -73,21 +73,3 @@ def test_errors_never_show_a_traceback(target_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip() == f"specfleet: error: exit 9 is outside 1..4 layers of {target_path}"
-
-
-def test_a_local_cluster_runs_its_actors_at_normal_priority(monkeypatch):
-    """Ray's default worker niceness (15) lets any client or Ray daemon preempt the decoding actors."""
-    import os
-
-    import ray
-
-    from cluster.local_ray import WORKER_NICENESS, start_local_ray
-
-    monkeypatch.delenv(WORKER_NICENESS, raising=False)
-    start_local_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        niceness = ray.get(ray.remote(lambda: os.nice(0)).remote())
-    finally:
-        ray.shutdown()
-        os.environ.pop(WORKER_NICENESS, None)  # monkeypatch then restores what the session had
-    assert niceness == os.nice(0)
