@@ -55,10 +55,11 @@ def train_zoo(config: ZooConfig, only: list[str] | None = None) -> dict[str, int
     with torch_threads(config.threads):
         data = _prepare_data(config)
         for target in config.targets:
-            if only is None or target.name in only:
+            if _to_train(config, target.name, target.train, only):
                 _train_target(config, target, data)
-        if only is None or DRAFTER_NAME in only:
+        if _to_train(config, DRAFTER_NAME, config.drafter.train, only):
             _train_drafter(config, data)
+        if only is None or DRAFTER_NAME in only:
             _export_exits(config, data)
     return weight_bytes(config.out_dir)
 
@@ -166,14 +167,8 @@ def _fit(
     train_loss: LossFn,
     valid_loss: LossFn,
 ) -> TrainResult:
-    """Train, saving each new best checkpoint; finally record the whole run in the card and training.json.
-
-    A model whose training.json records every step of `settings` is not trained again.
-    """
+    """Train, saving each new best checkpoint; finally record the whole run in the card and training.json."""
     path = config.out_dir / name
-    if _finished(path, settings):
-        log.info("%s is already trained (%s); skipping it", name, path / TRAINING_FILE)
-        return TrainResult.model_validate_json((path / TRAINING_FILE).read_text())
 
     def card(result: TrainResult) -> str:
         return model_card(name, role, model, config, data.manifest, training_section(settings, result, objective))
@@ -193,11 +188,18 @@ def _fit(
     return result
 
 
-def _finished(path: Path, settings: TrainSettings) -> bool:
-    record = path / TRAINING_FILE
-    if not (record.exists() and (path / WEIGHTS_FILE).exists()):
+def _to_train(config: ZooConfig, name: str, settings: TrainSettings, only: list[str] | None) -> bool:
+    """Selected, and not trained to the end already: a model whose weights exist and whose training.json
+    records every step of `settings` is skipped before anything of it (a drafter's teacher) is loaded."""
+    if only is not None and name not in only:
         return False
-    return TrainResult.model_validate_json(record.read_text()).steps == settings.steps
+    path = config.out_dir / name
+    record = path / TRAINING_FILE
+    finished = record.exists() and (path / WEIGHTS_FILE).exists() and \
+        TrainResult.model_validate_json(record.read_text()).steps == settings.steps
+    if finished:
+        log.info("%s is already trained (%s); skipping it", name, record)
+    return not finished
 
 
 def _export_exits(config: ZooConfig, data: _Data) -> None:

@@ -165,3 +165,15 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
     with pytest.raises(ValueError, match="other training settings"):
         train_model(build_model(shape, 50, 16, 0, seed=1), never, never, tokens, valid,
                     settings.model_copy(update={"lr": 1e-3}), 16, 4, lambda _: None, state)
+
+
+def test_a_rerun_skips_finished_models_without_loading_anything_of_them(smoke_zoo: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "zoo"
+    shutil.copytree(smoke_zoo, copy)
+    config = json.loads((copy / CONFIG_FILE).read_text())
+    config["out_dir"] = str(copy)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(copy / "target-l")  # the drafter's teacher: a finished drafter must not need it
+    weights = (copy / "drafter" / "model.safetensors").stat().st_mtime_ns
+    assert run_cli(["zoo", "train", "--config", str(tmp_path / "config.json"), "--models", "drafter"]) == 0
+    assert (copy / "drafter" / "model.safetensors").stat().st_mtime_ns == weights
