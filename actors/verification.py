@@ -63,14 +63,11 @@ def verify_round(rows: Sequence[RowToVerify]) -> list[Verdict]:
     draft token where it defers), which is the same rule with p replaced by pi.
     """
     verdicts: list[Verdict | None] = [None] * len(rows)
-    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-    if greedy:
-        for i, verdict in zip(greedy, _verify_greedy_rows([rows[i] for i in greedy])):
-            verdicts[i] = verdict
-    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if sampled:
-        for i, verdict in zip(sampled, _verify_sampled_rows([rows[i] for i in sampled])):
-            verdicts[i] = verdict
+    for greedy, verify in ((True, _verify_greedy_rows), (False, _verify_sampled_rows)):
+        index = [i for i, r in enumerate(rows) if r.params.greedy == greedy]
+        if index:
+            for i, verdict in zip(index, verify([rows[i] for i in index])):
+                verdicts[i] = verdict
     return verdicts  # type: ignore[return-value]
 
 
