@@ -178,16 +178,17 @@ def _measured_tables(measured: Measured) -> list[str]:
     ]
     lines += [f"| exit {a.exit_layer} | {a.rounds} | " + " | ".join(f"{r:.3f}" for r in a.per_position) + f" | {a.mal:.3f} |"
               for a in measured.acceptance]
-    reference = next(c for c in measured.costs if c.model == measured.target and c.tokens == k + 1)
+    reference_ms = measured.cost(measured.target, k + 1)
     lines += [
         "",
-        f"**One step in the runner** ({measured.compile_mode}, one row after {measured.context_tokens} cached tokens; "
+        f"**One step in the runner** ({measured.compile_mode}, one row after {measured.prompt_tokens} cached tokens: "
+        "the first prompt; "
         "median)",
         "",
         f"| model | new tokens | ms | / {measured.target} step |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {c.model} | {c.tokens} | {c.median_ms:.3f} | {c.median_ms / reference.median_ms:.3f} |"
+    lines += [f"| {c.model} | {c.tokens} | {c.median_ms:.3f} | {c.median_ms / reference_ms:.3f} |"
               for c in measured.costs]
     exits = [a.exit_layer for a in measured.acceptance]
     lines += [

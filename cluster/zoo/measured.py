@@ -44,8 +44,7 @@ class Measured(BaseModel):
     prompt_tokens: int = Field(description="Tokens per prompt.")
     max_tokens: int = Field(description="Tokens generated per prompt.")
     acceptance: list[ExitAcceptance] = Field(description="Greedy speculation of each exit with the target.")
-    compile_mode: str = Field(description="How the runner ran the timed steps.")
-    context_tokens: int = Field(description="Cached tokens before each timed step.")
+    compile_mode: str = Field(description="How the runner ran the timed steps (after the first prompt, cached).")
     costs: list[StepCost] = Field(description="One step of each exit (1 token), each target (k + 1 tokens), and the "
                                   "largest target at every width 1..k + 1.")
 
@@ -142,4 +141,4 @@ def measure(drafter_path: Path, targets: dict[str, Path], test_windows: torch.Te
     acceptance = measure_acceptance(drafter_path, targets[largest], prompts, k, max_tokens)
     mode, costs = measure_costs(drafter_path, targets, prompts[0], k)
     return Measured(target=largest, k=k, prompts=len(prompts), prompt_tokens=len(prompts[0]), max_tokens=max_tokens,
-                    acceptance=acceptance, compile_mode=mode, context_tokens=len(prompts[0]), costs=costs)
+                    acceptance=acceptance, compile_mode=mode, costs=costs)
