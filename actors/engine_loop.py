@@ -4,13 +4,21 @@ Callers `submit` a sequence and read its updates from a queue as rounds
 complete; `cancel` stops it. Only the loop thread touches the engine: submits
 and cancels wait in an inbox that the loop drains before each round, so new
 sequences join the running batch between rounds (continuous batching).
+
+A sequence's first update goes out at once (time to first token); later rounds
+are merged on the loop thread and go out once per `stream_interval_s`, and the
+last at once. Merging here, not in the reader, matters: a reader woken by every
+round takes the interpreter lock from the loop thread each time, which cost
+about 15% of a small model's plain decoding on this project's CPU.
 """
 
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, replace
 
 from actors.engine import SequenceUpdate, SpeculationEngine, SpeculationStats
 from actors.runner import SeqId
@@ -20,11 +28,32 @@ from actors.speculation import FOLLOW_PLAN, SpeculationSpec
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _Stream:
+    """Where one sequence's updates go, and the merged update waiting to go there."""
+
+    output: queue.Queue
+    held: SequenceUpdate | None = None
+    due: float = 0.0  # monotonic time from which the held update may go out (0: the first goes out at once)
+
+    def hold(self, update: SequenceUpdate) -> None:
+        if self.held is not None:
+            update = replace(update, new_tokens=self.held.new_tokens + update.new_tokens)
+        self.held = update
+
+    def send(self, now: float, interval_s: float) -> None:
+        if self.held is not None:
+            self.output.put(self.held)
+            self.held, self.due = None, now + interval_s
+
+
 class EngineLoop:
-    def __init__(self, engine: SpeculationEngine):
+    def __init__(self, engine: SpeculationEngine, stream_interval_s: float = 0.0):
+        """`stream_interval_s`: how long a sequence's rounds are merged into one update after the first."""
         self.engine = engine
+        self.stream_interval_s = stream_interval_s
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._outputs: dict[SeqId, queue.Queue] = {}
+        self._outputs: dict[SeqId, _Stream] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -58,11 +87,13 @@ class EngineLoop:
         except Exception as err:  # the caller re-raises it; the loop goes on
             output.put(err)
             return
-        self._outputs[seq_id] = output
+        self._outputs[seq_id] = _Stream(output)
 
     def _drop(self, seq_id: SeqId) -> None:
         if self.engine.cancel(seq_id):
-            self._outputs.pop(seq_id).put(SequenceUpdate(seq_id, [], "cancelled", SpeculationStats()))
+            stream = self._outputs.pop(seq_id)
+            stream.hold(SequenceUpdate(seq_id, [], "cancelled", SpeculationStats()))
+            stream.send(time.monotonic(), self.stream_interval_s)
 
     def _run(self) -> None:
         while True:
@@ -78,11 +109,20 @@ class EngineLoop:
             updates = self.engine.step()
         except Exception as err:  # a failed round fails its sequences, not the loop
             log.exception("round failed")
-            for seq_id, output in list(self._outputs.items()):
+            now = time.monotonic()
+            for seq_id, stream in list(self._outputs.items()):
                 self.engine.cancel(seq_id)
-                output.put(err)
+                stream.send(now, self.stream_interval_s)  # the tokens it had, then the error
+                stream.output.put(err)
             self._outputs.clear()
             return
+        now = time.monotonic()
         for update in updates:
-            output = self._outputs[update.seq_id] if update.finish_reason is None else self._outputs.pop(update.seq_id)
-            output.put(update)
+            stream = self._outputs[update.seq_id]
+            stream.hold(update)
+            if update.finish_reason is not None:
+                stream.send(now, self.stream_interval_s)
+                del self._outputs[update.seq_id]
+        for stream in self._outputs.values():
+            if stream.due <= now:
+                stream.send(now, self.stream_interval_s)

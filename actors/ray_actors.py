@@ -9,10 +9,7 @@ it and decodes plainly (see `SpeculationEngine`), so no stream is lost.
 """
 
 import os
-import queue
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -85,17 +82,6 @@ def _take(item):
     if isinstance(item, BaseException):
         raise item
     return item
-
-
-def _merge_until(output: queue.Queue, update: SequenceUpdate, deadline: float) -> SequenceUpdate:
-    """`update` merged with every later one the loop delivers before `deadline` (or the last)."""
-    while update.finish_reason is None:
-        try:
-            later = _take(output.get(timeout=max(0.0, deadline - time.monotonic())))
-        except queue.Empty:
-            break
-        update = replace(later, new_tokens=update.new_tokens + later.new_tokens)
-    return update
 
 
 class RemoteDrafter(Drafter):
@@ -211,12 +197,13 @@ class TargetActor:
                  max_waiting: int | None = None, stream_interval_s: float = 0.0):
         """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`);
         `max_waiting`: sequences that may wait for a KV slot (beyond it, `CapacityExhausted`);
-        `stream_interval_s`: how long `generate` gathers rounds into one update."""
+        `stream_interval_s`: how long the engine loop merges a sequence's rounds into one update."""
         runner = ModelRunner.serving(path, settings)
-        self.timeout_s, self.stream_interval_s = timeout_s, stream_interval_s
+        self.timeout_s = timeout_s
         drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
-        self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting))
+        self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting),
+                               stream_interval_s)
 
     def info(self) -> dict:
         runner = self.loop.engine.target
@@ -229,16 +216,16 @@ class TargetActor:
 
         `spec` may override k (0: plain decoding) and the exit for this sequence, or cascade it.
         The first update goes out as soon as it exists (time to first token); later rounds
-        are merged into one update per `stream_interval_s` (each update is a Ray object
-        and a message on the front door: per round they cost as much as a forward).
+        are merged by the engine loop into one update per `stream_interval_s` (each update
+        is a Ray object and a message on the front door: per round they cost as much as a
+        forward).
         """
         output = self.loop.submit(seq_id, prompt, params, spec)
-        update = _take(output.get())
         while True:
+            update = _take(output.get())
             yield update
             if update.finish_reason is not None:
                 return
-            update = _merge_until(output, _take(output.get()), time.monotonic() + self.stream_interval_s)
 
     def cancel(self, seq_id: SeqId) -> None:
         self.loop.cancel(seq_id)

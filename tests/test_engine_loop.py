@@ -1,0 +1,55 @@
+"""EngineLoop: a sequence's rounds reach its reader merged per stream interval, the first and last at once."""
+
+import pytest
+
+from actors.engine import SpeculationEngine
+from actors.engine_loop import EngineLoop
+from actors.generator import SpeculativeGenerator
+from actors.runner import ModelRunner
+from actors.sampling import make_sampling_params
+
+GREEDY = make_sampling_params(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def read_all(loop: EngineLoop, prompt: list[int]) -> list:
+    output = loop.submit("s", prompt, GREEDY)
+    updates = [output.get()]
+    while updates[-1].finish_reason is None:
+        updates.append(output.get())
+    return updates
+
+
+@pytest.fixture(scope="module")
+def target(target_path) -> ModelRunner:
+    return ModelRunner.from_pretrained(target_path)
+
+
+@pytest.fixture(scope="module")
+def plain(target, prompts) -> list[int]:
+    return SpeculativeGenerator(target).generate(prompts[:1], GREEDY)[0].tokens
+
+
+def test_without_an_interval_every_round_is_an_update(target, prompts, plain):
+    updates = read_all(EngineLoop(SpeculationEngine(target)), prompts[0])
+    assert [len(u.new_tokens) for u in updates] == [1] * GREEDY.max_tokens
+    assert [t for u in updates for t in u.new_tokens] == plain
+
+
+def test_within_an_interval_rounds_merge_into_one_update_after_the_first(target, prompts, plain):
+    updates = read_all(EngineLoop(SpeculationEngine(target), stream_interval_s=600.0), prompts[0])
+    assert [len(u.new_tokens) for u in updates] == [1, GREEDY.max_tokens - 1]  # the first at once, the rest with the last
+    assert [t for u in updates for t in u.new_tokens] == plain
+    assert updates[-1].finish_reason == "length" and updates[-1].stats.target_forwards == GREEDY.max_tokens
+
+
+def test_a_cancelled_sequence_gets_its_held_tokens_with_the_cancellation(target, prompts, plain):
+    loop = EngineLoop(SpeculationEngine(target), stream_interval_s=600.0)
+    output = loop.submit("s", prompts[0], GREEDY)
+    first = output.get()
+    for _ in range(2):  # the loop runs a round between two calls: its token is held
+        loop.call(lambda engine: None)
+    loop.cancel("s")
+    last = output.get()
+    assert last.finish_reason == "cancelled"
+    assert first.new_tokens + last.new_tokens == plain[: len(first.new_tokens) + len(last.new_tokens)]
+    assert len(last.new_tokens) >= 1
