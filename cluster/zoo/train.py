@@ -206,7 +206,8 @@ def train_model(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step - 1, settings)
         batch = next(batches)  # [B, T+1]
-        loss = train_loss(batch[:, :-1], batch[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16_autocast):
+            loss = train_loss(batch[:, :-1], batch[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)

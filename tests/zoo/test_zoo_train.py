@@ -177,3 +177,22 @@ def test_a_rerun_skips_finished_models_without_loading_anything_of_them(smoke_zo
     weights = (copy / "drafter" / "model.safetensors").stat().st_mtime_ns
     assert run_cli(["zoo", "train", "--config", str(tmp_path / "config.json"), "--models", "drafter"]) == 0
     assert (copy / "drafter" / "model.safetensors").stat().st_mtime_ns == weights
+
+
+def test_bf16_autocast_computes_the_training_loss_in_bf16_keeps_fp32_weights_and_learns() -> None:
+    settings = TrainSettings(steps=30, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=10, seed=0, bf16_autocast=True)
+    shape = ModelShape(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=64)
+    tokens = torch.arange(2000) % 7  # [N]: a cycle a model learns in a few steps
+    valid = heldout_windows(tokens[:200], 16, 64)  # [W, 17]
+    model = build_model(shape, 50, 16, 0, seed=1)
+    dtypes = set()
+
+    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = model(inputs).logits
+        dtypes.add((model.training, logits.dtype))
+        return lm_loss(logits, targets)
+
+    result = train_model(model, loss, loss, tokens, valid, settings, 16, 4, lambda _: None)
+    assert dtypes == {(True, torch.bfloat16), (False, torch.float32)}  # training under autocast, valid loss in fp32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.history[-1].valid_loss < 0.5 * result.history[0].valid_loss
