@@ -170,8 +170,12 @@ class SpeculationEngine:
             self._live[seq_id] = seq
 
     def _start_drafting(self, seq: _Live, context: list[int]) -> bool:
-        """Start a sequence on the drafter; False when there is none or it has no room (the sequence decodes plainly)."""
-        if self.drafter is None:
+        """Start a sequence on the drafter; False when there is none or it has no room (the sequence decodes plainly).
+
+        A sequence that asked for no speculation (k = 0) never drafts, whatever the plan: it takes no
+        drafter slot and costs no drafter call at admission, per round or at its end.
+        """
+        if self.drafter is None or seq.spec.k == 0:
             return False
         try:
             self._call_drafter(lambda d: d.start(seq.seq_id, context, seq.params))

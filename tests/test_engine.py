@@ -8,7 +8,7 @@ from actors.errors import DrafterUnavailable, InvalidRequest
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
-from actors.speculation import SpeculationSpec
+from actors.speculation import NO_SPECULATION, SpeculationSpec
 
 from engine_runs import run_to_end
 
@@ -91,6 +91,26 @@ def test_sequences_the_drafter_has_no_room_for_decode_plainly_and_exactly(target
     assert [tokens[i] for i in range(len(prompts))] == plain
     assert arms[0] != {(None, 0)} and arms[len(prompts) - 1] == {(None, 0)}  # the first two draft, the rest cannot
     assert engine.drafter is not None and small_drafter.num_sequences == 0
+
+
+def test_a_sequence_that_asked_for_no_speculation_leaves_the_drafter_slot_to_one_that_drafts(
+    target, drafter_path, prompts, plain
+):
+    one_slot = ModelRunner.from_pretrained(drafter_path, max_sequences=1)
+    engine = SpeculationEngine(target, ModelDrafter(one_slot), k=3, exit_layer=2)
+    engine.add(prompts[0], GREEDY, seq_id="plain", spec=NO_SPECULATION)
+    engine.add(prompts[1], GREEDY, seq_id="drafts")
+    engine.set_plan(4)  # a plan never reaches a sequence that asked for none
+    arms: dict = {}
+    tokens: dict = {}
+    while engine.num_live:
+        for update in engine.step():
+            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
+            arms.setdefault(update.seq_id, set()).add(update.arm)
+        if engine.num_live == 2:
+            assert one_slot.has_sequence("drafts") and not one_slot.has_sequence("plain")
+    assert [tokens["plain"], tokens["drafts"]] == plain[:2]
+    assert arms["plain"] == {(None, 0)} and (None, 0) not in arms["drafts"]
 
 
 def test_a_target_without_its_drafter_decodes_a_fixed_speculation_request_plainly(target, prompts, plain):
