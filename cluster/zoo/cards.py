@@ -15,7 +15,8 @@ def training_section(settings: TrainSettings, result: TrainResult, objective: st
     return (
         f"Objective: {objective}. AdamW (betas 0.9/0.95, weight decay {settings.weight_decay} on matrices), "
         f"peak lr {settings.lr} with {settings.warmup_steps} warm-up steps and cosine decay to {settings.min_lr_ratio} x, "
-        f"gradient clipping {settings.grad_clip}, seed {settings.seed}.\n\n"
+        f"gradient clipping {settings.grad_clip}, seed {settings.seed}"
+        f"{'; forward and backward under bfloat16 autocast (fp32 weights and optimizer)' if settings.bf16_autocast else ''}.\n\n"
         f"{result.steps} steps of {settings.batch_size} sequences = {result.tokens_seen:,} tokens ({epochs:.2f} epochs). "
         f"Kept checkpoint: step {result.best_step}, valid loss {result.best_valid_loss:.4f} "
         f"(perplexity {math.exp(result.best_valid_loss):.2f}). Training took {result.seconds:.0f} s "
@@ -27,8 +28,6 @@ def model_card(name: str, role: str, model: LlamaForCausalLM, config: ZooConfig,
     """The README.md of one model directory; `role` and `training` are markdown paragraphs."""
     c = model.config
     exits = getattr(c, "exit_layers", None)
-    train, valid, test = (manifest.split(s) for s in ("train", "valid", "test"))
-    python = manifest.python.split()[0]
     shape = f"{c.num_hidden_layers} / {c.hidden_size} / {c.num_attention_heads} / {c.num_key_value_heads} / {c.intermediate_size}"
     return f"""---
 library_name: transformers
@@ -51,11 +50,7 @@ tags: [specfleet, llama, python, code-completion, speculative-decoding]
 
 ## Data
 
-Python source of the standard library of CPython {python}, tests included: {len(train)} files
-({sum(f.bytes for f in train):,} bytes) for training; whole files held out: {len(valid)} to keep the best
-checkpoint (valid) and {len(test)} for reports (test). Documents are separated by `{EOS_TOKEN}`.
-Corpus digest `{manifest.digest()}`; the file list with sha256 hashes is `corpus_manifest.json`
-beside the model folders.
+{data_section(manifest)}
 
 ## Training
 
@@ -74,6 +69,25 @@ model = AutoModelForCausalLM.from_pretrained("models/{name}")
 
 ## Limitations
 
-A tiny model trained on one code base, for testing and benchmarking speculative decoding; it is not a
-useful assistant. The training data is under the Python Software Foundation License.
+A tiny model trained on a few code bases, for testing and benchmarking speculative decoding; it is not a
+useful assistant.
 """
+
+
+def data_section(manifest: Manifest) -> str:
+    """What the model was trained on: the standard library, and the installed packages when the corpus has them."""
+    train, valid, test = (manifest.split(s) for s in ("train", "valid", "test"))
+    sources = f"Python source of the standard library of CPython {manifest.python.split()[0]}, tests included"
+    licences = "The standard library is under the Python Software Foundation License"
+    if manifest.packages:
+        versions = ", ".join(f"{name} {version}" for name, version in sorted(manifest.packages.items()))
+        from_packages = sum(f.source == "site-packages" for f in manifest.files)
+        sources += f", and the installed Python files of {versions} ({from_packages} of the files)"
+        licences += "; each package's files under the package's own licence (BSD, Apache-2.0 or MIT)"
+    return (
+        f"{sources}: {len(train)} files ({sum(f.bytes for f in train):,} bytes) for training; whole files held out: "
+        f"{len(valid)} to keep the best checkpoint (valid) and {len(test)} for reports (test); files with identical "
+        f"bytes kept once. Documents are separated by `{EOS_TOKEN}`. {licences}.\n"
+        f"Corpus digest `{manifest.digest()}`; the file list with sha256 hashes is `corpus_manifest.json`\n"
+        "beside the model folders."
+    )

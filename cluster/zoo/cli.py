@@ -1,4 +1,4 @@
-"""`specfleet zoo train` and `specfleet zoo eval`, registered on the main CLI's subparsers."""
+"""`specfleet zoo train`, `zoo eval` and `zoo cards`, registered on the main CLI's subparsers."""
 
 import argparse
 import logging
@@ -7,13 +7,13 @@ from pathlib import Path
 
 from cluster.zoo.config import PRESETS, ZooConfig, preset
 from cluster.zoo.evaluate import evaluate_zoo, to_markdown
-from cluster.zoo.pipeline import model_names, torch_threads, train_zoo
+from cluster.zoo.pipeline import CONFIG_FILE, model_names, torch_threads, train_zoo, write_cards
 
 DEFAULT_OUT = Path("models")
 
 
 def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Add `zoo train` and `zoo eval`; each sets `func`, which returns an exit code."""
+    """Add `zoo train`, `zoo eval` and `zoo cards`; each sets `func`, which returns an exit code."""
     zoo = subparsers.add_parser("zoo", help="train and evaluate the model zoo (targets and a sorted drafter)")
     commands = zoo.add_subparsers(dest="zoo_command", required=True)
 
@@ -34,6 +34,10 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--manifest", type=Path, help="score this manifest's test split (default: the zoo's own)")
     evaluate.add_argument("--context", type=int, help="window length in tokens (default: the zoo's training context)")
     evaluate.set_defaults(func=run_eval)
+
+    cards = commands.add_parser("cards", help="render the model cards of a trained zoo again (weights are only read)")
+    cards.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the zoo directory (default: {DEFAULT_OUT})")
+    cards.set_defaults(func=run_cards)
 
 
 def _config(args: argparse.Namespace) -> ZooConfig:
@@ -61,6 +65,13 @@ def run_eval(args: argparse.Namespace) -> int:
     (args.json or args.out / "eval.json").write_text(report.model_dump_json(indent=1))
     (args.markdown or args.out / "eval.md").write_text(markdown)
     print(markdown)
+    return 0
+
+
+def run_cards(args: argparse.Namespace) -> int:
+    config = ZooConfig.model_validate_json((args.out / CONFIG_FILE).read_text()).model_copy(update={"out_dir": args.out})
+    for name in write_cards(config):
+        print(f"{name}: {args.out / name / 'README.md'}")
     return 0
 
 

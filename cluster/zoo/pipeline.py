@@ -108,16 +108,11 @@ def _prepare_manifest(config: ZooConfig) -> Manifest:
 
 def _train_target(config: ZooConfig, spec: TargetSpec, data: _Data) -> TrainResult:
     model = build_model(spec.shape, config.tokenizer.vocab_size, config.context, data.tokenizer.eos_token_id, spec.train.seed)
-    rank = [t.name for t in config.targets].index(spec.name) + 1
-    role = (
-        f"Target {rank} of {len(config.targets)} of the specfleet zoo (targets grow in size in that order): "
-        "a causal LM that speculative decoding verifies drafts against. All zoo models share one tokenizer."
-    )
 
     def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lm_loss(model(inputs).logits, targets)
 
-    return _fit(config, data, spec.name, model, role, "next-token cross-entropy", spec.train, loss, loss)
+    return _fit(config, data, spec.name, model, _target_role(config, spec.name), TARGET_OBJECTIVE, spec.train, loss, loss)
 
 
 def _train_drafter(config: ZooConfig, data: _Data) -> TrainResult:
@@ -126,16 +121,6 @@ def _train_drafter(config: ZooConfig, data: _Data) -> TrainResult:
     model = build_model(spec.shape, config.tokenizer.vocab_size, config.context, data.tokenizer.eos_token_id, spec.train.seed)
     model.config.exit_layers = exits
     teacher = _teacher(config.out_dir, spec.distill_from)
-    objective = f"SortedNet (S2D): the mean over exits {exits} of each exit's next-token cross-entropy"
-    if teacher is not None:
-        weight = spec.distill_weight
-        objective += f", each mixed as {1 - weight:g} x CE + {weight:g} x KL(teacher || exit) with teacher `{spec.distill_from}`"
-    objective += " (the valid loss is the mean exit cross-entropy)"
-    role = (
-        f"The sorted (S2D) multi-exit drafter of the specfleet zoo. Exit L runs embeddings -> decoder layers 0..L-1 -> "
-        f"the shared final norm `model.norm` -> `lm_head`; the exits are `config.exit_layers` = {exits}. Loaded as-is it "
-        f"is its deepest exit; every exit is also exported as a standalone model in `{DRAFTER_NAME}-exit-L`."
-    )
 
     def train_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -145,7 +130,8 @@ def _train_drafter(config: ZooConfig, data: _Data) -> TrainResult:
     def valid_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return sorted_loss(model, inputs, targets, exits)[0]
 
-    return _fit(config, data, DRAFTER_NAME, model, role, objective, spec.train, train_loss, valid_loss)
+    return _fit(config, data, DRAFTER_NAME, model, _drafter_role(config), _drafter_objective(config), spec.train,
+                train_loss, valid_loss)
 
 
 def _teacher(out_dir: Path, name: str | None) -> LlamaForCausalLM | None:
@@ -206,15 +192,73 @@ def _export_exits(config: ZooConfig, data: _Data) -> None:
     drafter = load_model(config.out_dir / DRAFTER_NAME)
     for layer in config.drafter.exit_layers:
         name = config.exit_dir_name(layer)
-        role = (
-            f"Exit {layer} of the sorted drafter `{DRAFTER_NAME}`, exported as an ordinary Llama: the drafter's first "
-            f"{layer} decoder layers, its final norm, embeddings and lm_head, copied unchanged, so its logits equal "
-            f"the drafter's exit {layer}."
-        )
-        training = f"Not trained separately; see `../{DRAFTER_NAME}/README.md`."
         model = export_exit(drafter, layer)
-        card = model_card(name, role, model, config, data.manifest, training)
+        card = model_card(name, _exit_role(layer), model, config, data.manifest, EXIT_TRAINING)
         save_checkpoint(model, data.tokenizer, config.out_dir / name, config.save_dtype, card)
+
+
+def write_cards(config: ZooConfig) -> list[str]:
+    """Render the README.md of every finished model in `config.out_dir` again, from its training.json.
+
+    For a card template that changed after training: the weights are only read.
+    """
+    manifest = load_manifest(config.out_dir / MANIFEST_FILE)
+    written = []
+    trained = [(t.name, t.train, _target_role(config, t.name), TARGET_OBJECTIVE) for t in config.targets]
+    trained.append((DRAFTER_NAME, config.drafter.train, _drafter_role(config), _drafter_objective(config)))
+    for name, settings, role, objective in trained:
+        record = config.out_dir / name / TRAINING_FILE
+        if record.exists():
+            training = training_section(settings, TrainResult.model_validate_json(record.read_text()), objective)
+            _rewrite_card(config, manifest, name, role, training)
+            written.append(name)
+    for layer in config.drafter.exit_layers:
+        if (config.out_dir / config.exit_dir_name(layer) / WEIGHTS_FILE).exists():
+            _rewrite_card(config, manifest, config.exit_dir_name(layer), _exit_role(layer), EXIT_TRAINING)
+            written.append(config.exit_dir_name(layer))
+    return written
+
+
+def _rewrite_card(config: ZooConfig, manifest: Manifest, name: str, role: str, training: str) -> None:
+    model = load_model(config.out_dir / name)
+    (config.out_dir / name / "README.md").write_text(model_card(name, role, model, config, manifest, training))
+
+
+TARGET_OBJECTIVE = "next-token cross-entropy"
+EXIT_TRAINING = f"Not trained separately; see `../{DRAFTER_NAME}/README.md`."
+
+
+def _target_role(config: ZooConfig, name: str) -> str:
+    rank = [t.name for t in config.targets].index(name) + 1
+    return (
+        f"Target {rank} of {len(config.targets)} of the specfleet zoo (targets grow in size in that order): "
+        "a causal LM that speculative decoding verifies drafts against. All zoo models share one tokenizer."
+    )
+
+
+def _drafter_role(config: ZooConfig) -> str:
+    return (
+        f"The sorted (S2D) multi-exit drafter of the specfleet zoo. Exit L runs embeddings -> decoder layers 0..L-1 -> "
+        f"the shared final norm `model.norm` -> `lm_head`; the exits are `config.exit_layers` = {config.drafter.exit_layers}. "
+        f"Loaded as-is it is its deepest exit; every exit is also exported as a standalone model in `{DRAFTER_NAME}-exit-L`."
+    )
+
+
+def _drafter_objective(config: ZooConfig) -> str:
+    spec = config.drafter
+    objective = f"SortedNet (S2D): the mean over exits {spec.exit_layers} of each exit's next-token cross-entropy"
+    if spec.distill_from is not None:
+        weight = spec.distill_weight
+        objective += f", each mixed as {1 - weight:g} x CE + {weight:g} x KL(teacher || exit) with teacher `{spec.distill_from}`"
+    return objective + " (the valid loss is the mean exit cross-entropy)"
+
+
+def _exit_role(layer: int) -> str:
+    return (
+        f"Exit {layer} of the sorted drafter `{DRAFTER_NAME}`, exported as an ordinary Llama: the drafter's first "
+        f"{layer} decoder layers, its final norm, embeddings and lm_head, copied unchanged, so its logits equal "
+        f"the drafter's exit {layer}."
+    )
 
 
 def weight_bytes(out_dir: Path) -> dict[str, int]:

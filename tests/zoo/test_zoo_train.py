@@ -8,7 +8,9 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+from cluster.zoo.cards import data_section
 from cluster.zoo.config import ModelShape, TrainSettings, ZooConfig, check_budget, preset, shipped_bytes
+from cluster.zoo.corpus import FileEntry, Manifest
 from cluster.zoo.exits import exit_logits
 from cluster.zoo.pipeline import CONFIG_FILE, TRAINING_FILE, model_names, weight_bytes
 from cluster.zoo.train import TrainResult, build_model, heldout_windows, lm_loss, lr_at, train_model, training_batches
@@ -196,3 +198,27 @@ def test_bf16_autocast_computes_the_training_loss_in_bf16_keeps_fp32_weights_and
     assert dtypes == {(True, torch.bfloat16), (False, torch.float32)}  # training under autocast, valid loss in fp32
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert result.history[-1].valid_loss < 0.5 * result.history[0].valid_loss
+
+
+def test_rendering_the_cards_again_reproduces_those_written_at_training(smoke_zoo: Path, tmp_path: Path) -> None:
+    zoo = tmp_path / "zoo"
+    shutil.copytree(smoke_zoo, zoo)
+    cards = {p.parent.name: p.read_text() for p in zoo.glob("*/README.md")}
+    for card in zoo.glob("*/README.md"):
+        card.write_text("stale")
+    assert run_cli(["zoo", "cards", "--out", str(zoo)]) == 0
+    assert {p.parent.name: p.read_text() for p in zoo.glob("*/README.md")} == cards
+    assert set(cards) == set(model_names(ZooConfig.model_validate_json((zoo / CONFIG_FILE).read_text()))) | {
+        p.parent.name for p in zoo.glob("drafter-exit-*/model.safetensors")}
+
+
+def test_a_card_names_the_packages_its_corpus_holds_and_their_licences() -> None:
+    files = [FileEntry(path="os.py", sha256="a", bytes=10, split="train"),
+             FileEntry(path="torch/nn.py", source="site-packages", sha256="b", bytes=20, split="train"),
+             FileEntry(path="ray/x.py", source="site-packages", sha256="c", bytes=5, split="test")]
+    with_packages = Manifest(root="/usr/lib/python3.11", python="3.11.7 (main)", packages={"torch": "2.13.0", "ray": "2.55.0"},
+                             files=files)
+    text = data_section(with_packages)
+    assert "ray 2.55.0, torch 2.13.0 (2 of the files)" in text and "2 files (30 bytes) for training" in text
+    assert "package's own licence" in text
+    assert "package" not in data_section(with_packages.model_copy(update={"packages": {}, "files": files[:1]}))
