@@ -10,7 +10,7 @@ from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from actors.speculation import NO_SPECULATION, SpeculationSpec
 
-from engine_runs import run_to_end
+from engine_runs import run_to_end, run_with_arms
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -82,12 +82,7 @@ def test_sequences_the_drafter_has_no_room_for_decode_plainly_and_exactly(target
     engine = SpeculationEngine(target, ModelDrafter(small_drafter), k=3, exit_layer=2)
     for index, prompt in enumerate(prompts):
         engine.add(prompt, GREEDY, seq_id=index)
-    arms: dict = {}
-    tokens: dict = {}
-    while engine.num_live:
-        for update in engine.step():
-            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
-            arms.setdefault(update.seq_id, set()).add(update.arm)
+    tokens, arms = run_with_arms(engine)
     assert [tokens[i] for i in range(len(prompts))] == plain
     assert arms[0] != {(None, 0)} and arms[len(prompts) - 1] == {(None, 0)}  # the first two draft, the rest cannot
     assert engine.drafter is not None and small_drafter.num_sequences == 0
@@ -101,14 +96,10 @@ def test_a_sequence_that_asked_for_no_speculation_leaves_the_drafter_slot_to_one
     engine.add(prompts[0], GREEDY, seq_id="plain", spec=NO_SPECULATION)
     engine.add(prompts[1], GREEDY, seq_id="drafts")
     engine.set_plan(4)  # a plan never reaches a sequence that asked for none
-    arms: dict = {}
-    tokens: dict = {}
-    while engine.num_live:
-        for update in engine.step():
-            tokens.setdefault(update.seq_id, []).extend(update.new_tokens)
-            arms.setdefault(update.seq_id, set()).add(update.arm)
-        if engine.num_live == 2:
-            assert one_slot.has_sequence("drafts") and not one_slot.has_sequence("plain")
+    slot_holders = []
+    tokens, arms = run_with_arms(engine, lambda: slot_holders.append(
+        (one_slot.has_sequence("plain"), one_slot.has_sequence("drafts"))))
+    assert slot_holders[0] == (False, True)  # after the first step both are live; only one holds the drafter slot
     assert [tokens["plain"], tokens["drafts"]] == plain[:2]
     assert arms["plain"] == {(None, 0)} and (None, 0) not in arms["drafts"]
 
