@@ -111,12 +111,18 @@ def test_training_learned_and_kept_the_best_checkpoint(smoke_zoo: Path) -> None:
         assert f"step {result.best_step}, valid loss {result.best_valid_loss:.4f}" in (smoke_zoo / name / "README.md").read_text()
 
 
-def test_retraining_one_model_reuses_the_tokenizer_and_is_reproducible(smoke_zoo: Path, tmp_path: Path) -> None:
+def copy_zoo(zoo: Path, tmp_path: Path) -> Path:
+    """A copy of `zoo` in tmp_path/zoo, with tmp_path/config.json: its config writing to the copy."""
     copy = tmp_path / "zoo"
-    shutil.copytree(smoke_zoo, copy)
+    shutil.copytree(zoo, copy)
     config = json.loads((copy / CONFIG_FILE).read_text())
     config["out_dir"] = str(copy)
     (tmp_path / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_retraining_one_model_reuses_the_tokenizer_and_is_reproducible(smoke_zoo: Path, tmp_path: Path) -> None:
+    copy = copy_zoo(smoke_zoo, tmp_path)
     tokenizer_time = (copy / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
     (copy / "target-s" / "model.safetensors").unlink()
     assert run_cli(["zoo", "train", "--config", str(tmp_path / "config.json"), "--models", "target-s"]) == 0
@@ -170,11 +176,7 @@ def test_a_stopped_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one
 
 
 def test_a_rerun_skips_finished_models_without_loading_anything_of_them(smoke_zoo: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "zoo"
-    shutil.copytree(smoke_zoo, copy)
-    config = json.loads((copy / CONFIG_FILE).read_text())
-    config["out_dir"] = str(copy)
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    copy = copy_zoo(smoke_zoo, tmp_path)
     shutil.rmtree(copy / "target-l")  # the drafter's teacher: a finished drafter must not need it
     weights = (copy / "drafter" / "model.safetensors").stat().st_mtime_ns
     assert run_cli(["zoo", "train", "--config", str(tmp_path / "config.json"), "--models", "drafter"]) == 0
@@ -201,8 +203,7 @@ def test_bf16_autocast_computes_the_training_loss_in_bf16_keeps_fp32_weights_and
 
 
 def test_rendering_the_cards_again_reproduces_those_written_at_training(smoke_zoo: Path, tmp_path: Path) -> None:
-    zoo = tmp_path / "zoo"
-    shutil.copytree(smoke_zoo, zoo)
+    zoo = copy_zoo(smoke_zoo, tmp_path)
     cards = {p.parent.name: p.read_text() for p in zoo.glob("*/README.md")}
     for card in zoo.glob("*/README.md"):
         card.write_text("stale")
