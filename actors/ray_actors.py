@@ -8,6 +8,7 @@ drafter through `RemoteDrafter`. If the drafter dies or stalls, the loop drops
 it and decodes plainly (see `SpeculationEngine`), so no stream is lost.
 """
 
+import logging
 import os
 from collections.abc import Iterator, Sequence
 
@@ -15,6 +16,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.draft_batcher import DraftBatcher
+from actors.draft_channel import ChannelAddress, ChannelClient, ChannelServer
 from actors.drafters import Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
 from actors.engine_loop import EngineLoop
@@ -23,6 +25,8 @@ from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner, RunnerSettings, SeqId
 from actors.sampling import SamplingParams
 from actors.speculation import FOLLOW_PLAN, SpeculationSpec
+
+log = logging.getLogger(__name__)
 
 
 def runner_info(runner: ModelRunner) -> dict:
@@ -42,6 +46,13 @@ class DraftService:
     runner: ModelRunner
     exit_layers: list[int]
     max_exit: int  # the deepest exit a caller may ask for (exits run 1..max_exit)
+    _channel: ChannelServer | None = None
+
+    def channel(self) -> ChannelAddress:
+        """Where targets on this machine reach this service without Ray calls (started at the first ask)."""
+        if self._channel is None:
+            self._channel = ChannelServer(self)
+        return self._channel.address
 
     def info(self) -> dict:
         return {"vocab_size": self.runner.vocab_size, "exit_layers": self.exit_layers, "max_exit": self.max_exit,
@@ -84,42 +95,79 @@ def _take(item):
     return item
 
 
-class RemoteDrafter(Drafter):
-    """A `Drafter` backed by a `DrafterActor`; any failure surfaces as `DrafterUnavailable`.
+class RayCalls:
+    """Calls on a drafter actor through Ray (any node); answers as `ChannelClient`'s, errors mapped the same way."""
 
+    def __init__(self, handle):
+        self.handle = handle
+
+    def call(self, method: str, *args) -> "_RayReply":
+        return _RayReply(getattr(self.handle, method).remote(*args))
+
+
+class _RayReply:
+    def __init__(self, ref: ray.ObjectRef):
+        self.ref = ref
+
+    def done(self) -> bool:
+        return bool(ray.wait([self.ref], timeout=0)[0])
+
+    def wait(self, timeout_s: float) -> None:
+        ray.wait([self.ref], timeout=timeout_s)  # a dead or stalled actor fails at `result`
+
+    def result(self, timeout_s: float):
+        """A full drafter raises `CapacityExhausted` as a local one does; a dead, stalled or failing one
+        `DrafterUnavailable` (the engine then decodes plainly), never Ray's error text."""
+        try:
+            return ray.get(self.ref, timeout=timeout_s)
+        except (RayActorError, GetTimeoutError) as err:
+            raise DrafterUnavailable(f"drafter actor failed: {type(err).__name__}") from None
+        except RayTaskError as err:
+            if isinstance(err.cause, CapacityExhausted):
+                raise CapacityExhausted(str(err.cause)) from None
+            raise DrafterUnavailable(f"drafter call failed: {type(err.cause).__name__}") from None
+
+
+class RemoteDrafter(Drafter):
+    """A `Drafter` backed by a `DraftService` actor; any failure surfaces as `DrafterUnavailable`.
+
+    Calls go through `calls`: Ray (`RayCalls`), or the loopback channel of a
+    drafter on the same machine (`ChannelClient`, see `connect_drafter`).
     Commits are buffered and ride along with the next proposal, so a round
     costs one remote call, not one per sequence. `propose_async` returns while
     the actor drafts (see `OverlappedEngine`); at most one proposal is in
     flight, a new one first waits until the last has run.
 
-    The actor serves calls on many threads, so a `finish` sent while a proposal
-    naming the sequence (in its requests or commits) is in flight could run
-    first, and fail that proposal along with every other target's merged into
+    Through Ray the actor serves calls on many threads, so a `finish` sent while
+    a proposal naming the sequence (in its requests or commits) is in flight could
+    run first, and fail that proposal along with every other target's merged into
     its forward. Such a `finish` therefore waits until the proposal has run.
     A finish is otherwise not waited for; but a `start` reusing the id of a
     sequence whose finish may still be queued waits for that finish, which could
-    else run after the start and free the new sequence.
+    else run after the start and free the new sequence. (A channel serves its calls
+    in order, so these waits find them already done.)
     """
 
-    def __init__(self, handle, info: dict, timeout_s: float):
-        self.handle, self.timeout_s = handle, timeout_s
+    def __init__(self, handle, info: dict, timeout_s: float, calls: "RayCalls | ChannelClient | None" = None):
+        self.timeout_s = timeout_s
+        self.calls = calls or RayCalls(handle)
         self.vocab_size = info["vocab_size"]
         self.exit_layers, self.max_exit = info["exit_layers"], info["max_exit"]
         self.default_exit = max(self.exit_layers)
         self._commits: list[tuple[SeqId, list[int]]] = []
-        self._in_flight: tuple[ray.ObjectRef, set[SeqId]] | None = None  # the last proposal and whom it names
-        self._finishing: dict[SeqId, ray.ObjectRef] = {}  # finishes sent, not yet seen done
+        self._in_flight: tuple[object, set[SeqId]] | None = None  # the last proposal's reply and whom it names
+        self._finishing: dict[SeqId, object] = {}  # replies of finishes sent, not yet seen done
 
     def check_exit(self, exit_layer: int) -> None:
-        """Checked against what the actor said at pairing: no Ray call on the target's loop thread."""
+        """Checked against what the actor said at pairing: no remote call on the target's loop thread."""
         if not 1 <= exit_layer <= self.max_exit:
             raise InvalidRequest(f"exit {exit_layer} is outside the drafter's exits 1..{self.max_exit}")
 
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
         finishing = self._finishing.pop(seq_id, None)
         if finishing is not None:
-            ray.wait([finishing], timeout=self.timeout_s)  # a dead or stalled actor fails at the start below
-        self._call(self.handle.start.remote(seq_id, prompt, params))
+            finishing.wait(self.timeout_s)  # a dead or stalled actor fails at the start below
+        self.calls.call("start", seq_id, prompt, params).result(self.timeout_s)
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         return self.propose_async(requests).result()
@@ -127,16 +175,16 @@ class RemoteDrafter(Drafter):
     def propose_async(self, requests: Sequence[DraftRequest]) -> "RemoteDrafts":
         self._settle()
         commits, self._commits = self._commits, []
-        ref = self.handle.propose.remote(commits, list(requests))
-        self._in_flight = (ref, {r.seq_id for r in requests} | {seq_id for seq_id, _ in commits})
-        return RemoteDrafts(self, ref)
+        reply = self.calls.call("propose", commits, list(requests))
+        self._in_flight = (reply, {r.seq_id for r in requests} | {seq_id for seq_id, _ in commits})
+        return RemoteDrafts(self, reply)
 
-    def fetch(self, ref: ray.ObjectRef) -> list[Draft]:
+    def fetch(self, reply) -> list[Draft]:
         """The drafts of a proposal made here; it is no longer in flight."""
         try:
-            return self._call(ref)
+            return reply.result(self.timeout_s)
         finally:
-            if self._in_flight is not None and self._in_flight[0] is ref:
+            if self._in_flight is not None and self._in_flight[0] is reply:
                 self._in_flight = None
 
     def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
@@ -146,42 +194,39 @@ class RemoteDrafter(Drafter):
         self._commits = [c for c in self._commits if c[0] != seq_id]
         if self._in_flight is not None and seq_id in self._in_flight[1]:
             self._settle()
-        self._forget_done_finishes()
-        self._finishing[seq_id] = self.handle.finish.remote([seq_id])  # the caller need not wait for the free
-
-    def _forget_done_finishes(self) -> None:
-        if self._finishing:
-            done, _ = ray.wait(list(self._finishing.values()), num_returns=len(self._finishing), timeout=0)
-            done = set(done)
-            self._finishing = {s: ref for s, ref in self._finishing.items() if ref not in done}
+        self._finishing = {s: reply for s, reply in self._finishing.items() if not reply.done()}
+        self._finishing[seq_id] = self.calls.call("finish", [seq_id])  # the caller need not wait for the free
 
     def _settle(self) -> None:
         """Wait until the proposal in flight has run on the actor (its drafts stay there to be fetched)."""
         if self._in_flight is not None:
-            ray.wait([self._in_flight[0]], timeout=self.timeout_s)  # a dead or stalled actor fails at `result`
+            self._in_flight[0].wait(self.timeout_s)  # a dead or stalled actor fails at `result`
             self._in_flight = None
-
-    def _call(self, ref):
-        """The call's result. A full drafter raises `CapacityExhausted` as a local one does; a dead, stalled or
-        failing one `DrafterUnavailable` (the engine then decodes plainly), never Ray's error text."""
-        try:
-            return ray.get(ref, timeout=self.timeout_s)
-        except (RayActorError, GetTimeoutError) as err:
-            raise DrafterUnavailable(f"drafter actor failed: {type(err).__name__}") from None
-        except RayTaskError as err:
-            if isinstance(err.cause, CapacityExhausted):
-                raise CapacityExhausted(str(err.cause)) from None
-            raise DrafterUnavailable(f"drafter call failed: {type(err.cause).__name__}") from None
 
 
 class RemoteDrafts:
-    """A proposal in flight on a `DrafterActor` (`ref`): `result()` waits for its drafts."""
+    """A proposal in flight on a drafter actor (`reply`): `result()` waits for its drafts."""
 
-    def __init__(self, drafter: RemoteDrafter, ref: ray.ObjectRef):
-        self.drafter, self.ref = drafter, ref
+    def __init__(self, drafter: RemoteDrafter, reply):
+        self.drafter, self.reply = drafter, reply
 
     def result(self) -> list[Draft]:
-        return self.drafter.fetch(self.ref)
+        return self.drafter.fetch(self.reply)
+
+
+def connect_drafter(handle, timeout_s: float, direct: bool) -> RemoteDrafter:
+    """A `RemoteDrafter` for a drafter actor: through its loopback channel when `direct` and it shares this
+    process's loopback interface (a Ray call costs about a forward here), else through Ray."""
+    info = ray.get(handle.info.remote())  # waits while the drafter loads its model
+    calls = None
+    if direct:
+        address = ray.get(handle.channel.remote(), timeout=timeout_s)
+        if address.reachable():
+            try:
+                calls = ChannelClient(address, timeout_s)
+            except OSError as err:
+                log.warning("drafter channel unreachable (%s); drafting through Ray calls", type(err).__name__)
+    return RemoteDrafter(handle, info, timeout_s, calls)
 
 
 class TargetActor:
@@ -194,12 +239,13 @@ class TargetActor:
 
     def __init__(self, path: str, settings: RunnerSettings, drafter_handle, exit_layer: int | None, k: int,
                  timeout_s: float, name: str = "", drafter_name: str = "", overlap_rounds: bool = False,
-                 max_waiting: int | None = None, stream_interval_s: float = 0.0):
+                 max_waiting: int | None = None, stream_interval_s: float = 0.0, direct_drafter: bool = False):
         """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`);
         `max_waiting`: sequences that may wait for a KV slot (beyond it, `CapacityExhausted`);
-        `stream_interval_s`: how long the engine loop merges a sequence's rounds into one update."""
+        `stream_interval_s`: how long the engine loop merges a sequence's rounds into one update;
+        `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`)."""
         runner = ModelRunner.serving(path, settings)
-        self.timeout_s = timeout_s
+        self.timeout_s, self.direct_drafter = timeout_s, direct_drafter
         drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
         self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting),
@@ -253,4 +299,4 @@ class TargetActor:
     def _remote_drafter(self, drafter_handle) -> "RemoteDrafter | None":
         if drafter_handle is None:
             return None
-        return RemoteDrafter(drafter_handle, ray.get(drafter_handle.info.remote()), self.timeout_s)
+        return connect_drafter(drafter_handle, self.timeout_s, self.direct_drafter)

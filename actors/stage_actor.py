@@ -1,7 +1,7 @@
 """StageActor: the middle model of a staged chain, served as a drafter.
 
 It hosts a `StagedDrafter` (the middle model, speculating with the next model
-down the chain through `RemoteDrafter`) behind the remote interface of
+down the chain through a `RemoteDrafter`) behind the remote interface of
 `DrafterActor` (info, check_exit, start, propose(commits, requests), finish),
 so the target above it reaches it with an unchanged `RemoteDrafter`, and
 chains nest: a stage's inner drafter may itself be a stage. Concurrent calls
@@ -10,11 +10,10 @@ from several target replicas are merged by a `DraftBatcher`.
 
 from dataclasses import replace
 
-import ray
 
 from actors.draft_batcher import DraftBatcher
 from actors.engine import SpeculationStats
-from actors.ray_actors import DraftService, RemoteDrafter
+from actors.ray_actors import DraftService, connect_drafter
 from actors.runner import ModelRunner, RunnerSettings
 from actors.staged import StagedDrafter
 
@@ -25,11 +24,12 @@ class StageActor(DraftService):
     Its exits are the innermost drafter's, which the chain's requests choose among.
     """
 
-    def __init__(self, path: str, settings: RunnerSettings, inner_handle, inner_k: int, timeout_s: float):
+    def __init__(self, path: str, settings: RunnerSettings, inner_handle, inner_k: int, timeout_s: float,
+                 direct_drafter: bool = False):
+        """`direct_drafter`: reach an inner drafter on this machine through its loopback channel."""
         self.runner = ModelRunner.serving(path, settings)
-        inner_info = ray.get(inner_handle.info.remote())
-        self.exit_layers, self.max_exit = inner_info["exit_layers"], inner_info["max_exit"]
-        inner = RemoteDrafter(inner_handle, inner_info, timeout_s)
+        inner = connect_drafter(inner_handle, timeout_s, direct_drafter)
+        self.exit_layers, self.max_exit = inner.exit_layers, inner.max_exit
         self.batcher = DraftBatcher(StagedDrafter(self.runner, inner, inner_k))
 
     def stats(self) -> SpeculationStats:

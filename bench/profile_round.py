@@ -2,14 +2,15 @@
 
 Parts per round: prefill (prompts that joined), draft (the drafter call: with
 a remote drafter it is split into the drafter actor's own compute and the
-rest: transfer, (de)serialisation, Ray), verify forward, verification
+rest: transfer, (de)serialisation, the call itself), verify forward, verification
 (acceptance / rejection sampling of every row), and bookkeeping (rollback,
 commits, stops, telemetry: the Python the round spends outside models).
 
-Three engines run the same greedy requests on runners compiled as a served
+The engines run the same greedy requests on runners compiled as a served
 replica's are: the target alone (plain), the target with an in-process
-drafter, and (on CPU) the target with the drafter in a Ray actor reached
-through `RemoteDrafter`, as the cluster's target actor does.
+drafter, and (on CPU) the target with the drafter in a Ray actor, reached as
+the cluster's target actor reaches it: by Ray calls, and by the drafter's
+loopback channel (`actors.draft_channel`).
 """
 
 import os
@@ -20,7 +21,7 @@ import torch
 
 from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
-from actors.ray_actors import DrafterActor, RemoteDrafter
+from actors.ray_actors import DrafterActor, connect_drafter
 from actors.runner import ModelRunner, RunnerSettings
 from actors.telemetry import RoundTimes
 from bench.baselines.specfleet_engine import run_closed_loop
@@ -72,7 +73,7 @@ def breakdown(profile: RoundProfile, tokens: int, remote_compute_s: float | None
     details = {}
     if remote_compute_s is not None:
         details["draft: drafter actor compute"] = remote_compute_s
-        details["draft: transfer + Ray"] = max(0.0, parts["draft"] - remote_compute_s)
+        details["draft: transfer + calls"] = max(0.0, parts["draft"] - remote_compute_s)
     per_round = {name: 1000 * value / rounds for name, value in (parts | details).items()}
     return {"rounds": rounds, "tokens_per_round": tokens / rounds if rounds else None,
             "round_ms": 1000 * round_s / rounds if rounds else None,
@@ -107,15 +108,20 @@ def run_whole_job(job: dict) -> dict:
             run_closed_loop(make(), job["warmup"], settings)
             profiles[name].append({"concurrency": cell["concurrency"], **profile_engine(make(), cell, settings)})
     if settings["device"] == "cpu":  # the drafter actor is a CPU actor
-        profiles["remote drafter (Ray actor)"], processes = _profile_remote(target, job)
+        remote, processes = _profile_remote(target, job)
+        profiles.update(remote)
     else:
         processes = process_tree_peaks(os.getpid())
     return {"category": job["cells"][0]["category"], "temperature": 0.0, "k": k, "exit_layer": exit_layer,
             "engines": dict(profiles), "processes": processes}
 
 
-def _profile_remote(target: ModelRunner, job: dict) -> tuple[list[dict], list[dict]]:
-    """The target here, the drafter in a Ray actor reached through `RemoteDrafter`, as in a target actor."""
+REMOTE_ARMS = {"remote drafter (Ray calls)": False, "remote drafter (loopback channel)": True}  # name: direct
+
+
+def _profile_remote(target: ModelRunner, job: dict) -> tuple[dict[str, list[dict]], list[dict]]:
+    """The target here, the drafter in a Ray actor reached as a target actor reaches it: through Ray calls, and
+    through the drafter's loopback channel (`connect_drafter`), cell by cell in turn."""
     import ray
 
     settings = job["settings"]
@@ -125,12 +131,14 @@ def _profile_remote(target: ModelRunner, job: dict) -> tuple[list[dict], list[di
         handle = ray.remote(TimedDrafterActor).options(
             num_cpus=0, max_concurrency=16, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings["threads"])}},
         ).remote(settings["drafter"], RunnerSettings(device="cpu"), settings["threads"])
-        remote = RemoteDrafter(handle, ray.get(handle.info.remote()), REMOTE_TIMEOUT_S)
-        run_closed_loop(SpeculationEngine(target, remote, k, exit_layer), job["warmup"], settings)
-        ray.get(handle.take_compute_s.remote())
-        runs = [{"concurrency": cell["concurrency"],
-                 **profile_engine(SpeculationEngine(target, remote, k, exit_layer), cell, settings, handle)}
-                for cell in job["cells"]]
-        return runs, process_tree_peaks(os.getpid())
+        remotes = {name: connect_drafter(handle, REMOTE_TIMEOUT_S, direct) for name, direct in REMOTE_ARMS.items()}
+        runs = defaultdict(list)
+        for cell in job["cells"]:
+            for name, remote in remotes.items():
+                run_closed_loop(SpeculationEngine(target, remote, k, exit_layer), job["warmup"], settings)
+                ray.get(handle.take_compute_s.remote())
+                runs[name].append({"concurrency": cell["concurrency"],
+                                   **profile_engine(SpeculationEngine(target, remote, k, exit_layer), cell, settings, handle)})
+        return dict(runs), process_tree_peaks(os.getpid())
     finally:
         ray.shutdown()

@@ -114,6 +114,10 @@ class ServerConfig(_Strict):
     drafter_timeout_s: float = Field(
         10.0, gt=0, description="A drafter call slower than this counts as a dead drafter: the target decodes plainly."
     )
+    direct_drafter_channel: bool = Field(
+        True, description="A target reaches a drafter on its own machine (pod) through the drafter's loopback socket (a token "
+        "handed over by Ray admits it) instead of a Ray call per round; other machines always use Ray calls.",
+    )
 
 
 class ControllerConfig(_Strict):

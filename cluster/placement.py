@@ -60,7 +60,8 @@ def start_target(config: ClusterConfig, name: str, drafter_handle):
     model = config.targets[name]
     return _start(TargetActor, config, model, str(model.path), model.runner_settings(), drafter_handle,
                   model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "",
-                  model.overlap_rounds, model.max_waiting, config.server.stream_interval_s)
+                  model.overlap_rounds, model.max_waiting, config.server.stream_interval_s,
+                  config.server.direct_drafter_channel)
 
 
 def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
@@ -82,7 +83,7 @@ def start_chain(config: ClusterConfig, fleet: Fleet, name: str) -> list:
     for middle in target.via:
         model = config.targets[middle]
         inner = _start(StageActor, config, model, str(model.path), model.runner_settings(), inner, model.k,
-                       config.server.drafter_timeout_s)
+                       config.server.drafter_timeout_s, config.server.direct_drafter_channel)
         stages.append(inner)
     ray.get(inner.info.remote())  # each stage waits for the one below it
     return stages

@@ -88,13 +88,15 @@ def test_the_round_profile_accounts_for_the_round(run):
     _, report, _ = run
     profile = report["profile"]
     assert profile["status"] == "ok", profile
-    assert set(profile["engines"]) == {"plain", "in-process drafter", "remote drafter (Ray actor)"}
+    assert set(profile["engines"]) == {"plain", "in-process drafter", "remote drafter (Ray calls)",
+                                       "remote drafter (loopback channel)"}
     for runs in profile["engines"].values():
         for p in runs:
             assert p["rounds"] > 0 and p["round_ms"] > 0
             assert sum(p["share"].values()) == pytest.approx(1.0, abs=0.02)
-    remote = profile["engines"]["remote drafter (Ray actor)"][0]["ms_per_round"]
-    assert remote["draft: drafter actor compute"] > 0 and remote["draft: transfer + Ray"] >= 0
+    for arm in ("remote drafter (Ray calls)", "remote drafter (loopback channel)"):
+        remote = profile["engines"][arm][0]["ms_per_round"]
+        assert remote["draft: drafter actor compute"] > 0 and remote["draft: transfer + calls"] >= 0
 
 
 def test_peak_memory_covers_the_cluster_processes(run):

@@ -13,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import ray
 
+from actors.draft_channel import ChannelClient
 from actors.drafters import DraftRequest
 from actors.engine import SpeculationEngine
 from actors.generator import SpeculativeGenerator
-from actors.ray_actors import DrafterActor, RemoteDrafter
+from actors.ray_actors import DrafterActor, RayCalls, RemoteDrafter, connect_drafter
 from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
@@ -92,15 +93,24 @@ def test_sampled_streams_make_the_same_draws_as_without_overlap(fleet, prompts):
     assert len({tuple(t) for t in outputs["overlapped"]}) == STREAMS
 
 
-def test_finishing_a_sequence_waits_for_its_proposal_in_flight(fleet, prompts):
-    """The drafter actor is threaded: a finish sent at once could overtake the proposal naming the sequence."""
+def connected(handle, direct: bool) -> RemoteDrafter:
+    """A RemoteDrafter through Ray calls, or through the drafter's loopback channel (this test runs on its machine)."""
+    drafter = connect_drafter(handle, timeout_s=10, direct=direct)
+    assert isinstance(drafter.calls, ChannelClient if direct else RayCalls)
+    return drafter
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["ray", "channel"])
+def test_finishing_a_sequence_waits_for_its_proposal_in_flight(fleet, prompts, direct):
+    """The drafter actor is threaded: a finish sent at once could overtake the proposal naming the sequence
+    (through Ray; a channel serves a target's calls in order)."""
     handle = fleet.drafters["sorted"][0]
-    drafter = RemoteDrafter(handle, ray.get(handle.info.remote()), timeout_s=10)
+    drafter = connected(handle, direct)
     for seq_id, prompt in (("in-flight-a", prompts[0]), ("in-flight-b", prompts[1])):
         drafter.start(seq_id, prompt, GREEDY)
     pending = drafter.propose_async([DraftRequest("in-flight-a", 4), DraftRequest("in-flight-b", 4)])
     drafter.finish("in-flight-a")
-    assert ray.wait([pending.ref], timeout=0)[0] == [pending.ref]  # the proposal had run when the finish was sent
+    assert pending.reply.done()  # the proposal had run when the finish was sent
     assert [len(d.tokens) for d in pending.result()] == [4, 4]
     drafter.finish("in-flight-b")
     assert wait_until(lambda: ray.get(handle.live_sequences.remote()) == 0)
@@ -114,17 +124,18 @@ class SlowFinishDrafter(DrafterActor):
         super().finish(seq_ids)
 
 
-def test_a_sequence_id_reused_right_after_its_finish_starts_afresh(ray_cluster, drafter_path, prompts):
+@pytest.mark.parametrize("direct", [False, True], ids=["ray", "channel"])
+def test_a_sequence_id_reused_right_after_its_finish_starts_afresh(ray_cluster, drafter_path, prompts, direct):
     """Without waiting, the start would run beside the slow finish (a threaded actor): 'already exists', or freed later."""
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor class lives in this test module
     handle = ray.remote(SlowFinishDrafter).options(max_concurrency=8, resources={"draft": 1}).remote(str(drafter_path), RunnerSettings())
     try:
-        drafter = RemoteDrafter(handle, ray.get(handle.info.remote()), timeout_s=10)
+        drafter = connected(handle, direct)
         drafter.start("reused", prompts[0], GREEDY)
         drafter.finish("reused")
         drafter.start("reused", prompts[1], GREEDY)
         (draft,) = drafter.propose([DraftRequest("reused", 3, 1)])
-        fresh = RemoteDrafter(handle, ray.get(handle.info.remote()), timeout_s=10)
+        fresh = connected(handle, direct)
         fresh.start("fresh", prompts[1], GREEDY)
         assert draft.tokens == fresh.propose([DraftRequest("fresh", 3, 1)])[0].tokens
         time.sleep(1.5)  # no late finish frees the new sequence
