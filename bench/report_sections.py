@@ -212,9 +212,12 @@ def profile_section(profile: dict) -> list[str]:
 WHAT_WAS_DONE = [
     "What was done about each part:",
     "",
-    "- **transfer + Ray**: one Ray call per round per target actor, for all its live sequences; the previous "
-    "round's commits ride along with the next proposal; a greedy draft travels as its token ids alone. Streams "
-    "send their first update at once and then one merged update per `server.stream_interval_s`, not one per round.",
+    "- **transfer + calls**: one call per round per target actor, for all its live sequences; the previous "
+    "round's commits ride along with the next proposal; a greedy draft travels as its token ids alone. A target "
+    "on the drafter's machine makes that call over the drafter's loopback channel (`actors/draft_channel.py`), "
+    "not as a Ray call (the two remote columns above). Streams send their first update at once and then one "
+    "merged update per `server.stream_interval_s`, not one per round, and the engine loop yields the "
+    "interpreter lock after sending so the reader passes an update on at once.",
     "- **draft**: each draft step is one batched forward over every sequence that drafts, from every target "
     "sharing the drafter (rows may use different exits), continuously batched by draft step; the controller "
     "picks a cheaper exit or a shorter k per target, or turns speculation off, from measured goodput.",
