@@ -19,7 +19,7 @@ from actors.draft_batcher import DraftBatcher
 from actors.draft_channel import ChannelAddress, ChannelClient, ChannelServer
 from actors.drafters import Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
-from actors.engine_loop import EngineLoop
+from actors.engine_loop import EngineLoop, StreamPacing
 from actors.errors import CapacityExhausted, DrafterUnavailable, InvalidRequest
 from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner, RunnerSettings, SeqId
@@ -239,17 +239,17 @@ class TargetActor:
 
     def __init__(self, path: str, settings: RunnerSettings, drafter_handle, exit_layer: int | None, k: int,
                  timeout_s: float, name: str = "", drafter_name: str = "", overlap_rounds: bool = False,
-                 max_waiting: int | None = None, stream_interval_s: float = 0.0, direct_drafter: bool = False):
+                 max_waiting: int | None = None, pacing: StreamPacing = StreamPacing(), direct_drafter: bool = False):
         """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`);
         `max_waiting`: sequences that may wait for a KV slot (beyond it, `CapacityExhausted`);
-        `stream_interval_s`: how long the engine loop merges a sequence's rounds into one update;
+        `pacing`: how long the engine loop merges a sequence's rounds into one update;
         `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`)."""
         runner = ModelRunner.serving(path, settings)
         self.timeout_s, self.direct_drafter = timeout_s, direct_drafter
         drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
         self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting),
-                               stream_interval_s)
+                               pacing)
 
     def info(self) -> dict:
         runner = self.loop.engine.target
@@ -262,9 +262,8 @@ class TargetActor:
 
         `spec` may override k (0: plain decoding) and the exit for this sequence, or cascade it.
         The first update goes out as soon as it exists (time to first token); later rounds
-        are merged by the engine loop into one update per `stream_interval_s` (each update
-        is a Ray object and a message on the front door: per round they cost as much as a
-        forward).
+        are merged by the engine loop into one update per interval (`StreamPacing`: each
+        update is a Ray object and a message on the front door).
         """
         output = self.loop.submit(seq_id, prompt, params, spec)
         while True:

@@ -109,7 +109,14 @@ class ServerConfig(_Strict):
     stream_interval_s: float = Field(
         0.01, ge=0, le=1.0,
         description="A stream's first update goes out at once; later rounds are merged into one update per this "
-        "many seconds (each update is a Ray object and a message: per round they cost about a forward). 0: every round.",
+        "many seconds at least (each update is a Ray object and a message: per round they cost about a forward). "
+        "0: every round.",
+    )
+    max_stream_updates_per_s: float | None = Field(
+        400.0, gt=0,
+        description="Updates per second a target replica sends over all its streams: with more open streams than "
+        "this times stream_interval_s, each stream's interval grows to streams / this (16 streams: 40 ms). "
+        "None: no budget.",
     )
     drafter_timeout_s: float = Field(
         10.0, gt=0, description="A drafter call slower than this counts as a dead drafter: the target decodes plainly."

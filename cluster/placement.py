@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from actors.engine_loop import StreamPacing
 from actors.ray_actors import DrafterActor, TargetActor
 from actors.stage_actor import StageActor
 from cluster.config import ClusterConfig, ModelConfig, PoolConfig
@@ -60,7 +61,8 @@ def start_target(config: ClusterConfig, name: str, drafter_handle):
     model = config.targets[name]
     return _start(TargetActor, config, model, str(model.path), model.runner_settings(), drafter_handle,
                   model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "",
-                  model.overlap_rounds, model.max_waiting, config.server.stream_interval_s,
+                  model.overlap_rounds, model.max_waiting,
+                  StreamPacing(config.server.stream_interval_s, config.server.max_stream_updates_per_s),
                   config.server.direct_drafter_channel)
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from actors.engine import SpeculationEngine
-from actors.engine_loop import EngineLoop
+from actors.engine_loop import EngineLoop, StreamPacing
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
@@ -36,14 +36,14 @@ def test_without_an_interval_every_round_is_an_update(target, prompts, plain):
 
 
 def test_within_an_interval_rounds_merge_into_one_update_after_the_first(target, prompts, plain):
-    updates = read_all(EngineLoop(SpeculationEngine(target), stream_interval_s=600.0), prompts[0])
+    updates = read_all(EngineLoop(SpeculationEngine(target), StreamPacing(600.0)), prompts[0])
     assert [len(u.new_tokens) for u in updates] == [1, GREEDY.max_tokens - 1]  # the first at once, the rest with the last
     assert [t for u in updates for t in u.new_tokens] == plain
     assert updates[-1].finish_reason == "length" and updates[-1].stats.target_forwards == GREEDY.max_tokens
 
 
 def test_a_cancelled_sequence_gets_its_held_tokens_with_the_cancellation(target, prompts, plain):
-    loop = EngineLoop(SpeculationEngine(target), stream_interval_s=600.0)
+    loop = EngineLoop(SpeculationEngine(target), StreamPacing(600.0))
     output = loop.submit("s", prompts[0], GREEDY)
     first = output.get()
     for _ in range(2):  # the loop runs a round between two calls: its token is held
@@ -53,3 +53,22 @@ def test_a_cancelled_sequence_gets_its_held_tokens_with_the_cancellation(target,
     assert last.finish_reason == "cancelled"
     assert first.new_tokens + last.new_tokens == plain[: len(first.new_tokens) + len(last.new_tokens)]
     assert len(last.new_tokens) >= 1
+
+
+def test_the_update_budget_lengthens_each_stream_s_interval_as_streams_grow():
+    pacing = StreamPacing(interval_s=0.01, max_updates_per_s=400)
+    assert pacing.interval(1) == 0.01 and pacing.interval(4) == 0.01  # within the budget: the floor
+    assert pacing.interval(16) == pytest.approx(0.04) and pacing.interval(64) == pytest.approx(0.16)
+    assert StreamPacing(interval_s=0.01).interval(64) == 0.01  # no budget
+
+
+def test_many_streams_get_fewer_updates_each_under_a_budget(target, prompts, plain):
+    """Two streams, a budget of one update per second: after the first, each stream's rounds merge."""
+    loop = EngineLoop(SpeculationEngine(target), StreamPacing(0.0, max_updates_per_s=1.0))
+    outputs = [loop.submit(f"s{i}", prompts[0], GREEDY) for i in range(2)]
+    for output in outputs:
+        updates = [output.get()]
+        while updates[-1].finish_reason is None:
+            updates.append(output.get())
+        assert len(updates) <= 3  # the first at once, at most one due in between, the last
+        assert [t for u in updates for t in u.new_tokens] == plain
