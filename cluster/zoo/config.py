@@ -244,14 +244,17 @@ def _zoo(
 
 
 def _cpu(out_dir: Path) -> ZooConfig:
-    """The zoo as trained on two CPU cores in about 100 minutes under bf16 autocast (2.5-8M tokens per model).
+    """The zoo as trained on two CPU cores in about two and a half hours under bf16 autocast (3-8M tokens per model).
+
+    The drafter trains as long as target-xl: distilled for 1,200 steps it agreed only 0.44 with
+    it (bench/reports/zoo_v2_second_run.md).
 
     Small batches (2 x 1,024 tokens) and many steps: the first v2 run, 640 steps of 8 x 1,024,
     left target-xl far behind the first zoo's target-l per token seen. Peak learning rates fall
     with width: at this batch, target-m's shape after 300 steps reached valid loss 5.46 / 5.74 /
     6.01 at 1.5e-3 / 3e-3 / 6e-3, and at 3e-3 it trailed target-s all run long.
     """
-    steps = {"target-s": 2000, "target-m": 1500, "target-l": 1500, "target-xl": 4000, DRAFTER_NAME: 1200}
+    steps = {"target-s": 2000, "target-m": 1500, "target-l": 1500, "target-xl": 4000, DRAFTER_NAME: 4000}
     return _zoo("cpu", out_dir, steps, batch_size=2, threads=2, bf16_autocast=True)
 
 
