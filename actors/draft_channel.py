@@ -4,7 +4,7 @@ Why: a Ray actor call costs about a millisecond on this project's CPU even when
 it does nothing (scheduling through the core worker, an object per result,
 a thread hand-off on each side), as much as a target forward, and a remote-drafter
 round makes one per round. A loopback socket carrying pickled frames does the
-same round trip in a tenth of that (docs/ARCHITECTURE.md, "The drafter hop").
+same round trip in a tenth of that (docs/ARCHITECTURE.md, "The request path", step 3).
 
 - **Who may connect**: the server listens on 127.0.0.1 only, and a connection's
   first bytes must be the drafter's random token, which only travels through

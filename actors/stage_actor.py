@@ -10,7 +10,6 @@ from several target replicas are merged by a `DraftBatcher`.
 
 from dataclasses import replace
 
-
 from actors.draft_batcher import DraftBatcher
 from actors.engine import SpeculationStats
 from actors.ray_actors import DraftService, connect_drafter
