@@ -13,6 +13,10 @@ step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
 - "eager": no compilation (tests, and a device where compiling has not been
   measured to pay).
 
+A drafter also runs several greedy draft steps as one compiled call
+(`LlamaStep.draft_greedy`, `FUSED_DRAFT_STEPS` of them at most), so a round's
+k steps pay a compiled call's fixed cost once or twice instead of k times.
+
 `warm_up` compiles every graph a "compile" runner needs at start-up, so no
 request waits for a compile.
 """
@@ -32,19 +36,23 @@ log = logging.getLogger(__name__)
 CompileMode = Literal["eager", "compile", "compile-static"]
 StepFunction = Callable[..., torch.Tensor]
 MAX_GRAPHS = 64  # dynamo's per-function graph limit (default 8) would silently fall back to eager past it
+# Greedy draft steps one fused call may run, largest first: a draft of k tokens runs as calls of these
+# sizes, then single steps. Each size is one more graph per exit and batch kind to compile at start-up
+# (on this project's CPU, cold: ~7-34 s each for the zoo's drafter; warm from inductor's cache: ~1-3 s).
+FUSED_DRAFT_STEPS = (4, 2)
 
 
-def compile_step(step: torch.nn.Module, mode: CompileMode) -> StepFunction:
-    """The function the runner calls for one step of `step` (a `LlamaStep`)."""
+def compile_step(function: StepFunction, mode: CompileMode) -> StepFunction:
+    """What the runner calls in place of `function`, a method of a `LlamaStep`."""
     if mode == "eager":
-        return step
+        return function
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     inductor_config.cpp_wrapper = True  # kernels called from C++: no Python between ops
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, MAX_GRAPHS)
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MAX_GRAPHS)
-    return torch.compile(step.forward, dynamic=(mode == "compile"), fullgraph=True)
+    return torch.compile(function, dynamic=(mode == "compile"), fullgraph=True)
 
 
 AUTO_ENV = "SPECFLEET_COMPILE"  # what 'auto' means on this machine when set (the test suite sets "eager")
@@ -64,10 +72,12 @@ def shape_policy(mode: CompileMode) -> ShapePolicy:
     return ShapePolicy(bucketed=(mode == "compile-static"))
 
 
-def warm_up(run: Callable[[int, int, int, int], object], depths: list[int]) -> float:
+def warm_up(run: Callable[[int, int, int, int], object], depths: list[int],
+            draft: Callable[[int, int, int, int], object] | None = None) -> float:
     """Compile every graph a dynamic-shape runner uses; returns the seconds it took.
 
-    `run(batch, width, start, depth)` runs one step on scratch rows.
+    `run(batch, width, start, depth)` runs one step on scratch rows; `draft(batch, steps,
+    start, depth)`, given for a drafter, one fused greedy draft of `steps` steps.
     Sizes of 1 get graphs of their own (one stream; one new token); other sizes
     are chosen pairwise distinct (batch 2, width 3, keys past them) so that the
     compiler does not assume two sizes equal and recompile when they differ.
@@ -77,6 +87,8 @@ def warm_up(run: Callable[[int, int, int, int], object], depths: list[int]) -> f
         for batch in (1, 2):
             run(batch, 1, 8, depth)  # decoding, drafting: one new token per row
             run(batch, 3, 8, depth)  # verifying a draft, a prompt
+            for steps in FUSED_DRAFT_STEPS if draft is not None else ():
+                draft(batch, steps, 8, depth)
     seconds = time.perf_counter() - started
     log.info("compiled the model step for depths %s in %.1f s", depths, seconds)
     return seconds

@@ -1,17 +1,18 @@
-"""DraftBatcher: one drafter forward per draft step for many concurrent callers.
+"""DraftBatcher: one drafter forward call per draft step (or fused steps) for many concurrent callers.
 
 Targets call their shared drafter concurrently (one thread each in the drafter's
 actor). Instead of one forward per caller, the first caller to arrive starts a
-*leader* on the batcher's forward thread. Before every draft step the leader
+*leader* on the batcher's forward thread. Before every forward call the leader
 takes the proposals queued since the last one and lets them join those under
-way, then runs the step for all of them in one forward (rows may use different
-exits and be at different steps); a caller gets its drafts as soon as its own
-proposal is complete. So a target whose call arrives while another target's
-proposal drafts waits at most one step, not the other's whole proposal
-(continuous batching, at the granularity of draft steps). The leader stops
+way, then advances all of them in one call (rows may use different exits and
+be at different steps; greedy rows may run several fused steps, see
+`ModelDrafter`); a caller gets its drafts as soon as its own proposal is
+complete. So a target whose call arrives while another target's proposal
+drafts waits at most one call (a few steps at most), not the other's whole
+proposal (continuous batching, at the granularity of forward calls). The leader stops
 when nothing is under way or queued. All access to the drafter's state goes
-through one lock, taken per step, so start/commit/finish from other threads
-run between steps, never inside a forward.
+through one lock, taken per call, so start/commit/finish from other threads
+run between calls, never inside a forward.
 
 Why the forwards run on one thread of their own, never on a caller's: memory.
 A Ray actor serves calls on a pool of up to `max_concurrency` (256) threads,
@@ -44,11 +45,11 @@ class _Ticket:
 
 
 class DraftBatcher:
-    """Thread-safe front of a `SteppedDrafter` that merges concurrent proposals step by step."""
+    """Thread-safe front of a `SteppedDrafter` that merges concurrent proposals call by call."""
 
     def __init__(self, drafter: SteppedDrafter):
         self.drafter = drafter
-        self.forwards = 0  # batched draft steps run (one forward each, for every proposal under way)
+        self.forwards = 0  # batched forward calls run (each advances every proposal under way)
         self._state_lock = threading.Lock()  # guards the drafter's caches and states
         self._queue_lock = threading.Lock()  # guards _queue and _leading
         self._queue: list[_Ticket] = []

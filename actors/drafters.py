@@ -99,10 +99,10 @@ class DraftJob(Protocol):
 
 
 class SteppedDrafter(Drafter):
-    """A drafter whose proposals advance one forward at a time.
+    """A drafter whose proposals advance one forward call at a time (a draft step, or a few fused greedy ones).
 
-    `DraftBatcher` steps every job under way in one forward, so a proposal
-    that arrives while others draft joins them at their next step instead of
+    `DraftBatcher` advances every job under way in one call, so a proposal
+    that arrives while others draft joins them at their next call instead of
     waiting for them to finish (continuous batching, as a serving engine does
     with decode steps). `propose` is the same thing for one caller.
     """
@@ -113,7 +113,7 @@ class SteppedDrafter(Drafter):
 
     @abstractmethod
     def advance(self, jobs: Sequence[DraftJob]) -> None:
-        """One step of every unfinished proposal of these jobs (begun here), all rows in one forward.
+        """Advance every unfinished proposal of these jobs (begun here) by one forward call, all rows in it.
 
         A proposal whose sequence was finished meanwhile stops where it is.
         """
@@ -201,11 +201,30 @@ class ModelDrafter(SteppedDrafter):
         if not rows:
             return
         feeds = [row.tokens[-1:] if row.tokens else self._pending(row.seq_id) for row in rows]
+        steps = self._fused_steps(rows, feeds)
+        if steps > 1:
+            drafted = self.runner.draft_greedy([r.seq_id for r in rows], [f[0] for f in feeds],
+                                               [r.exit_layer for r in rows], steps)
+            for row, tokens in zip(rows, drafted):
+                row.tokens.extend(tokens)
+            return
         logits = self.runner.forward([r.seq_id for r in rows], feeds, [r.exit_layer for r in rows], last_only=True)
         for row, row_logits in zip(rows, logits):  # row_logits [1, V]
             row.tokens.append(self._next_token(row.seq_id, row_logits, row.probs))
             if row.wants_confidence:
                 row.confidences.append(torch.softmax(row_logits[0].float(), dim=-1))
+
+    def _fused_steps(self, rows: list[_DraftRow], feeds: list[list[int]]) -> int:
+        """Steps one call drafts for all these rows: several (`runner.draft_greedy`) when every row is greedy,
+        wants no confidence and feeds one token at a depth its cache has (the usual round: the verifier's
+        last token); else one. A row's first step after its prompt, or after a fully accepted draft
+        (two uncached tokens), runs alone, and the rest of its draft fuses."""
+        for row, feed in zip(rows, feeds):
+            if (row.wants_confidence or not self._state(row.seq_id).params.greedy or len(feed) != 1
+                    or self.runner.cached_depth(row.seq_id) < row.exit_layer):
+                return 1
+        remaining = min(row.length - len(row.tokens) for row in rows)
+        return next((steps for steps in self.runner.fused_draft_steps if steps <= remaining), 1)
 
     def _next_token(self, seq_id: SeqId, row_logits: torch.Tensor, probs: list[torch.Tensor]) -> int:
         """A greedy row takes the argmax (its q is a point mass, never sent); a sampled row samples q and keeps it."""

@@ -83,6 +83,32 @@ class LlamaStep(nn.Module):
             chosen = torch.where((exits == layer + 1)[:, None, None], hidden, chosen)  # any layer may be an exit
         return (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
 
+    def draft_greedy(
+        self,
+        store: KVStore,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        exits: torch.Tensor,
+        key_length: int,
+        depth: int,
+        steps: int,
+    ) -> torch.Tensor:
+        """`steps` greedy draft tokens per row, each step feeding the last one back: tokens [B, steps].
+
+        ids, positions [B, 1]: each row's one token not yet cached, and its position; `key_length`
+        the keys the first step reads (every row advances one position per step, so step i reads
+        `key_length + i`). Compiled as one graph, the steps pay a compiled call's fixed cost (guards,
+        wrappers, the runner's bookkeeping: about half of a small drafter's step on a CPU) once.
+        """
+        drafted = []
+        for step in range(steps):
+            logits = self.forward(store, ids, positions, slots, exits, key_length + step, depth)  # [B, 1, V]
+            ids = logits.argmax(dim=-1)  # [B, 1]
+            positions = positions + 1
+            drafted.append(ids)
+        return torch.cat(drafted, dim=1)
+
     def _layer(self, layer, store, hidden, positions, slots, cos, sin, mask, key_length) -> torch.Tensor:
         """One decoder layer; writes the rows' new keys/values into their slots."""
         weights = {name: getattr(self, f"{name}_{layer}") for name in _WEIGHTS}

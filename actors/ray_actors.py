@@ -83,7 +83,7 @@ class DrafterActor(DraftService):
     """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
 
     def __init__(self, path: str, settings: RunnerSettings):
-        self.runner = ModelRunner.serving(path, settings)
+        self.runner = ModelRunner.serving(path, settings, drafts=True)
         self.exit_layers, self.max_exit = self.runner.exit_layers, self.runner.num_layers
         self.batcher = DraftBatcher(ModelDrafter(self.runner))
 

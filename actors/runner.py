@@ -13,7 +13,8 @@ over the weights of a Hugging Face `LlamaForCausalLM`, so that
 - a row may stop after its first L decoder layers and read the shared final norm
   and LM head there (an *exit*): a sorted multi-exit drafter is one model with
   several nested sub-models sharing a forward;
-- rollback is the crop rule of `actors.kv_cache`.
+- rollback is the crop rule of `actors.kv_cache`;
+- a drafter's greedy rows may draft several tokens in one call (`draft_greedy`).
 """
 
 from collections.abc import Hashable, Sequence
@@ -25,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from actors.buckets import MAX_WIDTH
-from actors.compiled import CompileMode, StepFunction, compile_step, resolve_mode, shape_policy, warm_up
+from actors.compiled import (FUSED_DRAFT_STEPS, CompileMode, StepFunction, compile_step, resolve_mode, shape_policy,
+                              warm_up)
 from actors.errors import InvalidRequest
 from actors.forward import LlamaStep
 from actors.kv_cache import KVStore, SequenceCache
@@ -82,8 +84,11 @@ class ModelRunner:
         self.store = KVStore(self.num_layers, max_sequences, capacity, self.step.num_kv_heads, self.step.head_dim,
                              param.dtype, param.device)
         self.compile_mode = compile_mode
-        self._run: StepFunction = compile_step(self.step, compile_mode)
+        self._run: StepFunction = compile_step(self.step.forward, compile_mode)
+        self._draft: StepFunction = compile_step(self.step.draft_greedy, compile_mode)
         self.shapes = shape_policy(compile_mode)
+        # fused drafts run on exact shapes: padded, every key length would be a graph of its own
+        self.fused_draft_steps: tuple[int, ...] = () if self.shapes.bucketed else FUSED_DRAFT_STEPS
         self._caches: dict[SeqId, SequenceCache] = {}
         self.warm_up_s = 0.0  # seconds spent compiling at start-up (`warm_up`)
 
@@ -94,11 +99,12 @@ class ModelRunner:
         return cls(load_llama(path, dtype, device), str(path), max_sequences, compile_mode)
 
     @classmethod
-    def serving(cls, path: str, settings: RunnerSettings) -> "ModelRunner":
-        """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns."""
+    def serving(cls, path: str, settings: RunnerSettings, drafts: bool = False) -> "ModelRunner":
+        """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns
+        (with `drafts`, also those of fused greedy drafting)."""
         runner = cls.from_pretrained(path, settings.dtype, settings.device, settings.max_sequences,
                                      resolve_mode(settings.compile, settings.device))
-        runner.warm_up_s = runner.warm_up()
+        runner.warm_up_s = runner.warm_up(drafts)
         return runner
 
     # -- sequence bookkeeping -------------------------------------------------
@@ -124,6 +130,14 @@ class ModelRunner:
 
     def cached_length(self, seq_id: SeqId) -> int:
         return len(self._cache(seq_id))
+
+    def cached_tokens(self, seq_id: SeqId) -> list[int]:
+        """A copy of the tokens whose keys and values a sequence's cache holds."""
+        return list(self._cache(seq_id).tokens)
+
+    def cached_depth(self, seq_id: SeqId) -> int:
+        """Layers whose cache covers every cached token of a sequence."""
+        return self._cache(seq_id).depth
 
     def rollback(self, seq_id: SeqId, length: int) -> None:
         """Keep only the first `length` cached tokens of a sequence."""
@@ -166,6 +180,30 @@ class ModelRunner:
         if last_only:
             return [p[-1] for p in pieces]  # the row's last chunk holds its last token
         return [torch.cat(p)[-n:] for p, n in zip(pieces, asked)]
+
+    @torch.inference_mode()
+    def draft_greedy(self, seq_ids: Sequence[SeqId], tokens: Sequence[int], exits: Sequence[int],
+                     steps: int) -> list[list[int]]:
+        """`steps` greedy tokens per sequence in one call: row i feeds `tokens[i]`, its one uncached token.
+
+        Each cache must already reach its row's exit (no re-prefill here). Afterwards the
+        caches hold what `steps` single-token forwards would leave: the fed token and every
+        drafted token but the last.
+        """
+        caches = [self._cache(s) for s in seq_ids]
+        for cache, token, exit_layer in zip(caches, tokens, exits):
+            self.check_exit(exit_layer)
+            if exit_layer > cache.depth or not 0 <= token < self.vocab_size or len(cache) + steps > self.max_context:
+                raise InvalidRequest(f"a fused draft of {steps} tokens does not fit a sequence of {self.name}")
+        starts = torch.tensor([len(c) for c in caches])
+        slots = torch.tensor([c.slot for c in caches])
+        drafted = self._draft(self.store, torch.tensor(tokens)[:, None].to(self._device),
+                              starts[:, None].to(self._device), slots.to(self._device),
+                              torch.tensor(exits).to(self._device), int(starts.max()) + 1, max(exits), steps)  # [B, steps]
+        rows = drafted.tolist()
+        for cache, token, exit_layer, row in zip(caches, tokens, exits, rows):
+            cache.extend([token] + row[:-1], exit_layer)
+        return rows
 
     def _cache(self, seq_id: SeqId) -> SequenceCache:
         try:
@@ -221,21 +259,28 @@ class ModelRunner:
         return self._run(self.store, ids.to(device), positions.to(device), slots.to(device), exits.to(device),
                          keys, depth)
 
-    def warm_up(self) -> float:
-        """Compile the graphs of every exit the model declares (a "compile" runner); returns the seconds it took.
+    def warm_up(self, drafts: bool = False) -> float:
+        """Compile the graphs of every exit the model declares (a "compile" runner), with `drafts` also its
+        fused greedy drafts; returns the seconds it took.
 
         Another exit still works, at the cost of a compile the first time a request asks for it.
         """
         if self.compile_mode != "compile":
             return 0.0
+        full = lambda batch, value: torch.full((batch,), value, dtype=torch.long)
 
         def scratch_step(batch: int, width: int, start: int, depth: int) -> None:
-            full = lambda value: torch.full((batch,), value, dtype=torch.long)
             with torch.inference_mode():
-                self._call(torch.zeros(batch, width, dtype=torch.long), full(start), full(self.store.scratch_slot),
-                           full(depth), start + width, depth)
+                self._call(torch.zeros(batch, width, dtype=torch.long), full(batch, start),
+                           full(batch, self.store.scratch_slot), full(batch, depth), start + width, depth)
 
-        return warm_up(scratch_step, sorted(set(self.exit_layers)))
+        def scratch_draft(batch: int, steps: int, start: int, depth: int) -> None:
+            on_device = lambda value: full(batch, value).to(self._device)
+            with torch.inference_mode():
+                self._draft(self.store, on_device(0)[:, None], on_device(start)[:, None],
+                            on_device(self.store.scratch_slot), on_device(depth), start + 1, depth, steps)
+
+        return warm_up(scratch_step, sorted(set(self.exit_layers)), scratch_draft if drafts else None)
 
 
 def _first_id(token_id) -> int | None:

@@ -99,7 +99,7 @@ def run_whole_job(job: dict) -> dict:
     torch.set_num_threads(settings["threads"])
     runner_settings = RunnerSettings(device=settings["device"])  # compiled as a served replica is ('auto')
     target = ModelRunner.serving(settings["target"], runner_settings)
-    drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], runner_settings))
+    drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], runner_settings, drafts=True))
     k, exit_layer = settings["k"], settings["exit_layer"]
     profiles = defaultdict(list)
     for cell in job["cells"]:

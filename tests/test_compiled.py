@@ -14,6 +14,7 @@ from actors.errors import CapacityExhausted
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
+from draft_runs import draft_rounds
 
 ATOL = 1e-4  # float32 rounding between differently fused kernels
 
@@ -84,6 +85,18 @@ def test_warm_up_compiles_every_graph_before_serving(target_path, prompts):
     torch._dynamo.utils.counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         run_script(runner, prompts[:3], "w")
+
+
+def test_compiled_fused_drafts_equal_eager_single_steps_and_compile_nothing_after_warm_up(drafter_path, prompts):
+    """A drafter replica compiles its fused greedy drafts at start-up; they draft and cache what eager steps do."""
+    compiled = ModelRunner.serving(str(drafter_path), RunnerSettings(compile="compile", max_sequences=4), drafts=True)
+    eager = ModelRunner.from_pretrained(drafter_path)
+    eager.fused_draft_steps = ()
+    ks = [4, 4, 6, 2, 3]
+    torch._dynamo.utils.counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        fused = draft_rounds(ModelDrafter(compiled), prompts[:3], compiled.exit_layers, ks)
+    assert fused == draft_rounds(ModelDrafter(eager), prompts[:3], eager.exit_layers, ks)
 
 
 def test_padding_to_buckets_gives_each_row_what_it_gives_alone(target_path, prompts):

@@ -14,16 +14,16 @@ GREEDY = make_sampling_params(temperature=0, max_tokens=8)
 
 
 class HookedDrafter(ModelDrafter):
-    """A ModelDrafter that runs `hooks[n]` (under the batcher's lock) just before its n-th step."""
+    """A ModelDrafter that runs `hooks[n]` (under the batcher's lock) just before its n-th forward call."""
 
     def __init__(self, runner, hooks: dict):
         super().__init__(runner)
-        self.hooks, self.steps = hooks, 0
+        self.hooks, self.calls = hooks, 0
 
     def advance(self, jobs) -> None:
-        self.steps += 1
-        if self.steps in self.hooks:
-            self.hooks[self.steps]()
+        self.calls += 1
+        if self.calls in self.hooks:
+            self.hooks[self.calls]()
         super().advance(jobs)
 
 
@@ -81,8 +81,12 @@ def test_concurrent_callers_get_their_own_drafts_from_fewer_forwards(drafter_run
     assert batcher.forwards < 3 * len(prompts)  # some steps served several callers
 
 
-def test_a_late_proposal_joins_the_next_step_of_one_under_way(drafter_runner, prompts):
-    """B arrives during A's first step (k 6) and, with k 3, is done after A's 4th: 6 forwards in all, not 9."""
+def test_a_late_proposal_joins_the_next_call_of_one_under_way(drafter_runner, prompts):
+    """B arrives during A's first call (k 6) and, with k 3, is done after A's 3rd: 4 calls in all, not 5.
+
+    A alone: its prompt's step, a fused call of 4 steps, one step. Joined: A's prompt step; A's second
+    step with B's prompt step; a fused call of 2 steps for both (B done); A's last fused 2 steps.
+    """
     hooks = {}
     batcher = DraftBatcher(HookedDrafter(drafter_runner, hooks))
     batcher.start("a", prompts[0], GREEDY)
@@ -94,21 +98,21 @@ def test_a_late_proposal_joins_the_next_step_of_one_under_way(drafter_runner, pr
         wait_until_queued(batcher)
 
     def note_whether_b_was_served():
-        """Runs before A's 5th step, holding the leader: B must already have its drafts in hand."""
+        """Runs before A's 4th call, holding the leader: B must already have its drafts in hand."""
         deadline = time.monotonic() + 30
         while "result" not in late["outcome"] and time.monotonic() < deadline:
             time.sleep(0.001)
-        late["served_before_step_5"] = "result" in late["outcome"]
+        late["served_before_call_4"] = "result" in late["outcome"]
 
-    hooks[1], hooks[5] = send_b, note_whether_b_was_served
+    hooks[1], hooks[4] = send_b, note_whether_b_was_served
     a_thread, a = in_background(lambda: batcher.propose([DraftRequest("a", 6, 1)]))
     a_thread.join(60)
     late["thread"].join(60)
     b = late["outcome"]
     expected = reference_drafts(drafter_runner, {"a": prompts[0]}, 6) | reference_drafts(drafter_runner, {"b": prompts[1]}, 3)
     assert a["result"][0].tokens == expected["a"] and b["result"][0].tokens == expected["b"]
-    assert batcher.forwards == 6
-    assert late["served_before_step_5"]  # B got its drafts without waiting for the rest of A's
+    assert batcher.forwards == 4
+    assert late["served_before_call_4"]  # B got its drafts without waiting for the rest of A's
 
 
 def test_a_sequence_finished_mid_proposal_stops_and_the_others_go_on(drafter_runner, prompts):
@@ -117,10 +121,10 @@ def test_a_sequence_finished_mid_proposal_stops_and_the_others_go_on(drafter_run
     batcher = DraftBatcher(drafter)
     batcher.start("a", prompts[0], GREEDY)
     batcher.start("b", prompts[1], GREEDY)
-    hooks[3] = lambda: drafter.finish("a")  # as a cancel between steps 2 and 3 would
+    hooks[2] = lambda: drafter.finish("a")  # as a cancel between the prompts' step and the fused steps would
     drafts = batcher.propose([DraftRequest("a", 4, 1), DraftRequest("b", 4, 1)])
     expected = reference_drafts(drafter_runner, {"a": prompts[0], "b": prompts[1]}, 4)
-    assert drafts[0].tokens == expected["a"][:2] and drafts[1].tokens == expected["b"]
+    assert drafts[0].tokens == expected["a"][:1] and drafts[1].tokens == expected["b"]
     assert not drafter_runner.has_sequence("a")
 
 

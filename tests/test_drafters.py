@@ -5,6 +5,7 @@ import torch
 from actors.drafters import DraftRequest, ModelDrafter
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from draft_runs import draft_rounds
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=16)
 SAMPLED = make_sampling_params(temperature=0.8, seed=3, max_tokens=16)
@@ -44,3 +45,16 @@ def test_sampled_drafts_carry_the_rows_they_were_sampled_from(drafter_runner, pr
     assert draft.probs.shape == (3, drafter_runner.vocab_size) and draft.confidence is None
     torch.testing.assert_close(draft.probs.sum(dim=-1), torch.ones(3))
     assert all(draft.probs[i, token] > 0 for i, token in enumerate(draft.tokens))
+
+
+def test_fused_greedy_drafts_equal_one_step_at_a_time(drafter_runner, drafter_path, prompts):
+    """Fused calls (several steps each) draft and cache exactly what single steps do, for any k and exit."""
+    stepped = ModelRunner.from_pretrained(drafter_path)
+    stepped.fused_draft_steps = ()
+    fused_calls = []
+    draft_greedy = drafter_runner.draft_greedy
+    drafter_runner.draft_greedy = lambda *args: fused_calls.append(args[3]) or draft_greedy(*args)
+    ks = [4, 4, 6, 3, 2, 1, 5, 4]
+    fused = draft_rounds(ModelDrafter(drafter_runner), prompts[:4], [1, 2, 4], ks)
+    assert fused == draft_rounds(ModelDrafter(stepped), prompts[:4], [1, 2, 4], ks)
+    assert set(fused_calls) == {4, 2}

@@ -28,7 +28,7 @@ class Session:
         self.target = ModelRunner.serving(settings["target"], runner_settings)
         drafter = None
         if "speculative" in modes:
-            drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], runner_settings))
+            drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], runner_settings, drafts=True))
         self.engines = {"plain": SpeculationEngine(self.target)}
         if drafter is not None:
             self.engines["speculative"] = SpeculationEngine(self.target, drafter, settings["k"], settings["exit_layer"])
