@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
 from actors.buckets import MAX_WIDTH
-from actors.compiled import (FUSED_DRAFT_STEPS, CompileMode, StepFunction, compile_step, resolve_mode, shape_policy,
+from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_STEPS, CompileMode, StepFunction, compile_step, resolve_mode, shape_policy,
                               warm_up)
 from actors.errors import InvalidRequest
 from actors.forward import LlamaStep
@@ -48,9 +48,11 @@ class RunnerSettings(BaseModel):
         DEFAULT_MAX_SEQUENCES, ge=1, le=4096,
         description="KV-store slots: sequences the replica holds at once (the store is allocated for all of them at load).",
     )
-    compile: Literal["auto", "eager", "compile", "compile-static"] = Field(
+    compile: Literal["auto", "eager", "compile", "compile-tuned", "compile-static"] = Field(
         "auto", description="How the model step runs (actors.compiled): 'auto' compiles on a CPU, where the benchmark "
-        "shows it pays, and runs eagerly elsewhere until measured; compiling happens at start-up.",
+        "shows it pays, and runs eagerly elsewhere until measured; 'compile-tuned' also freezes the weights and picks "
+        "each matmul's kernel by timing (faster steps on CPUs where MKL's few-row GEMMs are slow, minutes more "
+        "start-up); compiling happens at start-up.",
     )
 
 
@@ -260,12 +262,12 @@ class ModelRunner:
                          keys, depth)
 
     def warm_up(self, drafts: bool = False) -> float:
-        """Compile the graphs of every exit the model declares (a "compile" runner), with `drafts` also its
+        """Compile the graphs of every exit the model declares (a dynamic-shape runner), with `drafts` also its
         fused greedy drafts; returns the seconds it took.
 
         Another exit still works, at the cost of a compile the first time a request asks for it.
         """
-        if self.compile_mode != "compile":
+        if self.compile_mode not in DYNAMIC_MODES:
             return 0.0
         full = lambda batch, value: torch.full((batch,), value, dtype=torch.long)
 

@@ -58,6 +58,19 @@ def test_the_compiled_step_equals_the_eager_one(target, compiled_target, prompts
         torch.testing.assert_close(c, e, atol=ATOL, rtol=0)
 
 
+def test_the_tuned_step_equals_the_eager_one_and_leaves_other_compiles_alone(target, target_path, prompts):
+    """'compile-tuned' (frozen weights, timed GEMM kernels) scores as eager does; its options stay its own."""
+    import torch._inductor.config as inductor_config
+
+    tuned = ModelRunner.from_pretrained(target_path, compile_mode="compile-tuned")
+    ids = fresh_ids(tuned, "t", 2) + fresh_ids(target, "te", 2)
+    for rows, tokens in ((ids[:2], prompts[:2]), (ids[:1], [[3]]), (ids[:2], [[5, 6, 7], [8]])):
+        reference = target.forward([f"te{r[1:]}" for r in rows], tokens)
+        for got, want in zip(tuned.forward(rows, tokens), reference):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert not inductor_config.freezing and not inductor_config.max_autotune
+
+
 def test_compiled_exits_equal_eager_exits(drafter_runner, compiled_drafter, prompts):
     exits = drafter_runner.exit_layers
     results = []
