@@ -218,18 +218,20 @@ WHAT_WAS_DONE = [
     "not as a Ray call (the two remote columns above). Streams send their first update at once and then one "
     "merged update per `server.stream_interval_s`, not one per round, and the engine loop yields the "
     "interpreter lock after sending so the reader passes an update on at once.",
-    "- **draft**: each draft step is one batched forward over every sequence that drafts, from every target "
-    "sharing the drafter (rows may use different exits), continuously batched by draft step; the controller "
-    "picks a cheaper exit or a shorter k per target, or turns speculation off, from measured goodput.",
+    "- **draft**: each drafter call is one batched forward over every sequence that drafts, from every target "
+    "sharing the drafter (rows may use different exits), continuously batched by call; greedy rows draft up to 4 "
+    "tokens in one compiled call (fused greedy drafting), and the controller picks a cheaper exit or a shorter k "
+    "per target, or turns speculation off, from measured goodput.",
     "- **forwards**: one preallocated KV store per replica (slots written by position, no per-layer gather), a "
     "fused step (q/k/v and gate/up in one matmul each, weights pre-transposed) compiled by inductor at start-up "
     "(`RunnerSettings.compile`), every live sequence of a target in one step.",
-    "- **what is left**: on this CPU a step streams its weights from cache each time, so target-l costs about "
-    "1 ms per step whatever the batch up to a few rows, a 4-token verify about 1.2-1.6 ms, and a draft step of "
-    "the 2-layer exit 0.3-0.4 ms (a third of a target step, where a GPU pair pays a tenth or less). At this zoo's "
-    "greedy acceptance (about 0.3, MAL near 2) a k = 4 round cannot emit enough tokens to pay for four draft "
-    "steps and a wider verify: the break-even lines above are that arithmetic. A cheaper drafter relative to "
-    "its target (zoo v2, issue 17) and a GPU are what would move it.",
+    "- **what is left**: on a CPU a step streams its weights from cache each time, and how much a wider verify "
+    "costs depends on the CPU's BLAS: on an Intel Xeon a 5-token verify of target-l cost about 1.1-1.3x a 1-token "
+    "step, on an AMD EPYC (MKL's few-row GEMMs are slow there) about 2.4-2.9x, 1.7-1.9x with `compile-tuned`. "
+    "A 4-token fused draft of the 2-layer exit costs about half a target step. At this zoo's greedy acceptance "
+    "(about 0.26, MAL near 2) a k = 4 round cannot emit enough tokens to pay for the draft and the wider verify: "
+    "the break-even lines above are that arithmetic. A drafter that agrees more (zoo v2, issue 17: MAL 3.1-3.7 "
+    "at k = 4) and a GPU are what would move it.",
     "",
 ]
 
