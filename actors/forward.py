@@ -83,17 +83,8 @@ class LlamaStep(nn.Module):
             chosen = torch.where((exits == layer + 1)[:, None, None], hidden, chosen)  # any layer may be an exit
         return (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
 
-    def draft_greedy(
-        self,
-        store: KVStore,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        exits: torch.Tensor,
-        key_length: int,
-        depth: int,
-        steps: int,
-    ) -> torch.Tensor:
+    def draft_greedy(self, store: KVStore, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     exits: torch.Tensor, key_length: int, depth: int, steps: int) -> torch.Tensor:
         """`steps` greedy draft tokens per row, each step feeding the last one back: tokens [B, steps].
 
         ids, positions [B, 1]: each row's one token not yet cached, and its position; `key_length`
