@@ -1,13 +1,15 @@
 """The gRPC server: Generation service, standard health checking and reflection."""
 
 import asyncio
+import logging
 import threading
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.controller.client import ControllerClient
+from cluster.controller.client import FLEET_REFRESH_S, ControllerClient
 from cluster.frontend import Frontend
 from cluster.placement import Fleet
 from cluster.router import GenerationService
@@ -16,6 +18,9 @@ from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "specfleet.v1.Generation"
 SHUTDOWN_GRACE_S = 5.0
+HEALTH_NAMES = ("", SERVICE_NAME)  # the server as a whole, and the Generation service
+_background: set[asyncio.Task] = set()  # tasks kept referenced until they end (the loop holds them only weakly)
+log = logging.getLogger(__name__)
 
 
 async def start_server(
@@ -38,9 +43,34 @@ async def start_server(
     config = fleet.config.server
     bound = server.add_insecure_port(f"{host or config.host}:{config.grpc_port if port is None else port}")
     await server.start()
-    for service_name in ("", SERVICE_NAME):
-        await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    if controller is None:
+        for name in HEALTH_NAMES:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    else:
+        await _report_readiness(health_servicer, controller.ready)  # the first answer before the port is handed out
+        task = asyncio.get_running_loop().create_task(follow_readiness(health_servicer, controller.ready))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
     return server, bound
+
+
+async def follow_readiness(servicer: health.aio.HealthServicer, ready: Callable[[], Awaitable[bool]]) -> None:
+    """Keep grpc.health.v1 telling what the controller says: NOT_SERVING while no target replica can serve,
+    so a load balancer or Kubernetes probe can act on it."""
+    while True:
+        await asyncio.sleep(FLEET_REFRESH_S)
+        await _report_readiness(servicer, ready)
+
+
+async def _report_readiness(servicer: health.aio.HealthServicer, ready: Callable[[], Awaitable[bool]]) -> None:
+    try:
+        serving = await ready()
+    except Exception:  # a controller that cannot be reached cannot vouch for the fleet
+        log.warning("cannot reach the fleet controller; reporting NOT_SERVING", exc_info=True)
+        serving = False
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in HEALTH_NAMES:
+        await servicer.set(name, status)
 
 
 async def stop_server(server: grpc.aio.Server) -> None:

@@ -19,6 +19,7 @@ Front doors read the fleet with `snapshot` (its `version` changes whenever a
 replica is replaced, added or removed) and report finished requests.
 """
 
+import enum
 import logging
 import threading
 import time
@@ -53,6 +54,7 @@ class FleetController:
                          if t.drafter and config.controller.adaptive}
         self._lock = threading.RLock()  # the control thread and the callers share the fleet
         self._stopped = threading.Event()
+        self._serving = True  # some target replica answered the last control step's ping (start_fleet waited for all)
         threading.Thread(target=self._run, name="fleet-controller", daemon=True).start()
 
     # -- read by front doors and tools ------------------------------------------
@@ -65,7 +67,9 @@ class FleetController:
         return self._version
 
     def ready(self) -> bool:
-        return not self._stopped.is_set()
+        """Whether a request can be served: False once stopped, or when no target replica answered the last
+        control step's ping (all dead, or their replacements still loading). Front doors report it as health."""
+        return not self._stopped.is_set() and self._serving
 
     def observe_request(self, target: str, outcome: str, latency_s: float, first_token_s: float | None,
                         token_gaps_s: list[float]) -> None:
@@ -125,15 +129,19 @@ class FleetController:
                     self._changed()
                     self._repair_pairs(name, replica)
         self._heal_chains(replaced)
+        serving = False
         for name, handles in self.fleet.targets.items():
             for replica, handle in enumerate(handles):
-                if not _alive(handle):
+                ping = _ping(handle)
+                serving |= ping is Ping.ANSWERED
+                if ping is Ping.DEAD:
                     log.warning("target %s replica %d died; starting a replacement", name, replica)
                     handles[replica] = start_target(self.config, name, drafter_for(self.fleet, name, replica))
                     self._push_plan(name, [handles[replica]])
                     self._changed()
-                elif self.plans[name].k and not ray.get(handle.has_drafter.remote()):
+                elif ping is Ping.ANSWERED and self.plans[name].k and not ray.get(handle.has_drafter.remote()):
                     self._attach(name, replica)
+        self._serving = serving
 
     def _heal_chains(self, replaced_drafters: set[tuple[str, int]]) -> None:
         """Rebuild a staged chain whose stage died or whose drafter (replica 0) was replaced; re-attach its target.
@@ -259,15 +267,26 @@ class FleetController:
         return SpeculationPolicy(PolicyConfig(exits=exits, ks=self.config.controller.k_choices))
 
 
-def _alive(handle) -> bool:
-    """False only for an actor Ray reports dead; a slow answer is not a death (its callers time out on their own)."""
+class Ping(enum.Enum):
+    ANSWERED = "answered"
+    SILENT = "silent"  # no answer within PING_TIMEOUT_S: busy, or still loading; not a death
+    DEAD = "dead"  # Ray reports the actor dead
+
+
+def _ping(handle) -> Ping:
     try:
         ray.get(handle.live_sequences.remote(), timeout=PING_TIMEOUT_S)
     except RayActorError:
-        return False
+        return Ping.DEAD
     except GetTimeoutError:
         log.warning("an actor did not answer a ping within %.0f s", PING_TIMEOUT_S)
-    return True
+        return Ping.SILENT
+    return Ping.ANSWERED
+
+
+def _alive(handle) -> bool:
+    """False only for an actor Ray reports dead; a slow answer is not a death (its callers time out on their own)."""
+    return _ping(handle) is not Ping.DEAD
 
 
 def _replicas_wanted(live: int, replicas: int, autoscale) -> int:

@@ -14,7 +14,7 @@ from specfleet.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-FLEET_REFRESH_S = 1.0  # how often a front door checks whether the controller changed the fleet
+FLEET_REFRESH_S = 1.0  # how often a front door checks whether the controller changed the fleet, and its readiness
 
 
 class ControllerClient:

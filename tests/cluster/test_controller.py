@@ -15,6 +15,7 @@ from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
+from cluster.controller.client import FLEET_REFRESH_S
 from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
 
@@ -142,6 +143,22 @@ def test_busy_target_scales_up_then_back_down(controller, stub, prompts):
     ray.get(controller.step.remote())
     _, shrunk = ray.get(controller.snapshot.remote())
     assert len(shrunk.targets["small"]) == 1
+
+
+def test_the_fleet_is_unready_while_no_target_replica_can_serve(controller, stub, prompts, expected):
+    """Every replica of the only target killed: unready until a replacement answers; then it serves exactly."""
+    assert ray.get(controller.ready.remote())
+    _, fleet = ray.get(controller.snapshot.remote())
+    for handle in fleet.targets["small"]:
+        ray.kill(handle)
+    ray.get(controller.step.remote())  # finds them dead and starts replacements
+    assert not ray.get(controller.ready.remote())
+    deadline = time.time() + 120
+    while not ray.get(controller.ready.remote()):
+        assert time.time() < deadline, "no replacement answered"
+        ray.get(controller.step.remote())
+    time.sleep(2 * FLEET_REFRESH_S)  # the front door picks up the new fleet at its next refresh
+    assert list(stub.Generate(request(prompts[0]), timeout=300).token_ids) == expected[0]
 
 
 LONG_TOKENS = 200
