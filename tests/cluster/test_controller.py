@@ -161,6 +161,18 @@ def test_the_fleet_is_unready_while_no_target_replica_can_serve(controller, stub
     assert list(stub.Generate(request(prompts[0]), timeout=300).token_ids) == expected[0]
 
 
+def test_new_requests_while_the_drafter_is_dead_decode_plainly_and_exactly(controller, stub, prompts, expected):
+    """Admitted before the controller notices the death: plain decoding, exact, no error reaches the client."""
+    ray.get(controller.pin_plan.remote("small", 3, 2))
+    _, fleet = ray.get(controller.snapshot.remote())
+    ray.kill(fleet.drafters["sorted"][0])
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda p: stub.Generate(request(p), timeout=300), prompts[:2]))
+    assert [list(r.token_ids) for r in responses] == expected[:2]
+    assert all(r.speculation.drafted == 0 for r in responses)
+    ray.get(controller.step.remote())  # a replacement, for whatever runs next
+
+
 LONG_TOKENS = 200
 
 
