@@ -61,7 +61,7 @@ def compile_step(function: StepFunction, mode: CompileMode) -> StepFunction:
     inductor_config.cpp_wrapper = True  # kernels called from C++: no Python between ops
     dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, MAX_GRAPHS)
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, MAX_GRAPHS)
-    compiled = torch.compile(function, dynamic=(mode != "compile-static"), fullgraph=True)
+    compiled = torch.compile(function, dynamic=(mode in DYNAMIC_MODES), fullgraph=True)
     if mode != "compile-tuned":
         return compiled
 

@@ -194,14 +194,14 @@ class ModelRunner:
         """
         caches = [self._cache(s) for s in seq_ids]
         for cache, token, exit_layer in zip(caches, tokens, exits):
-            self.check_exit(exit_layer)
-            if exit_layer > cache.depth or not 0 <= token < self.vocab_size or len(cache) + steps > self.max_context:
-                raise InvalidRequest(f"a fused draft of {steps} tokens does not fit a sequence of {self.name}")
-        starts = torch.tensor([len(c) for c in caches])
-        slots = torch.tensor([c.slot for c in caches])
-        drafted = self._draft(self.store, torch.tensor(tokens)[:, None].to(self._device),
-                              starts[:, None].to(self._device), slots.to(self._device),
-                              torch.tensor(exits).to(self._device), int(starts.max()) + 1, max(exits), steps)  # [B, steps]
+            self._check_row(cache, [token], exit_layer, written=steps)  # the fed token and steps - 1 drafts
+            if exit_layer > cache.depth:
+                raise InvalidRequest(f"exit {exit_layer} is deeper than a cache of {self.name} reaches: draft a step first")
+        starts = [len(c) for c in caches]
+        on_device = lambda values: torch.tensor(values).to(self._device)
+        drafted = self._draft(self.store, on_device(tokens)[:, None], on_device(starts)[:, None],
+                              on_device([c.slot for c in caches]), on_device(exits), max(starts) + 1, max(exits),
+                              steps)  # [B, steps]
         rows = drafted.tolist()
         for cache, token, exit_layer, row in zip(caches, tokens, exits, rows):
             cache.extend([token] + row[:-1], exit_layer)
@@ -215,19 +215,21 @@ class ModelRunner:
 
     def _prepare_row(self, cache: SequenceCache, tokens: list[int], exit_layer: int) -> list[int]:
         """Validate one row; re-prefill it when its exit is deeper than its cache reaches."""
+        self._check_row(cache, tokens, exit_layer, written=len(tokens))
+        if exit_layer > cache.depth and len(cache):
+            tokens = cache.tokens + tokens
+            cache.reset(exit_layer)
+        return tokens
+
+    def _check_row(self, cache: SequenceCache, tokens: list[int], exit_layer: int, written: int) -> None:
+        """A row's exit, new tokens and context room: `written` tokens will enter its cache."""
         self.check_exit(exit_layer)
         if not tokens:
             raise InvalidRequest("a forward needs at least one new token per sequence")
         if not all(0 <= t < self.vocab_size for t in tokens):
             raise InvalidRequest(f"token ids must lie in [0, {self.vocab_size}) for {self.name}")
-        if len(cache) + len(tokens) > self.max_context:
-            raise InvalidRequest(
-                f"{len(cache) + len(tokens)} tokens exceed the context of {self.max_context} of {self.name}"
-            )
-        if exit_layer > cache.depth and len(cache):
-            tokens = cache.tokens + tokens
-            cache.reset(exit_layer)
-        return tokens
+        if len(cache) + written > self.max_context:
+            raise InvalidRequest(f"{len(cache) + written} tokens exceed the context of {self.max_context} of {self.name}")
 
     @staticmethod
     def _chunks(caches: list[SequenceCache], rows: list[list[int]], exits: list[int]) -> list[_Chunk]:
