@@ -252,9 +252,11 @@ def _cpu(out_dir: Path) -> ZooConfig:
     Small batches (2 x 1,024 tokens) and many steps: the first v2 run, 640 steps of 8 x 1,024,
     left target-xl far behind the first zoo's target-l per token seen. Peak learning rates fall
     with width: at this batch, target-m's shape after 300 steps reached valid loss 5.46 / 5.74 /
-    6.01 at 1.5e-3 / 3e-3 / 6e-3, and at 3e-3 it trailed target-s all run long.
+    6.01 at 1.5e-3 / 3e-3 / 6e-3, and at 3e-3 it trailed target-s all run long. target-m and
+    target-l train 3,000 steps: at 1,500 they were no better than target-s
+    (bench/reports/zoo_v2_third_run.md).
     """
-    steps = {"target-s": 2000, "target-m": 1500, "target-l": 1500, "target-xl": 4000, DRAFTER_NAME: 4000}
+    steps = {"target-s": 2000, "target-m": 3000, "target-l": 3000, "target-xl": 4000, DRAFTER_NAME: 4000}
     return _zoo("cpu", out_dir, steps, batch_size=2, threads=2, bf16_autocast=True)
 
 
