@@ -27,6 +27,9 @@ from actors.sampling import SamplingParams
 from actors.speculation import FOLLOW_PLAN, SpeculationSpec
 
 log = logging.getLogger(__name__)
+# Updates of one stream that may wait unread before `TargetActor.generate` pauses. Ray closes a paused
+# generator whose caller died (without backpressure it would run on), so a front door's death cancels its streams.
+STREAM_BACKPRESSURE = 4
 
 
 def runner_info(runner: ModelRunner) -> dict:
@@ -34,7 +37,28 @@ def runner_info(runner: ModelRunner) -> dict:
     return {"compile_mode": runner.compile_mode, "max_sequences": runner.store.num_slots, "warm_up_s": runner.warm_up_s}
 
 
-class DraftService:
+def actor_id(handle) -> str:
+    """A Ray actor handle's actor id, comparable across processes (handles themselves are not)."""
+    return handle._actor_id.hex()
+
+
+class FleetMember:
+    """What a controller asks of any actor of its fleet: which controller owns it now.
+
+    A restarted controller claims the actors it adopts, so a stopping
+    controller removes only the actors still its own (see `FleetController.shutdown`).
+    """
+
+    _owner = ""
+
+    def claim(self, owner: str) -> None:
+        self._owner = owner
+
+    def owner(self) -> str:
+        return self._owner
+
+
+class DraftService(FleetMember):
     """The remote interface of anything that drafts for targets: a drafter, or a stage of a chain.
 
     Subclasses set `batcher` (merging concurrent calls from many targets into
@@ -59,8 +83,12 @@ class DraftService:
                 "max_context": self.runner.max_context, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), **runner_info(self.runner)}
 
-    def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
+    def __init__(self):
+        self._owners: dict[SeqId, str] = {}  # sequence -> actor id of the target or stage that started it
+
+    def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, owner: str = "") -> None:
         self.batcher.start(seq_id, prompt, params)
+        self._owners[seq_id] = owner
 
     def propose(self, commits: list[tuple[SeqId, list[int]]], requests: Sequence[DraftRequest]) -> list[Draft]:
         """Apply the caller's pending commits, then draft (batched with other callers)."""
@@ -71,6 +99,14 @@ class DraftService:
     def finish(self, seq_ids: list[SeqId]) -> None:
         for seq_id in seq_ids:
             self.batcher.finish(seq_id)
+            self._owners.pop(seq_id, None)
+
+    def drop_owner(self, owner: str) -> int:
+        """Free the sequences that `owner` (the actor id of a target or stage that died) started: nobody
+        else would ever finish them. Returns how many."""
+        seq_ids = [seq_id for seq_id, started_by in list(self._owners.items()) if started_by == owner]
+        self.finish(seq_ids)
+        return len(seq_ids)
 
     def live_sequences(self) -> int:
         return self.runner.num_sequences
@@ -83,6 +119,7 @@ class DrafterActor(DraftService):
     """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
 
     def __init__(self, path: str, settings: RunnerSettings):
+        super().__init__()
         self.runner = ModelRunner.serving(path, settings, drafts=True)
         self.exit_layers, self.max_exit = self.runner.exit_layers, self.runner.num_layers
         self.batcher = DraftBatcher(ModelDrafter(self.runner))
@@ -148,8 +185,10 @@ class RemoteDrafter(Drafter):
     in order, so these waits find them already done.)
     """
 
-    def __init__(self, handle, info: dict, timeout_s: float, calls: "RayCalls | ChannelClient | None" = None):
-        self.timeout_s = timeout_s
+    def __init__(self, handle, info: dict, timeout_s: float, calls: "RayCalls | ChannelClient | None" = None,
+                 owner: str = ""):
+        """`owner`: the caller's actor id, recorded with each sequence it starts (see `DraftService.drop_owner`)."""
+        self.timeout_s, self.owner = timeout_s, owner
         self.calls = calls or RayCalls(handle)
         self.vocab_size = info["vocab_size"]
         self.exit_layers, self.max_exit = info["exit_layers"], info["max_exit"]
@@ -167,7 +206,7 @@ class RemoteDrafter(Drafter):
         finishing = self._finishing.pop(seq_id, None)
         if finishing is not None:
             finishing.wait(self.timeout_s)  # a dead or stalled actor fails at the start below
-        self.calls.call("start", seq_id, prompt, params).result(self.timeout_s)
+        self.calls.call("start", seq_id, prompt, params, self.owner).result(self.timeout_s)
 
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         return self.propose_async(requests).result()
@@ -226,10 +265,10 @@ def connect_drafter(handle, timeout_s: float, direct: bool) -> RemoteDrafter:
                 calls = ChannelClient(address, timeout_s)
             except OSError as err:
                 log.warning("drafter channel unreachable (%s); drafting through Ray calls", type(err).__name__)
-    return RemoteDrafter(handle, info, timeout_s, calls)
+    return RemoteDrafter(handle, info, timeout_s, calls, owner=ray.get_runtime_context().get_actor_id() or "")
 
 
-class TargetActor:
+class TargetActor(FleetMember):
     """A target model and the speculation loop of its sequences (wrapped with `ray.remote`).
 
     The controller steers it between rounds, without pausing its streams:
@@ -246,6 +285,7 @@ class TargetActor:
         `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`)."""
         runner = ModelRunner.serving(path, settings)
         self.timeout_s, self.direct_drafter = timeout_s, direct_drafter
+        self.drafter_handle = drafter_handle
         drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
         self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting),
@@ -264,13 +304,20 @@ class TargetActor:
         The first update goes out as soon as it exists (time to first token); later rounds
         are merged by the engine loop into one update per interval (`StreamPacing`: each
         update is a Ray object and a message on the front door).
+
+        Called with Ray's generator backpressure (`STREAM_BACKPRESSURE`), the generator is closed when
+        its caller's process dies (a front door killed): the sequence is then cancelled here, and so
+        freed on the drafter too, instead of decoding on for nobody.
         """
-        output = self.loop.submit(seq_id, prompt, params, spec)
-        while True:
-            update = _take(output.get())
-            yield update
-            if update.finish_reason is not None:
-                return
+        output, finished = self.loop.submit(seq_id, prompt, params, spec), False
+        try:
+            while not finished:
+                update = _take(output.get())
+                finished = update.finish_reason is not None
+                yield update
+        finally:
+            if not finished:
+                self.loop.cancel(seq_id)
 
     def cancel(self, seq_id: SeqId) -> None:
         self.loop.cancel(seq_id)
@@ -286,6 +333,12 @@ class TargetActor:
         """Draft with another drafter replica from the next round on; live sequences move to it."""
         drafter = self._remote_drafter(drafter_handle)
         self.loop.call(lambda engine: engine.replace_drafter(drafter, k, exit_layer))
+        self.drafter_handle = drafter_handle
+
+    def drafter_id(self) -> str | None:
+        """The Ray actor id of the drafter (or chain stage) this replica was last given: how an adopting
+        controller learns the pairing."""
+        return None if self.drafter_handle is None else actor_id(self.drafter_handle)
 
     def has_drafter(self) -> bool:
         """False once the engine dropped a failed drafter and decodes plainly."""

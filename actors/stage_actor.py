@@ -26,6 +26,7 @@ class StageActor(DraftService):
     def __init__(self, path: str, settings: RunnerSettings, inner_handle, inner_k: int, timeout_s: float,
                  direct_drafter: bool = False):
         """`direct_drafter`: reach an inner drafter on this machine through its loopback channel."""
+        super().__init__()
         self.runner = ModelRunner.serving(path, settings)
         inner = connect_drafter(inner_handle, timeout_s, direct_drafter)
         self.exit_layers, self.max_exit = inner.exit_layers, inner.max_exit

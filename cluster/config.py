@@ -121,6 +121,16 @@ class ServerConfig(_Strict):
     drafter_timeout_s: float = Field(
         10.0, gt=0, description="A drafter call slower than this counts as a dead drafter: the target decodes plainly."
     )
+    resume_attempts: int = Field(
+        2, ge=0, le=10,
+        description="Times a stream whose target replica died is resumed on another (or the replacement) replica from "
+        "its prompt and the tokens already sent, before it fails with UNAVAILABLE; 0: never resumed.",
+    )
+    resume_wait_s: float = Field(
+        120.0, gt=0,
+        description="How long a stream to resume waits for a live replica of its target (a replacement loads its model "
+        "first) before it fails with UNAVAILABLE.",
+    )
     direct_drafter_channel: bool = Field(
         True, description="A target reaches a drafter on its own machine (pod) through the drafter's loopback socket (a token "
         "handed over by Ray admits it) instead of a Ray call per round; other machines always use Ray calls.",

@@ -8,15 +8,17 @@ maps these errors to its own status codes:
 - `ModelNotFound`: NOT_FOUND / 404
 - `InvalidRequest`: INVALID_ARGUMENT / 400
 - `Overloaded`: RESOURCE_EXHAUSTED / 429 (too many requests in flight here, or a replica's KV slots and queue full)
-- `ReplicaFailed`: UNAVAILABLE / 503
+- `ReplicaFailed`: UNAVAILABLE / 503 (the target's replicas died under the request, and it could not resume)
 
 When the caller stops reading before the sequence finished (client gone,
 deadline passed, error), the sequence is cancelled on its actor, which frees it
 there and on the drafter.
 """
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from ray.exceptions import RayActorError
@@ -24,12 +26,15 @@ from ray.exceptions import RayActorError
 from actors.engine import SequenceUpdate
 from actors.errors import CapacityExhausted, InvalidRequest, ModelNotFound, SpecfleetError
 from actors.loading import load_tokenizer
+from actors.ray_actors import STREAM_BACKPRESSURE, actor_id
 from actors.sampling import SamplingParams
 from actors.speculation import SpeculationSpec
 from cluster.metrics import RequestObserver, RequestTimer
 from cluster.placement import Fleet
 from cluster.requests import ModelLimits, prompt_ids, sampling_params, speculation_spec
 from specfleet.v1 import generation_pb2 as pb
+
+RESUME_POLL_S = 0.2  # how often a stream to resume looks for a live replica in the fleet
 
 
 class Overloaded(SpecfleetError):
@@ -54,13 +59,16 @@ class Admitted:
 
 
 class Frontend:
-    def __init__(self, fleet: Fleet, observer: RequestObserver | None = None):
-        """`observer` is told of every finished request (e.g. `SpecfleetMetrics`, or the controller's client)."""
+    def __init__(self, fleet: Fleet, observer: RequestObserver | None = None, healing: bool = False):
+        """`observer` is told of every finished request (e.g. `SpecfleetMetrics`, or the controller's client);
+        `healing`: a controller replaces dead replicas (and `use_fleet` brings them here), so a stream whose
+        replica died may wait for the replacement."""
         self.config = fleet.config
         self.observer = observer
+        self.healing = healing
         self.tokenizers = {name: load_tokenizer(t.path) for name, t in self.config.targets.items()}
         self.use_fleet(fleet)
-        self._load: dict[int, int] = {}  # id(handle) -> requests in flight on that replica
+        self._load: dict[str, int] = {}  # actor id -> requests in flight on that replica
         self._in_flight = 0
         self._stopped_early: dict[str, str] = {}  # seq_id -> the outcome its caller gave it
 
@@ -82,38 +90,93 @@ class Frontend:
         speculation = speculation_spec(request.speculation, target, max_exit)
         if self._in_flight >= self.config.server.max_concurrent_requests:
             raise Overloaded("too many requests in flight; retry later")
-        handle = min(self.fleet.targets[request.model], key=lambda h: self._load.get(id(h), 0))
+        handle = min(self.fleet.targets[request.model], key=lambda h: self._load.get(actor_id(h), 0))
         return Admitted(request.model, handle, uuid.uuid4().hex, tokenizer, prompt, params, speculation)
 
     async def updates(self, admitted: Admitted) -> AsyncIterator[SequenceUpdate]:
-        """The sequence's updates, one per round, the last with its finish reason."""
-        self._enter(admitted, +1)
+        """The sequence's updates, one per round, the last with its finish reason.
+
+        If its target replica dies, the sequence resumes on another live replica of the
+        target (with a controller, its replacement once loaded) from the prompt and the
+        tokens already sent, at most `resume_attempts` times: the caller sees a pause,
+        not an error. Greedy output equals an uninterrupted run's; sampled output still
+        follows the target's distribution, but a seeded request's draws after a resume
+        differ from an uninterrupted run's. The last update's speculation counters cover
+        the replica that finished the sequence.
+        """
+        self._in_flight += 1
         timer, outcome = RequestTimer(self.observer, admitted.model) if self.observer else None, "cancelled"
+        sent: list[int] = []
+        dead: list[object] = []  # replicas that died under this sequence
+        handle, seq_id = admitted.handle, admitted.seq_id
         try:
-            stream = admitted.handle.generate.options(num_returns="streaming").remote(
-                admitted.seq_id, admitted.prompt, admitted.params, admitted.speculation
-            )
-            async for ref in stream:
-                update: SequenceUpdate = await ref
-                if timer is not None:
-                    timer.tokens(len(update.new_tokens))
-                outcome = update.finish_reason or outcome
-                yield update
+            while True:
+                try:
+                    async with aclosing(self._replica_updates(handle, seq_id, admitted, sent)) as updates:
+                        async for update in updates:
+                            if timer is not None:
+                                timer.tokens(len(update.new_tokens))
+                            outcome = update.finish_reason or outcome
+                            sent.extend(update.new_tokens)
+                            yield update
+                    return
+                except RayActorError:
+                    dead.append(handle)
+                    handle = await self._replica_to_resume_on(admitted.model, dead)
+                    seq_id = f"{admitted.seq_id}.{len(dead)}"
         except InvalidRequest:
             outcome = "invalid"
             raise
         except CapacityExhausted:
             outcome = "overloaded"
             raise Overloaded(f"every KV slot of {admitted.model} is taken and its queue is full; retry later") from None
-        except RayActorError as err:
+        except ReplicaFailed:
             outcome = "failed"
-            raise ReplicaFailed(f"target replica failed: {type(err).__name__}") from None
+            raise
         finally:
-            self._enter(admitted, -1)
-            if outcome not in ("stop", "length"):  # unfinished: free the sequence on the actors
-                admitted.handle.cancel.remote(admitted.seq_id)
+            self._in_flight -= 1
             if timer is not None:
                 timer.finish(self._stopped_early.pop(admitted.seq_id, outcome))
+
+    async def _replica_updates(self, handle, seq_id: str, admitted: Admitted,
+                               sent: list[int]) -> AsyncIterator[SequenceUpdate]:
+        """The sequence's updates from one replica, continuing after the tokens already `sent`; the sequence
+        is cancelled there (and so freed on the drafter) if the caller stops reading before it finished."""
+        params = admitted.params
+        if sent:
+            params = params.model_copy(update={"max_tokens": params.max_tokens - len(sent)})
+        key, finished = actor_id(handle), False
+        self._load[key] = self._load.get(key, 0) + 1
+        try:
+            stream = handle.generate.options(num_returns="streaming",
+                                             _generator_backpressure_num_objects=STREAM_BACKPRESSURE).remote(
+                seq_id, admitted.prompt + sent, params, admitted.speculation)
+            async for ref in stream:
+                update: SequenceUpdate = await ref
+                finished = update.finish_reason is not None
+                yield update
+        finally:
+            self._load[key] -= 1
+            if not finished:
+                handle.cancel.remote(seq_id)
+
+    async def _replica_to_resume_on(self, model: str, dead: list):
+        """The least busy live replica of `model` other than those that died under the sequence; while none
+        is in the fleet, wait for the controller's replacement (up to `resume_wait_s`). `ReplicaFailed` once
+        the sequence used up its resume attempts, or nothing came."""
+        server = self.config.server
+        if len(dead) > server.resume_attempts:
+            raise ReplicaFailed(f"the replicas of {model} serving this request failed; retry later")
+        gone = {actor_id(h) for h in dead}
+        waited_s = 0.0
+        while True:
+            live = [h for h in self.fleet.targets[model] if actor_id(h) not in gone]
+            if live:
+                return min(live, key=lambda h: self._load.get(actor_id(h), 0))
+            if not self.healing or waited_s >= server.resume_wait_s:
+                raise ReplicaFailed(f"no replica of {model} can serve this request now; retry later")
+            await asyncio.sleep(RESUME_POLL_S)
+            waited_s += RESUME_POLL_S
 
     def stop_early(self, admitted: Admitted) -> None:
         """The caller ends the sequence on purpose (a stop string): count it as "stop", not as a cancellation."""
@@ -146,10 +209,6 @@ class Frontend:
             stats.drafter, stats.k = target.drafter, k
             stats.exit_layer = exit_layer or 0  # the engine resolved the deepest exit; 0: a drafter without exits
         return stats
-
-    def _enter(self, admitted: Admitted, delta: int) -> None:
-        self._in_flight += delta
-        self._load[id(admitted.handle)] = self._load.get(id(admitted.handle), 0) + delta
 
 
 def usage(prompt: list[int], tokens: list[int]) -> pb.Usage:

@@ -9,10 +9,10 @@ latencies from whoever serves the request (`RequestTimer`).
 """
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from actors.telemetry import RoundRecord
@@ -44,6 +44,12 @@ class SpecfleetMetrics:
             "specfleet_inter_token_latency_seconds", "Time per output token after the first, per streamed update.",
             ("target",), buckets=TOKEN_GAP_BUCKETS, registry=self.registry)
         self.request_latency = self._latency("specfleet_request_latency_seconds", "Request start to its last token.")
+        self.live_sequences = Gauge(
+            "specfleet_live_sequences", "Sequences holding state on each actor at the controller's last ping.",
+            ("model", "role", "replica"), registry=self.registry)
+        self.actor_up = Gauge(
+            "specfleet_actor_up", "1 if the actor answered the controller's last ping, else 0.",
+            ("model", "role", "replica"), registry=self.registry)
 
     def _latency(self, name: str, doc: str) -> Histogram:
         return Histogram(name, doc, ("target",), buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -67,6 +73,15 @@ class SpecfleetMetrics:
             self.time_to_first_token.labels(target).observe(first_token_s)
         for gap in token_gaps_s:
             self.inter_token_latency.labels(target).observe(gap)
+
+    def set_replicas(self, replicas: Iterable) -> None:
+        """The actors as the last control step found them (`ReplicaStats`); actors gone since are dropped."""
+        self.live_sequences.clear()
+        self.actor_up.clear()
+        for r in replicas:
+            labels = (r.model, r.role, str(r.replica))
+            self.live_sequences.labels(*labels).set(r.live_sequences)
+            self.actor_up.labels(*labels).set(int(r.answered))
 
     def request(self, target: str) -> "RequestTimer":
         """Start timing a request now."""

@@ -1,15 +1,27 @@
-"""Start the actors a cluster config asks for, each on a node of its pool."""
+"""Start the actors a cluster config asks for, each on a node of its pool.
 
+Every actor is detached and named after its fleet, role, model and replica
+(`actor_name`), so it outlives the process that started it: a controller that
+dies takes no actor with it, and its replacement adopts the fleet it finds
+(`start_fleet(..., adopt=True)`).
+"""
+
+import hashlib
+import logging
+import uuid
 from dataclasses import dataclass, field
 
 import ray
+from ray.exceptions import RayActorError
 
 from actors.engine_loop import StreamPacing
-from actors.ray_actors import DrafterActor, TargetActor
+from actors.ray_actors import DrafterActor, TargetActor, actor_id
 from actors.stage_actor import StageActor
 from cluster.config import ClusterConfig, ModelConfig, PoolConfig
 
 ACTOR_CONCURRENCY = 256  # threads per actor: one per in-flight stream or draft call
+NAME_PREFIX = "specfleet"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,40 +48,115 @@ def actor_options(pool: PoolConfig) -> dict:
     return options
 
 
-def start_fleet(config: ClusterConfig) -> Fleet:
-    """Start every drafter, then every target paired with a drafter replica; wait until all are ready."""
-    fleet = Fleet(config)
+def start_fleet(config: ClusterConfig, adopt: bool = False) -> Fleet:
+    """Start every drafter, then every target paired with a drafter replica; wait until all are ready.
+
+    With `adopt`, the running actors of this config's fleet (a dead controller's) are
+    taken over instead of started anew, with as many replicas as they had, and only
+    the missing ones are started.
+    """
+    fleet, found = Fleet(config), running_actors(config) if adopt else {}
     for name, model in config.drafters.items():
-        fleet.drafters[name] = [start_drafter(config, name) for _ in range(model.replicas)]
-    start_stages(config, fleet)
+        fleet.drafters[name] = [found.get(("drafter", name, replica)) or start_drafter(config, name, replica)
+                                for replica in range(_replica_count(found, "drafter", name, model.replicas))]
+    _adopt_or_start_stages(config, fleet, found)
     for name, model in config.targets.items():
-        fleet.targets[name] = [start_target(config, name, drafter_for(fleet, name, replica))
-                               for replica in range(model.replicas)]
+        count = _replica_count(found, "target", name, model.replicas)
+        adopted = {replica: found[("target", name, replica)] for replica in range(count) if ("target", name, replica) in found}
+        _read_pairing(fleet, name, adopted)
+        fleet.targets[name] = [adopted.get(replica) or start_target(config, name, replica, drafter_for(fleet, name, replica))
+                               for replica in range(count)]
     for name, handles in {**fleet.drafters, **fleet.targets}.items():
         fleet.infos[name] = ray.get([h.info.remote() for h in handles])
     return fleet
 
 
-def start_drafter(config: ClusterConfig, name: str):
+def running_actors(config: ClusterConfig) -> dict[tuple[str, str, int], object]:
+    """The live actors of this config's fleet by (role, model, replica); stages are keyed by (role, target, stage)."""
+    prefix, found = f"{NAME_PREFIX}/{fleet_key(config)}/", {}
+    for name in ray.util.list_named_actors():
+        if not name.startswith(prefix):
+            continue
+        role, model, replica, _ = name.removeprefix(prefix).split("/")
+        handle = _live_handle(name)
+        if handle is not None and (role, model, int(replica)) not in found:
+            found[(role, model, int(replica))] = handle
+    if found:
+        log.info("adopting %d running actors of this fleet", len(found))
+    return found
+
+
+def _live_handle(name: str):
+    """The actor of that name if it answers (after loading its model), else None (gone, or dying)."""
+    try:
+        handle = ray.get_actor(name)
+        ray.get(handle.info.remote())
+    except (ValueError, RayActorError):
+        return None
+    return handle
+
+
+def _replica_count(found: dict, role: str, model: str, configured: int) -> int:
+    """As many replicas as the running fleet had (autoscaling may have changed it), else as configured."""
+    indexes = [replica for (r, m, replica) in found if (r, m) == (role, model)]
+    return max(indexes) + 1 if indexes else configured
+
+
+def _read_pairing(fleet: Fleet, target: str, adopted: dict[int, object]) -> None:
+    """Record which drafter replica each adopted target replica drafts with, so new ones pair around them;
+    one whose drafter is gone (or whose chain was rebuilt) is attached to the one it should have."""
+    config = fleet.config.targets[target]
+    if config.drafter is None:
+        return
+    candidates = fleet.stages[target][-1:] if target in fleet.stages else fleet.drafters[config.drafter]
+    ids = {actor_id(handle): index for index, handle in enumerate(candidates)}
+    for replica, handle in adopted.items():
+        index = ids.get(ray.get(handle.drafter_id.remote()))
+        if index is not None and target not in fleet.stages:
+            fleet.pairing[(target, replica)] = index
+        elif index is None:
+            ray.get(handle.set_drafter.remote(drafter_for(fleet, target, replica), config.k, config.exit_layer))
+
+
+def fleet_key(config: ClusterConfig) -> str:
+    """Names a fleet by its config, so a restarted controller adopts only the actors of the config it serves."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:12]
+
+
+def actor_name(config: ClusterConfig, role: str, model: str, replica: int) -> str:
+    """Unique (a replacement may start before its predecessor's name is released) and parsable by `running_actors`."""
+    return f"{NAME_PREFIX}/{fleet_key(config)}/{role}/{model}/{replica}/{uuid.uuid4().hex[:8]}"
+
+
+def start_drafter(config: ClusterConfig, name: str, replica: int):
     """One replica of a drafter (not yet ready: its `info` call waits for the model)."""
     model = config.drafters[name]
-    return _start(DrafterActor, config, model, str(model.path), model.runner_settings())
+    return _start(DrafterActor, config, actor_name(config, "drafter", name, replica), model, str(model.path),
+                  model.runner_settings())
 
 
-def start_target(config: ClusterConfig, name: str, drafter_handle):
+def start_target(config: ClusterConfig, name: str, replica: int, drafter_handle):
     """One replica of a target, drafting with `drafter_handle` (None: plain decoding)."""
     model = config.targets[name]
-    return _start(TargetActor, config, model, str(model.path), model.runner_settings(), drafter_handle,
+    return _start(TargetActor, config, actor_name(config, "target", name, replica), model, str(model.path),
+                  model.runner_settings(), drafter_handle,
                   model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "",
                   model.overlap_rounds, model.max_waiting,
                   StreamPacing(config.server.stream_interval_s, config.server.max_stream_updates_per_s),
                   config.server.direct_drafter_channel)
 
 
-def start_stages(config: ClusterConfig, fleet: Fleet) -> None:
-    """Start each staged chain's stage actors (see `start_chain`)."""
+def _adopt_or_start_stages(config: ClusterConfig, fleet: Fleet, found: dict) -> None:
+    """Each staged chain's stage actors: the running ones if the whole chain runs, else a new chain (see `start_chain`)."""
     for name, target in config.targets.items():
-        if target.via:
+        if not target.via:
+            continue
+        running = [found.get(("stage", name, stage)) for stage in range(len(target.via))]
+        if all(running) and ("drafter", target.drafter, 0) in found:  # the innermost stage drafts with replica 0
+            fleet.stages[name] = running
+        else:
+            for stage in filter(None, running):
+                ray.kill(stage)
             fleet.stages[name] = start_chain(config, fleet, name)
 
 
@@ -82,9 +169,10 @@ def start_chain(config: ClusterConfig, fleet: Fleet, name: str) -> list:
     """
     target, stages = config.targets[name], []
     inner = fleet.drafters[target.drafter][0]
-    for middle in target.via:
+    for stage, middle in enumerate(target.via):
         model = config.targets[middle]
-        inner = _start(StageActor, config, model, str(model.path), model.runner_settings(), inner, model.k,
+        inner = _start(StageActor, config, actor_name(config, "stage", name, stage), model, str(model.path),
+                       model.runner_settings(), inner, model.k,
                        config.server.drafter_timeout_s, config.server.direct_drafter_channel)
         stages.append(inner)
     ray.get(inner.info.remote())  # each stage waits for the one below it
@@ -121,5 +209,6 @@ def stop_fleet(fleet: Fleet) -> None:
         ray.kill(handle)
 
 
-def _start(actor_class, config: ClusterConfig, model: ModelConfig, *args):
-    return ray.remote(actor_class).options(**actor_options(config.pools[model.pool])).remote(*args)
+def _start(actor_class, config: ClusterConfig, name: str, model: ModelConfig, *args):
+    options = actor_options(config.pools[model.pool])
+    return ray.remote(actor_class).options(**options, name=name, lifetime="detached").remote(*args)

@@ -1,4 +1,4 @@
-"""`specfleet status`: the controller's current plan per target and the acceptance of each arm."""
+"""`specfleet status`: the controller's current plan per target, the acceptance of each arm, and each actor's live sequences."""
 
 import argparse
 import json
@@ -10,7 +10,7 @@ from specfleet.v1 import generation_pb2 as pb
 
 
 def add_status_command(subparsers) -> None:
-    parser = subparsers.add_parser("status", help="show the controller's plans and acceptance per (target, drafter, exit, k)")
+    parser = subparsers.add_parser("status", help="show the controller's plans, acceptance per (target, drafter, exit, k) and each actor's live sequences")
     parser.add_argument("--server", default="127.0.0.1:50051", help="gRPC address of a running `specfleet up`")
     parser.add_argument("--json", action="store_true", help="print the GetStats response as JSON")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server")
@@ -36,4 +36,7 @@ def format_status(stats: pb.GetStatsResponse) -> str:
     for p in stats.pairs:
         lines.append(f"  {p.target:<12} {p.drafter or 'plain':<10} {p.exit_layer or '-':>4} {p.k:>3} {p.rounds:>8} "
                      f"{p.acceptance_rate:>7.2f} {p.mean_accepted_length:>5.2f} {p.goodput_tokens_per_s:>8.1f}")
+    lines += ["", "actors", f"  {'model':<12} {'role':<8} {'replica':>7} {'live':>5}  state"]
+    for r in stats.replicas:
+        lines.append(f"  {r.model:<12} {r.role:<8} {r.replica:>7} {r.live_sequences:>5}  {'up' if r.answered else 'no answer'}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ class RecordingService:
         self.propose_delay_s = propose_delay_s
         self.fail_next: Exception | None = None
 
-    def start(self, seq_id, prompt, params):
+    def start(self, seq_id, prompt, params, owner=""):
         self._raise_if_asked()
         self.calls.append(("start", seq_id))
 

@@ -16,17 +16,25 @@ Every `period_s` it takes one control step:
    from its live sequences per replica.
 
 Front doors read the fleet with `snapshot` (its `version` changes whenever a
-replica is replaced, added or removed) and report finished requests.
+replica is replaced, added or removed, and differs between controllers) and
+report finished requests.
+
+The actors outlive the controller (`cluster.placement`): a controller that
+dies and is restarted (by Serve) adopts the running fleet of its config, so
+streams in flight never notice; it claims each actor it adopts or starts, and
+`shutdown` removes only actors still its own.
 """
 
 import enum
 import logging
 import threading
 import time
+import uuid
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from actors.ray_actors import actor_id
 from actors.telemetry import TelemetryAggregator
 from cluster.config import ClusterConfig
 from cluster.controller.pairing import DraftLoad, best_move
@@ -43,8 +51,9 @@ PING_TIMEOUT_S = 5.0
 class FleetController:
     def __init__(self, config: ClusterConfig):
         self.config = config
-        self.fleet = start_fleet(config)
-        self._version = 0
+        self.owner_id = uuid.uuid4().hex
+        self.fleet = start_fleet(config, adopt=True)
+        self._version = time.time_ns()  # a restarted controller's versions differ from its predecessor's
         self.totals = TelemetryAggregator()
         self.draft_load = DraftLoad(config.controller.load_smoothing)
         self._collected_at = time.monotonic()
@@ -55,6 +64,10 @@ class FleetController:
         self._lock = threading.RLock()  # the control thread and the callers share the fleet
         self._stopped = threading.Event()
         self._serving = True  # some target replica answered the last control step's ping (start_fleet waited for all)
+        self.replicas: dict[tuple[str, str, int], pb.ReplicaStats] = {}  # (role, model, replica) -> its last ping
+        self._claim()
+        for name, handles in self.fleet.targets.items():
+            self._push_plan(name, handles)  # adopted replicas may still run the old controller's plan
         threading.Thread(target=self._run, name="fleet-controller", daemon=True).start()
 
     # -- read by front doors and tools ------------------------------------------
@@ -82,7 +95,8 @@ class FleetController:
                                    exit_layer=plan.exit_layer or 0, k=plan.k, replicas=len(self.fleet.targets[name]),
                                    reason=plan.reason)
                      for name, plan in self.plans.items()]
-        return pb.GetStatsResponse(pairs=pairs, plans=plans)
+            replicas = list(self.replicas.values())
+        return pb.GetStatsResponse(pairs=pairs, plans=plans, replicas=replicas)
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render(), self.metrics.content_type
@@ -104,10 +118,15 @@ class FleetController:
             self._scale()
 
     def shutdown(self) -> None:
+        """Stop steering and remove the fleet's actors, except those another controller has claimed since."""
         self._stopped.set()
         with self._lock:
             for handle in self.fleet.all_handles():
-                ray.kill(handle)
+                try:
+                    if ray.get(handle.owner.remote(), timeout=PING_TIMEOUT_S) == self.owner_id:
+                        ray.kill(handle)
+                except (RayActorError, GetTimeoutError):
+                    ray.kill(handle)  # dead already, or hung: nobody else can use it
 
     # -- the control loop ---------------------------------------------------------
 
@@ -119,12 +138,13 @@ class FleetController:
                 log.exception("control step failed")
 
     def _heal(self) -> None:
+        self.replicas = {}
         replaced = set()  # (drafter, replica) started anew in this step
         for name, handles in self.fleet.drafters.items():
             for replica, handle in enumerate(handles):
-                if not _alive(handle):
+                if self._ping("drafter", name, replica, handle) is Ping.DEAD:
                     log.warning("drafter %s replica %d died; starting a replacement", name, replica)
-                    handles[replica] = start_drafter(self.config, name)
+                    handles[replica] = start_drafter(self.config, name, replica)
                     replaced.add((name, replica))
                     self._changed()
                     self._repair_pairs(name, replica)
@@ -132,16 +152,18 @@ class FleetController:
         serving = False
         for name, handles in self.fleet.targets.items():
             for replica, handle in enumerate(handles):
-                ping = _ping(handle)
+                ping = self._ping("target", name, replica, handle)
                 serving |= ping is Ping.ANSWERED
                 if ping is Ping.DEAD:
                     log.warning("target %s replica %d died; starting a replacement", name, replica)
-                    handles[replica] = start_target(self.config, name, drafter_for(self.fleet, name, replica))
+                    self._free_sequences_of(handle)
+                    handles[replica] = start_target(self.config, name, replica, drafter_for(self.fleet, name, replica))
                     self._push_plan(name, [handles[replica]])
                     self._changed()
                 elif ping is Ping.ANSWERED and self.plans[name].k and not ray.get(handle.has_drafter.remote()):
                     self._attach(name, replica)
         self._serving = serving
+        self.metrics.set_replicas(self.replicas.values())
 
     def _heal_chains(self, replaced_drafters: set[tuple[str, int]]) -> None:
         """Rebuild a staged chain whose stage died or whose drafter (replica 0) was replaced; re-attach its target.
@@ -150,15 +172,31 @@ class FleetController:
         its target's sequences replay onto the new outermost stage.
         """
         for name, stages in self.fleet.stages.items():
-            if (self.config.targets[name].drafter, 0) not in replaced_drafters and all(map(_alive, stages)):
+            pings = [self._ping("stage", name, index, stage) for index, stage in enumerate(stages)]
+            if (self.config.targets[name].drafter, 0) not in replaced_drafters and Ping.DEAD not in pings:
                 continue
             log.warning("staged chain of %s lost a stage or its drafter; rebuilding it", name)
+            for stage in stages:
+                self._free_sequences_of(stage)
             self.fleet.stages[name] = start_chain(self.config, self.fleet, name)
             for replica in range(len(self.fleet.targets[name])):
                 self._attach(name, replica)
             for stage in stages:
                 ray.kill(stage)
             self._changed()
+
+    def _free_sequences_of(self, dead) -> None:
+        """Free on every drafter and stage the sequences a dead (or discarded) target or stage started there."""
+        owner = actor_id(dead)
+        for handle in [h for handles in (*self.fleet.drafters.values(), *self.fleet.stages.values()) for h in handles]:
+            handle.drop_owner.remote(owner)  # fire and forget: a dead drafter holds nothing
+
+    def _ping(self, role: str, name: str, replica: int, handle) -> "Ping":
+        """Ping one actor and record what it said in `replicas` (GetStats, Prometheus, scaling)."""
+        ping, live = _ping(handle)
+        self.replicas[(role, name, replica)] = pb.ReplicaStats(model=name, role=role, replica=replica, live_sequences=live,
+                                                               answered=ping is Ping.ANSWERED)
+        return ping
 
     def _collect(self) -> None:
         now = time.monotonic()
@@ -199,7 +237,7 @@ class FleetController:
             if model.autoscale is None:
                 continue
             handles = self.fleet.drafters.get(name) or self.fleet.targets[name]
-            live = sum(ray.get([h.live_sequences.remote() for h in handles]))
+            live = sum(r.live_sequences for (role, model, _), r in self.replicas.items() if model == name and role != "stage")
             wanted = _replicas_wanted(live, len(handles), model.autoscale)
             if wanted > len(handles):
                 self._add_replica(name)
@@ -210,10 +248,11 @@ class FleetController:
 
     def _add_replica(self, name: str) -> None:
         if name in self.fleet.drafters:
-            self.fleet.drafters[name].append(start_drafter(self.config, name))  # load moves to it by rebalancing
+            drafters = self.fleet.drafters[name]
+            drafters.append(start_drafter(self.config, name, len(drafters)))  # load moves to it by rebalancing
         else:
             handles = self.fleet.targets[name]
-            handles.append(start_target(self.config, name, drafter_for(self.fleet, name, len(handles))))
+            handles.append(start_target(self.config, name, len(handles), drafter_for(self.fleet, name, len(handles))))
             self._push_plan(name, handles[-1:])
         log.info("scaled %s up to %d replicas", name, len(self.fleet.drafters.get(name) or self.fleet.targets[name]))
         self._changed()
@@ -256,10 +295,14 @@ class FleetController:
         ray.get([h.set_plan.remote(plan.k, plan.exit_layer) for h in handles])
 
     def _changed(self) -> None:
-        """The fleet's handles changed: refresh infos and let front doors know."""
+        """The fleet's handles changed: refresh infos, claim new actors and let front doors know."""
         for name, handles in {**self.fleet.drafters, **self.fleet.targets}.items():
             self.fleet.infos[name] = ray.get([h.info.remote() for h in handles])
+        self._claim()
         self._version += 1
+
+    def _claim(self) -> None:
+        ray.get([h.claim.remote(self.owner_id) for h in self.fleet.all_handles()])
 
     def _policy(self, name: str) -> SpeculationPolicy:
         target = self.config.targets[name]
@@ -273,20 +316,16 @@ class Ping(enum.Enum):
     DEAD = "dead"  # Ray reports the actor dead
 
 
-def _ping(handle) -> Ping:
+def _ping(handle) -> tuple[Ping, int]:
+    """How the actor answered, and its live sequences (0 unless it answered). Only an actor Ray reports dead
+    is dead: a slow answer is not a death (its callers time out on their own)."""
     try:
-        ray.get(handle.live_sequences.remote(), timeout=PING_TIMEOUT_S)
+        return Ping.ANSWERED, ray.get(handle.live_sequences.remote(), timeout=PING_TIMEOUT_S)
     except RayActorError:
-        return Ping.DEAD
+        return Ping.DEAD, 0
     except GetTimeoutError:
         log.warning("an actor did not answer a ping within %.0f s", PING_TIMEOUT_S)
-        return Ping.SILENT
-    return Ping.ANSWERED
-
-
-def _alive(handle) -> bool:
-    """False only for an actor Ray reports dead; a slow answer is not a death (its callers time out on their own)."""
-    return _ping(handle) is not Ping.DEAD
+        return Ping.SILENT, 0
 
 
 def _replicas_wanted(live: int, replicas: int, autoscale) -> int:

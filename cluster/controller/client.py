@@ -29,7 +29,7 @@ class ControllerClient:
     async def frontend(self) -> Frontend:
         """A `Frontend` over the controller's fleet that follows its replacements and new replicas."""
         version, fleet = await self.handle.snapshot.remote()
-        frontend = Frontend(fleet, self)
+        frontend = Frontend(fleet, self, healing=True)
         self._watch = asyncio.get_running_loop().create_task(self._follow(frontend, version))
         return frontend
 

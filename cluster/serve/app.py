@@ -4,7 +4,8 @@ Three deployments composed with `.bind`, so a Serve config file (import path
 `cluster.serve.app:build_app` + args) deploys the whole cluster:
 
 - `FleetController` (one replica): starts and owns the drafter/target actors,
-  reads their telemetry, steers speculation, replaces dead actors.
+  reads their telemetry, steers speculation, replaces dead actors. The actors
+  outlive it: if its replica dies, Serve starts another, which adopts them.
 - `GrpcFrontDoor` (one replica, on the head node so a Kubernetes Service can
   reach a fixed port): the `specfleet.v1.Generation` gRPC server with health
   and reflection.
@@ -37,6 +38,15 @@ class AppArgs(BaseModel):
     config: Path | None = Field(None, description="Cluster config YAML; relative paths resolve against the working directory. None: the embedded zoo.")
     grpc_host: str = Field("0.0.0.0", description="Address the gRPC front door binds.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (see GrpcFrontDoor.address).")
+
+
+class ServedFleetController(FleetController):
+    """The controller as a Serve replica: when Serve stops it (the app deleted or redeployed), its fleet is
+    removed with it; when its process dies, the fleet runs on for the replica Serve starts next to adopt."""
+
+    def __del__(self):
+        if hasattr(self, "fleet"):  # not if __init__ failed before starting a fleet
+            self.shutdown()
 
 
 @serve.deployment(ray_actor_options={"resources": HEAD_NODE, "num_cpus": 0})
@@ -88,5 +98,5 @@ def build_app(args: dict) -> serve.Application:
 
 
 def build_app_from_config(config: ClusterConfig, grpc_host: str = "0.0.0.0", grpc_port: int = 50051) -> serve.Application:
-    controller = serve.deployment(FleetController, ray_actor_options={"num_cpus": 0}).bind(config)
+    controller = serve.deployment(ServedFleetController, name="FleetController", ray_actor_options={"num_cpus": 0}).bind(config)
     return HttpIngress.bind(controller, GrpcFrontDoor.bind(controller, grpc_host, grpc_port))

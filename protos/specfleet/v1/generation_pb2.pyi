@@ -234,10 +234,26 @@ class TargetPlan(_message.Message):
     reason: str
     def __init__(self, target: _Optional[str] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ReplicaStats(_message.Message):
+    __slots__ = ("model", "role", "replica", "live_sequences", "answered")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    role: str
+    replica: int
+    live_sequences: int
+    answered: bool
+    def __init__(self, model: _Optional[str] = ..., role: _Optional[str] = ..., replica: _Optional[int] = ..., live_sequences: _Optional[int] = ..., answered: _Optional[bool] = ...) -> None: ...
+
 class GetStatsResponse(_message.Message):
-    __slots__ = ("pairs", "plans")
+    __slots__ = ("pairs", "plans", "replicas")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     PLANS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[PairStats]
     plans: _containers.RepeatedCompositeFieldContainer[TargetPlan]
-    def __init__(self, pairs: _Optional[_Iterable[_Union[PairStats, _Mapping]]] = ..., plans: _Optional[_Iterable[_Union[TargetPlan, _Mapping]]] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
+    def __init__(self, pairs: _Optional[_Iterable[_Union[PairStats, _Mapping]]] = ..., plans: _Optional[_Iterable[_Union[TargetPlan, _Mapping]]] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ...) -> None: ...
