@@ -21,6 +21,7 @@ from cluster.config import ClusterConfig, ModelConfig, PoolConfig
 
 ACTOR_CONCURRENCY = 256  # threads per actor: one per in-flight stream or draft call
 NAME_PREFIX = "specfleet"
+NAMESPACE = "specfleet"  # the fleet's actors' Ray namespace, whoever starts them (a Serve replica, a driver)
 log = logging.getLogger(__name__)
 
 
@@ -74,8 +75,9 @@ def start_fleet(config: ClusterConfig, adopt: bool = False) -> Fleet:
 def running_actors(config: ClusterConfig) -> dict[tuple[str, str, int], object]:
     """The live actors of this config's fleet by (role, model, replica); stages are keyed by (role, target, stage)."""
     prefix, found = f"{NAME_PREFIX}/{fleet_key(config)}/", {}
-    for name in ray.util.list_named_actors():
-        if not name.startswith(prefix):
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"]
+        if actor["namespace"] != NAMESPACE or not name.startswith(prefix):
             continue
         role, model, replica, _ = name.removeprefix(prefix).split("/")
         handle = _live_handle(name)
@@ -89,7 +91,7 @@ def running_actors(config: ClusterConfig) -> dict[tuple[str, str, int], object]:
 def _live_handle(name: str):
     """The actor of that name if it answers (after loading its model), else None (gone, or dying)."""
     try:
-        handle = ray.get_actor(name)
+        handle = ray.get_actor(name, namespace=NAMESPACE)
         ray.get(handle.info.remote())
     except (ValueError, RayActorError):
         return None
@@ -211,4 +213,4 @@ def stop_fleet(fleet: Fleet) -> None:
 
 def _start(actor_class, config: ClusterConfig, name: str, model: ModelConfig, *args):
     options = actor_options(config.pools[model.pool])
-    return ray.remote(actor_class).options(**options, name=name, lifetime="detached").remote(*args)
+    return ray.remote(actor_class).options(**options, name=name, namespace=NAMESPACE, lifetime="detached").remote(*args)

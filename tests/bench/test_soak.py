@@ -38,5 +38,6 @@ def test_the_report_counts_lost_tokens_and_failures_after_each_kill():
     report = render(result, None)
     assert "requests: 4, served 2, failed 2" in report
     assert "**tokens lost** in served requests (missing, or unlike the target's own greedy tokens): **1**" in report
-    assert "| 10.0 | grpc front door | 1 |" in report and "| 20.0 | drafter | 1 |" in report
+    assert "| 10.0 | grpc front door | 1 | not again |" in report  # gRPC streams served before, never after
+    assert "| 20.0 | drafter | 1 | not again |" in report
     assert "| grpc-stream | UNAVAILABLE | 1 |" in report and "drafter (skipped: X)" in report

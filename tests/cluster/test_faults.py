@@ -31,7 +31,7 @@ from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
-from cluster.placement import NAME_PREFIX
+from cluster.placement import NAMESPACE
 from cluster.serve.app import build_app_from_config
 from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
@@ -120,7 +120,7 @@ def serve_replica(deployment: str):
 
 
 def fleet_actor_names() -> set[str]:
-    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(NAME_PREFIX)}
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE}
 
 
 def actor_ids(fleet) -> list[str]:
@@ -167,8 +167,8 @@ def test_killing_the_only_target_replica_mid_stream_resumes_every_stream_exactly
     [target] = fleet.targets["small"]
     outputs = streams_with_a_fault(stub, prompts, lambda: ray.kill(target))
     assert outputs == expected
-    stats = controller.stats.remote().result()
-    assert {(r.role, r.answered) for r in stats.replicas if r.model == "small"} == {("target", True)}
+    wait_for(lambda: {(r.role, r.answered) for r in controller.stats.remote().result().replicas
+                      if r.model == "small"} == {("target", True)}, "the controller's ping finds the replacement")
     wait_for(lambda: all(r.live_sequences == 0 for r in controller.stats.remote().result().replicas),
              "the dead target's sequences are freed on the drafter too", timeout_s=10)
 
@@ -195,10 +195,17 @@ def _actor_rss(fleet) -> dict[str, int]:
     return memory
 
 
+def _settled_fleet(controller):
+    """The fleet once every actor in it runs and answered the controller's last ping, else None."""
+    _, fleet = controller.snapshot.remote().result()
+    running = all(Path(f"/proc/{info['pid']}").exists() for infos in fleet.infos.values() for info in infos)
+    answered = all(r.answered for r in controller.stats.remote().result().replicas)
+    return fleet if running and answered else None
+
+
 def test_memory_after_bursts_of_300_concurrent_requests_returns_to_its_level(app, stub, prompts):
     controller = app["controller"]
-    wait_for(lambda: all(r.answered for r in controller.stats.remote().result().replicas), "every actor answers")
-    _, fleet = controller.snapshot.remote().result()
+    fleet = wait_for(lambda: _settled_fleet(controller), "the drafter killed before is replaced and every actor answers")
     after = []
     for _ in range(BURSTS):
         calls = [stub.Generate.future(request(prompts[i % len(prompts)], 16), timeout=FAULT_TIMEOUT_S)
