@@ -1,4 +1,9 @@
-"""A small gRPC client of the Generation service, for `specfleet generate --server`."""
+"""A small gRPC client of the Generation service, for `specfleet generate --server` and `specfleet status`."""
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -11,17 +16,45 @@ class ServerError(SpecfleetError):
     """The server refused or failed a call; the message carries the gRPC status."""
 
 
-def generate_remote(address: str, request: pb.GenerateRequest, timeout_s: float) -> pb.GenerateResponse:
-    return _call(address, "Generate", request, timeout_s)
+API_KEY_ENV = "SPECFLEET_API_KEY"
 
 
-def stats_remote(address: str, timeout_s: float) -> pb.GetStatsResponse:
-    return _call(address, "GetStats", pb.GetStatsRequest(), timeout_s)
+@dataclass(frozen=True)
+class Credentials:
+    """How a client proves itself and checks the server: an API key, and a CA for a server on TLS."""
+
+    api_key: str | None = None
+    tls_ca: Path | None = None  # None: plaintext
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "Credentials":
+        return cls(args.api_key or os.environ.get(API_KEY_ENV) or None, args.tls_ca)
 
 
-def _call(address: str, method: str, request, timeout_s: float):
-    with grpc.insecure_channel(address) as channel:
+def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", help=f"API key of the server (default: ${API_KEY_ENV})")
+    parser.add_argument("--tls-ca", type=Path, help="PEM CA of a server that serves TLS (default: plaintext)")
+
+
+def generate_remote(address: str, request: pb.GenerateRequest, timeout_s: float,
+                    credentials: Credentials = Credentials()) -> pb.GenerateResponse:
+    return _call(address, "Generate", request, timeout_s, credentials)
+
+
+def stats_remote(address: str, timeout_s: float, credentials: Credentials = Credentials()) -> pb.GetStatsResponse:
+    return _call(address, "GetStats", pb.GetStatsRequest(), timeout_s, credentials)
+
+
+def _call(address: str, method: str, request, timeout_s: float, credentials: Credentials):
+    metadata = [("authorization", f"Bearer {credentials.api_key}")] if credentials.api_key else None
+    with _channel(address, credentials) as channel:
         try:
-            return getattr(pb_grpc.GenerationStub(channel), method)(request, timeout=timeout_s)
+            return getattr(pb_grpc.GenerationStub(channel), method)(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as err:
             raise ServerError(f"{err.code().name}: {err.details()}") from None
+
+
+def _channel(address: str, credentials: Credentials) -> grpc.Channel:
+    if credentials.tls_ca is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(credentials.tls_ca.read_bytes()))

@@ -100,11 +100,36 @@ class TargetConfig(ModelConfig):
     )
 
 
+class TlsConfig(_Strict):
+    cert_file: Path = Field(description="PEM certificate chain the front doors present.")
+    key_file: Path = Field(description="PEM private key of that certificate.")
+    client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: when set, the gRPC door requires client certificates signed by it (mutual TLS).")
+
+
 class ServerConfig(_Strict):
-    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the front doors bind. Beyond loopback, `specfleet up` and the Serve app refuse to start without "
+        "API keys unless told insecure explicitly.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API (Ray Serve's proxy).")
+    api_keys_file: Path | None = Field(
+        None, description="File of API keys, one per line ('#' comments). With this or api_keys_env set, every generation "
+        "call must carry a key (HTTP `Authorization: Bearer`, gRPC metadata `authorization`); health stays open.")
+    api_keys_env: str | None = Field(
+        None, description="Name of an environment variable holding API keys, comma-separated (e.g. from a Kubernetes Secret).")
+    protect_metrics: bool = Field(False, description="Require an API key for GET /metrics too.")
+    tls: TlsConfig | None = Field(None, description="Serve gRPC and HTTP over TLS with this certificate; None: plaintext.")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens of a request that leaves it unset.")
+    max_request_bytes: int = Field(
+        1 << 20, ge=1024, description="Largest request accepted, in bytes: an HTTP body (413 beyond it, refused before it is "
+        "read) or a gRPC message (RESOURCE_EXHAUSTED).")
+    max_prompt_chars: int = Field(
+        100_000, ge=1, description="Longest text prompt, in characters, checked before it is tokenized (INVALID_ARGUMENT / 400).")
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Most max_tokens a request may ask for (INVALID_ARGUMENT / 400 beyond it); None: as many as "
+        "the model's context leaves after the prompt.")
     max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight before RESOURCE_EXHAUSTED.")
     stream_interval_s: float = Field(
         0.01, ge=0, le=1.0,

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from actors.engine import SequenceUpdate
 from actors.errors import CapacityExhausted, InvalidRequest, ModelNotFound, SpecfleetError
@@ -75,21 +75,29 @@ class Frontend:
     def use_fleet(self, fleet: Fleet) -> None:
         """Route new requests to this fleet (the controller replaced or added replicas)."""
         self.fleet = fleet
-        self.limits = {name: ModelLimits(fleet.infos[name][0]["vocab_size"], fleet.infos[name][0]["max_context"])
+        server = fleet.config.server
+        self.limits = {name: ModelLimits(fleet.infos[name][0]["vocab_size"], fleet.infos[name][0]["max_context"],
+                                         server.max_prompt_chars, server.max_tokens_limit)
                        for name in fleet.targets}
 
-    def admit(self, request: pb.GenerateRequest) -> Admitted:
-        """Validate a request and bind it to a replica; raises the errors listed in the module docstring."""
+    async def admit(self, request: pb.GenerateRequest) -> Admitted:
+        """Validate a request and bind it to a replica; raises the errors listed in the module docstring.
+
+        Tokenizing runs on a worker thread, so a long prompt holds up no other request on the event loop.
+        """
+        if self._in_flight >= self.config.server.max_concurrent_requests:
+            raise Overloaded("too many requests in flight; retry later")
+        return await asyncio.to_thread(self._admit, request)
+
+    def _admit(self, request: pb.GenerateRequest) -> Admitted:
         if request.model not in self.fleet.targets:
             raise ModelNotFound(f"unknown model {request.model!r}; known: {sorted(self.fleet.targets)}")
         limits, tokenizer = self.limits[request.model], self.tokenizers[request.model]
         prompt = prompt_ids(request, tokenizer, limits)
         params = sampling_params(request, self.config.server.default_max_tokens, len(prompt), limits)
         target = self.config.targets[request.model]
-        max_exit = self.fleet.infos[target.drafter][0]["max_exit"] if target.drafter else None
-        speculation = speculation_spec(request.speculation, target, max_exit)
-        if self._in_flight >= self.config.server.max_concurrent_requests:
-            raise Overloaded("too many requests in flight; retry later")
+        exits = self.fleet.infos[target.drafter][0]["exit_layers"] if target.drafter else None
+        speculation = speculation_spec(request.speculation, target, exits)
         handle = min(self.fleet.targets[request.model], key=lambda h: self._load.get(actor_id(h), 0))
         return Admitted(request.model, handle, uuid.uuid4().hex, tokenizer, prompt, params, speculation)
 
@@ -124,9 +132,9 @@ class Frontend:
                     dead.append(handle)
                     handle = await self._replica_to_resume_on(admitted.model, dead)
                     seq_id = f"{admitted.seq_id}.{len(dead)}"
-        except InvalidRequest:
+        except InvalidRequest as err:
             outcome = "invalid"
-            raise
+            raise InvalidRequest(own_message(err)) from None
         except CapacityExhausted:
             outcome = "overloaded"
             raise Overloaded(f"every KV slot of {admitted.model} is taken and its queue is full; retry later") from None
@@ -209,6 +217,11 @@ class Frontend:
             stats.drafter, stats.k = target.drafter, k
             stats.exit_layer = exit_layer or 0  # the engine resolved the deepest exit; 0: a drafter without exits
         return stats
+
+
+def own_message(err: Exception) -> str:
+    """The message of an error raised in an actor, without Ray's wrapping (task name, pid, IP, actor id, traceback)."""
+    return str(err.cause) if isinstance(err, RayTaskError) else str(err)
 
 
 def usage(prompt: list[int], tokens: list[int]) -> pb.Usage:

@@ -1,4 +1,5 @@
-"""`specfleet generate`: one prompt through the in-process engine, with a summary line."""
+"""`specfleet generate`: one prompt through the in-process engine (`generate_local`) or a running server, with a
+summary line. With `--server` it is a thin gRPC client: it imports neither torch nor transformers."""
 
 import argparse
 import json
@@ -6,14 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from actors.drafters import Drafter, ModelDrafter, NgramDrafter
-from actors.errors import InvalidRequest
-from actors.generator import SpeculativeGenerator
-from actors.loading import check_same_vocabulary, load_tokenizer
-from actors.runner import ModelRunner
-from actors.sampling import make_sampling_params
-from cluster.client import generate_remote
-from cluster.defaults import default_drafter, default_target
+from cluster.client import Credentials, add_credential_arguments, generate_remote
 from specfleet.v1 import generation_pb2 as pb
 
 
@@ -25,6 +19,7 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("--model", default="target-l", help="with --server: the target model's name")
     parser.add_argument("--exit", type=int, default=None, help="with --server and --k: the drafter exit to use")
     parser.add_argument("--timeout", type=float, default=300.0, help="with --server: deadline of the call in seconds")
+    add_credential_arguments(parser)
     drafting = parser.add_mutually_exclusive_group()
     drafting.add_argument("--drafter", default=None, help="drafter checkpoint folder, optionally PATH:EXIT (default: the zoo's drafter)")
     drafting.add_argument("--ngram", action="store_true", help="draft by prompt lookup (n-gram) instead of a model")
@@ -42,40 +37,29 @@ def add_generate_command(subparsers) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    params = make_sampling_params(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_tokens=args.max_tokens
-    )
     if args.server:
-        return _run_remote(args, params)
-    target_path = args.target or default_target()
-    tokenizer = load_tokenizer(target_path)
-    prompt = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
-    if not prompt:
-        raise InvalidRequest("prompt is empty: give some text to complete")
-    target = ModelRunner.from_pretrained(target_path, args.dtype, args.device)
-    drafter, exit_layer, drafter_name = _build_drafter(args, tokenizer)
-    generator = SpeculativeGenerator(target, drafter, k=4 if args.k is None else args.k, exit_layer=exit_layer)
-    result = generator.generate([prompt], params)[0]
-    stats = result.stats
-    summary = _summary(len(result.tokens), stats.target_forwards, stats.mean_accepted_length, stats.acceptance_rate,
-                       generator.elapsed_s, drafter_name, exit_layer, generator.k)
-    _print(args, tokenizer.decode(result.tokens), result.tokens, result.finish_reason, summary)
+        return _run_remote(args)
+    from cluster.generate_local import run_local  # torch and the models: only when decoding here
+
+    text, tokens, finish_reason, summary = run_local(args)
+    _print(args, text, tokens, finish_reason, summary)
     return 0
 
 
-def _run_remote(args: argparse.Namespace, params) -> int:
-    request = pb.GenerateRequest(model=args.model, text=args.prompt, max_tokens=params.max_tokens,
-                                 temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-    if params.seed is not None:
-        request.seed = params.seed
+def _run_remote(args: argparse.Namespace) -> int:
+    """The request as the server validates it (its errors come back readable, as INVALID_ARGUMENT)."""
+    request = pb.GenerateRequest(model=args.model, text=args.prompt, max_tokens=args.max_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.seed is not None:
+        request.seed = args.seed
     if args.no_spec:
         request.speculation.mode = pb.Speculation.OFF
     elif args.k is not None:
         request.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.FIXED, k=args.k, exit_layer=args.exit or 0))
     started = time.perf_counter()
-    response = generate_remote(args.server, request, args.timeout)
+    response = generate_remote(args.server, request, args.timeout, Credentials.from_args(args))
     spec = response.speculation
-    summary = _summary(len(response.token_ids), spec.target_forwards, spec.mean_accepted_length, spec.acceptance_rate,
+    summary = summary_fields(len(response.token_ids), spec.target_forwards, spec.mean_accepted_length, spec.acceptance_rate,
                        time.perf_counter() - started, spec.drafter or "none", spec.exit_layer or None, spec.k)
     finish = pb.FinishReason.Name(response.finish_reason).lower()
     _print(args, response.text, list(response.token_ids), finish, summary)
@@ -90,26 +74,7 @@ def _print(args, text: str, tokens: list[int], finish_reason: str, summary: dict
         print(" ".join(f"{key}={value}" for key, value in summary.items()), file=sys.stderr)
 
 
-def _build_drafter(args, target_tokenizer) -> tuple[Drafter | None, int | None, str]:
-    if args.no_spec:
-        return None, None, "none"
-    if args.ngram:
-        return NgramDrafter(), None, "ngram"
-    path, exit_layer = parse_drafter_spec(args.drafter) if args.drafter else (default_drafter(), None)
-    check_same_vocabulary(target_tokenizer, load_tokenizer(path))
-    drafter = ModelDrafter(ModelRunner.from_pretrained(path, args.dtype, args.device))
-    return drafter, exit_layer or drafter.default_exit, str(path)
-
-
-def parse_drafter_spec(spec: str) -> tuple[Path, int | None]:
-    """'PATH' or 'PATH:EXIT' -> (path, exit layers or None)."""
-    path, sep, exit_text = spec.rpartition(":")
-    if not sep or not exit_text.isdigit():
-        return Path(spec), None
-    return Path(path), int(exit_text)
-
-
-def _summary(tokens: int, forwards: int, mal: float, acceptance: float, elapsed_s: float, drafter: str,
+def summary_fields(tokens: int, forwards: int, mal: float, acceptance: float, elapsed_s: float, drafter: str,
              exit_layer: int | None, k: int) -> dict:
     return {
         "tokens": tokens,

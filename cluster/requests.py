@@ -14,6 +14,8 @@ from specfleet.v1 import generation_pb2 as pb
 class ModelLimits:
     vocab_size: int
     max_context: int
+    max_prompt_chars: int  # the server's: checked before tokenizing
+    max_tokens: int | None = None  # the server's cap on a request's max_tokens; None: the context's room
 
 
 def prompt_ids(request: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> list[int]:
@@ -21,6 +23,8 @@ def prompt_ids(request: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> l
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("the request has no prompt: set text or token_ids")
+    if kind == "text" and len(request.text) > limits.max_prompt_chars:
+        raise InvalidRequest(f"prompt of {len(request.text)} characters exceeds this server's limit of {limits.max_prompt_chars}")
     ids = tokenizer(request.text, add_special_tokens=False)["input_ids"] if kind == "text" else list(request.token_ids.ids)
     if not ids:
         raise InvalidRequest("prompt is empty: give at least one token")
@@ -34,6 +38,8 @@ def prompt_ids(request: pb.GenerateRequest, tokenizer, limits: ModelLimits) -> l
 
 def sampling_params(request: pb.GenerateRequest, default_max_tokens: int, prompt_length: int, limits: ModelLimits) -> SamplingParams:
     max_tokens = request.max_tokens or min(default_max_tokens, limits.max_context - prompt_length)
+    if limits.max_tokens is not None and max_tokens > limits.max_tokens:
+        raise InvalidRequest(f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}")
     if prompt_length + max_tokens > limits.max_context:
         raise InvalidRequest(
             f"prompt ({prompt_length} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {limits.max_context}"
@@ -48,13 +54,14 @@ def sampling_params(request: pb.GenerateRequest, default_max_tokens: int, prompt
 CASCADE_RULES = {pb.Cascade.CHOW: "chow", pb.Cascade.DIFF: "diff", pb.Cascade.OPT: "opt"}
 
 
-def speculation_spec(speculation: pb.Speculation, target: TargetConfig, max_exit: int | None) -> SpeculationSpec:
+def speculation_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[int] | None) -> SpeculationSpec:
     """The request's speculation, validated: AUTO follows the target's plan, OFF decodes plainly.
 
-    `max_exit` is the deepest exit of the target's drafter (None: it has none). A speculative
-    cascade (the request's, else the target's default) rides along.
+    `exits` are the exits the target's drafter was trained for (None: it has no drafter). A
+    speculative cascade (the request's, else the target's default) rides along. Enum values
+    this server does not know are refused, not read as a default.
     """
-    spec = _draft_spec(speculation, target, max_exit)
+    spec = _draft_spec(speculation, target, exits)
     cascade = None if spec.k == 0 else cascade_override(speculation, target)
     return spec if cascade is None else spec.model_copy(update={"cascade": cascade})
 
@@ -67,6 +74,8 @@ def cascade_override(speculation: pb.Speculation, target: TargetConfig) -> Casca
     if target.drafter is None:
         raise InvalidRequest("this target has no drafter to cascade with")
     wire = speculation.cascade
+    if wire.rule not in (pb.Cascade.RULE_UNSPECIFIED, *CASCADE_RULES):
+        raise InvalidRequest(f"unknown cascade rule {wire.rule}; known: CHOW, DIFF, OPT")
     rule = CASCADE_RULES.get(wire.rule) or (default.rule if default else None)
     alpha = wire.alpha if wire.HasField("alpha") else (default.alpha if default else None)
     if rule is None or alpha is None:
@@ -74,8 +83,10 @@ def cascade_override(speculation: pb.Speculation, target: TargetConfig) -> Casca
     return make_cascade_params(rule=rule, alpha=alpha)
 
 
-def _draft_spec(speculation: pb.Speculation, target: TargetConfig, max_exit: int | None) -> SpeculationSpec:
+def _draft_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[int] | None) -> SpeculationSpec:
     mode = speculation.mode
+    if mode not in pb.Speculation.Mode.values():
+        raise InvalidRequest(f"unknown speculation mode {mode}; known: AUTO, OFF, FIXED")
     if mode in (pb.Speculation.MODE_UNSPECIFIED, pb.Speculation.AUTO):
         return FOLLOW_PLAN
     if mode == pb.Speculation.OFF:
@@ -87,6 +98,6 @@ def _draft_spec(speculation: pb.Speculation, target: TargetConfig, max_exit: int
     if not 1 <= speculation.k <= MAX_DRAFT_LENGTH:
         raise InvalidRequest(f"FIXED speculation needs 1 <= k <= {MAX_DRAFT_LENGTH}, got {speculation.k}")
     exit_layer = speculation.exit_layer or None  # the wire's 0: the plan's exit
-    if exit_layer is not None and not 1 <= exit_layer <= (max_exit or 0):
-        raise InvalidRequest(f"exit {exit_layer} is outside the drafter's exits 1..{max_exit}")
+    if exit_layer is not None and exit_layer not in (exits or ()):
+        raise InvalidRequest(f"exit {exit_layer} is not one of the exits the drafter was trained for: {exits}")
     return SpeculationSpec(k=speculation.k, exit_layer=exit_layer)

@@ -5,6 +5,8 @@ maps its errors to status codes and its updates to messages.
 """
 
 import contextlib
+import logging
+import uuid
 
 import grpc
 
@@ -14,6 +16,7 @@ from cluster.frontend import Frontend, Overloaded, ReplicaFailed, usage
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 FINISH_REASONS = {"stop": pb.STOP, "length": pb.LENGTH}
 STATUS_CODES = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
@@ -31,7 +34,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Generate(self, request, context):
         async with _status_codes(context):
-            admitted = self.frontend.admit(request)
+            admitted = await self.frontend.admit(request)
             tokens, last = [], None
             async for update in self.frontend.updates(admitted):
                 tokens.extend(update.new_tokens)
@@ -44,7 +47,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def GenerateStream(self, request, context):
         async with _status_codes(context):
-            admitted = self.frontend.admit(request)
+            admitted = await self.frontend.admit(request)
             text = TextStream(admitted.tokenizer)
             async for update in self.frontend.updates(admitted):
                 done = update.finish_reason is not None
@@ -66,9 +69,16 @@ class GenerationService(pb_grpc.GenerationServicer):
 
 @contextlib.asynccontextmanager
 async def _status_codes(context):
-    """Turn the frontend's errors into the call's status and a readable message."""
+    """Turn the frontend's errors into the call's status and a readable message; anything else is INTERNAL
+    with a request id that the server log carries beside the details (never shown to the client)."""
     try:
         yield
     except tuple(STATUS_CODES) as err:
         code = next(code for kind, code in STATUS_CODES.items() if isinstance(err, kind))
         await context.abort(code, str(err))
+    except Exception as err:  # noqa: BLE001 - the client gets no internal text
+        if isinstance(err, grpc.aio.AbortError):
+            raise
+        request_id = uuid.uuid4().hex[:12]
+        log.error("request %s failed", request_id, exc_info=err)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details")

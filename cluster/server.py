@@ -1,4 +1,4 @@
-"""The gRPC server: Generation service, standard health checking and reflection."""
+"""The gRPC server: Generation service, standard health checking and reflection; TLS and API keys per the config."""
 
 import asyncio
 import logging
@@ -9,6 +9,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.auth import AUTHORIZATION, UNAUTHENTICATED_MESSAGE, ApiKeys
+from cluster.config import TlsConfig
 from cluster.controller.client import FLEET_REFRESH_S, ControllerClient
 from cluster.frontend import Frontend
 from cluster.placement import Fleet
@@ -31,7 +33,10 @@ async def start_server(
     With a `controller`, requests follow its fleet as it changes, report their
     metrics to it, and GetStats answers from it.
     """
-    server = grpc.aio.server()
+    config = fleet.config.server
+    api_keys = ApiKeys.from_config(config)
+    server = grpc.aio.server(interceptors=[ApiKeyInterceptor(api_keys)] if api_keys else None,
+                             options=[("grpc.max_receive_message_length", config.max_request_bytes)])
     if controller is None:
         service = GenerationService(Frontend(fleet))
     else:
@@ -40,8 +45,8 @@ async def start_server(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    config = fleet.config.server
-    bound = server.add_insecure_port(f"{host or config.host}:{config.grpc_port if port is None else port}")
+    address = f"{host or config.host}:{config.grpc_port if port is None else port}"
+    bound = server.add_secure_port(address, tls_credentials(config.tls)) if config.tls else server.add_insecure_port(address)
     await server.start()
     if controller is None:
         for name in HEALTH_NAMES:
@@ -52,6 +57,40 @@ async def start_server(
         _background.add(task)
         task.add_done_callback(_background.discard)
     return server, bound
+
+
+def tls_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
+    """The server's certificate; with a client CA, clients must present a certificate it signed."""
+    ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials([(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Calls of the Generation service need an API key in their `authorization` metadata; health and
+    reflection stay open (probes and tools carry no key)."""
+
+    def __init__(self, api_keys: ApiKeys):
+        self.api_keys = api_keys
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        if self.api_keys.allows(dict(details.invocation_metadata or ()).get(AUTHORIZATION)):
+            return handler
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_deny_stream, handler.request_deserializer, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(_deny, handler.request_deserializer, handler.response_serializer)
+
+
+async def _deny(request, context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
+async def _deny_stream(request, context: grpc.aio.ServicerContext):
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+    yield  # never reached: makes this an async generator, as a streaming handler must be
 
 
 async def follow_readiness(servicer: health.aio.HealthServicer, ready: Callable[[], Awaitable[bool]]) -> None:

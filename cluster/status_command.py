@@ -5,7 +5,7 @@ import json
 
 from google.protobuf.json_format import MessageToDict
 
-from cluster.client import stats_remote
+from cluster.client import Credentials, add_credential_arguments, stats_remote
 from specfleet.v1 import generation_pb2 as pb
 
 
@@ -14,11 +14,12 @@ def add_status_command(subparsers) -> None:
     parser.add_argument("--server", default="127.0.0.1:50051", help="gRPC address of a running `specfleet up`")
     parser.add_argument("--json", action="store_true", help="print the GetStats response as JSON")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server")
+    add_credential_arguments(parser)
     parser.set_defaults(func=run_status)
 
 
 def run_status(args: argparse.Namespace) -> int:
-    stats = stats_remote(args.server, args.timeout)
+    stats = stats_remote(args.server, args.timeout, Credentials.from_args(args))
     if args.json:
         print(json.dumps(MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True), indent=2))
     else:

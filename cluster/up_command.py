@@ -1,18 +1,10 @@
-"""`specfleet up`: run the Serve application on Ray (gRPC and HTTP) until interrupted."""
+"""`specfleet up`: run the Serve application on Ray (gRPC and HTTP) until interrupted (`cluster.up_run`).
+
+Only the arguments live here: building the CLI's parser must not import Ray or torch.
+"""
 
 import argparse
-import os
-import signal
-import threading
 from pathlib import Path
-
-import ray
-from ray import serve
-
-from cluster.config import ClusterConfig, default_config, load_config
-from cluster.serve.app import build_app_from_config
-
-APP_NAME = "specfleet"
 
 
 def add_up_command(subparsers) -> None:
@@ -22,42 +14,19 @@ def add_up_command(subparsers) -> None:
     parser.add_argument("--host", help="bind address for gRPC and HTTP (default: the config's)")
     parser.add_argument("--port", type=int, help="gRPC port, 0 for any free one (default: the config's)")
     parser.add_argument("--http-port", type=int, help="HTTP port (default: the config's)")
-    parser.set_defaults(func=run_up)
+    parser.add_argument("--api-keys-file", type=Path, help="file of API keys, one per line (default: the config's)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve gRPC and HTTP over TLS (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, help="PEM CA: the gRPC door requires client certificates it signed")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without API keys (only where every client is trusted)")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="Serve's and the replicas' log level on this terminal (default: WARNING)")
+    parser.add_argument("--access-log", action="store_true", help="log every call Serve routes (off by default)")
+    parser.set_defaults(func=_run_up)
 
 
-def run_up(args: argparse.Namespace) -> int:
-    config = load_config(args.config) if args.config else default_config()
-    host = args.host or config.server.host
-    http_port = args.http_port or config.server.http_port
-    ray.init(address=args.address) if args.address else ray.init(address="local", **local_ray_resources(config))
-    try:
-        serve.start(http_options={"host": host, "port": http_port, "location": "HeadOnly"})
-        ingress = serve.run(build_app_from_config(config, host, config.server.grpc_port if args.port is None else args.port),
-                            name=APP_NAME, route_prefix="/")
-        grpc_port = ingress.grpc_port.remote().result()
-        print(f"specfleet: serving gRPC on {host}:{grpc_port} and HTTP on http://{host}:{http_port}/v1 "
-              f"(targets: {', '.join(config.targets)}; drafters: {', '.join(config.drafters) or 'none'})", flush=True)
-        _wait_for_interrupt()
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-    return 0
+def _run_up(args: argparse.Namespace) -> int:
+    from cluster.up_run import run_up
 
-
-def local_ray_resources(config: ClusterConfig) -> dict:
-    """A one-machine Ray cluster that carries every pool's resources for every replica it may scale to."""
-    models = [*config.drafters.values(), *config.targets.values()]
-    resources: dict[str, float] = {}
-    for model in models:
-        most = model.autoscale.max_replicas if model.autoscale else model.replicas
-        for name, amount in config.pools[model.pool].resources.items():
-            resources[name] = resources.get(name, 0.0) + amount * most
-    cpus = sum(config.pools[m.pool].num_cpus * m.replicas for m in models)
-    return {"num_cpus": max(os.cpu_count() or 1, int(cpus + 0.999)), "resources": resources}
-
-
-def _wait_for_interrupt() -> None:
-    stopping = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopping.set())
-    stopping.wait()
+    return run_up(args)

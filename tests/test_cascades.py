@@ -20,6 +20,8 @@ from cluster.requests import speculation_spec
 from specfleet.v1 import generation_pb2 as pb
 from test_generator import chi_square_excess
 
+EXITS = [1, 2, 4]  # the exits a sorted drafter was trained for
+
 GREEDY = make_sampling_params(temperature=0, max_tokens=24, ignore_eos=True)
 
 
@@ -240,12 +242,12 @@ def with_cascade(**cascade) -> pb.Speculation:
 
 def test_a_requests_cascade_overrides_the_targets_default_field_by_field():
     target = target_config(cascade={"rule": "opt", "alpha": 0.3})
-    assert speculation_spec(pb.Speculation(), target, 4) == SpeculationSpec(cascade=CascadeParams(rule="opt", alpha=0.3))
-    assert speculation_spec(with_cascade(alpha=0.0), target, 4).cascade == CascadeParams(rule="opt", alpha=0.0)
-    chow = speculation_spec(with_cascade(rule=pb.Cascade.CHOW), target, 4).cascade
+    assert speculation_spec(pb.Speculation(), target, EXITS) == SpeculationSpec(cascade=CascadeParams(rule="opt", alpha=0.3))
+    assert speculation_spec(with_cascade(alpha=0.0), target, EXITS).cascade == CascadeParams(rule="opt", alpha=0.0)
+    chow = speculation_spec(with_cascade(rule=pb.Cascade.CHOW), target, EXITS).cascade
     assert chow == CascadeParams(rule="chow", alpha=0.3)
-    assert speculation_spec(pb.Speculation(mode=pb.Speculation.OFF), target, 4) == NO_SPECULATION  # plain decoding: no cascade
-    assert speculation_spec(pb.Speculation(), target_config(), 4) == FOLLOW_PLAN  # no default: lossless
+    assert speculation_spec(pb.Speculation(mode=pb.Speculation.OFF), target, EXITS) == NO_SPECULATION  # plain decoding: no cascade
+    assert speculation_spec(pb.Speculation(), target_config(), EXITS) == FOLLOW_PLAN  # no default: lossless
 
 
 @pytest.mark.parametrize(
@@ -260,7 +262,7 @@ def test_a_requests_cascade_overrides_the_targets_default_field_by_field():
 )
 def test_bad_cascade_requests_are_refused(speculation, target, message):
     with pytest.raises(InvalidRequest, match=message):
-        speculation_spec(speculation, target, 4)
+        speculation_spec(speculation, target, EXITS)
 
 
 def test_the_configured_default_is_validated():
@@ -270,8 +272,16 @@ def test_the_configured_default_is_validated():
 
 def test_a_fixed_speculation_is_checked_against_the_drafters_exits_at_the_front_door():
     fixed = pb.Speculation(mode=pb.Speculation.FIXED, k=3, exit_layer=2)
-    assert speculation_spec(fixed, target_config(), 4) == SpeculationSpec(k=3, exit_layer=2)
+    assert speculation_spec(fixed, target_config(), EXITS) == SpeculationSpec(k=3, exit_layer=2)
     deepest = pb.Speculation(mode=pb.Speculation.FIXED, k=3)  # exit 0 on the wire: the plan's
-    assert speculation_spec(deepest, target_config(), 4) == SpeculationSpec(k=3)
-    with pytest.raises(InvalidRequest, match="exit 5 is outside the drafter's exits 1..4"):
-        speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, k=3, exit_layer=5), target_config(), 4)
+    assert speculation_spec(deepest, target_config(), EXITS) == SpeculationSpec(k=3)
+    for untrained in (3, 5):
+        with pytest.raises(InvalidRequest, match=rf"exit {untrained} is not one of the exits the drafter was trained for: \[1, 2, 4\]"):
+            speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, k=3, exit_layer=untrained), target_config(), EXITS)
+
+
+def test_enum_values_this_server_does_not_know_are_refused():
+    with pytest.raises(InvalidRequest, match="unknown speculation mode 7"):
+        speculation_spec(pb.Speculation(mode=7, k=3), target_config(), EXITS)
+    with pytest.raises(InvalidRequest, match="unknown cascade rule 9"):
+        speculation_spec(pb.Speculation(cascade=pb.Cascade(rule=9, alpha=0.1)), target_config(), EXITS)

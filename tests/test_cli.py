@@ -73,3 +73,14 @@ def test_errors_never_show_a_traceback(target_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip() == f"specfleet: error: exit 9 is outside 1..4 layers of {target_path}"
+
+
+def test_the_grpc_client_commands_start_without_torch_ray_or_transformers():
+    """`specfleet generate --server` and `specfleet status` are thin gRPC clients: they must start fast."""
+    probe = ("import sys; from cluster.cli import build_parser; "
+             "build_parser().parse_args(['generate', '--server', '127.0.0.1:1', 'hi']); "
+             "build_parser().parse_args(['status']); "
+             "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

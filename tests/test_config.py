@@ -7,7 +7,7 @@ import pytest
 from cluster.config import InvalidConfig, default_config, load_config
 from cluster.defaults import models_dir
 from cluster.placement import actor_options
-from cluster.up_command import local_ray_resources
+from cluster.up_run import local_ray_resources
 
 GOOD = """
 pools:

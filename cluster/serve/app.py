@@ -21,13 +21,15 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from cluster.config import ClusterConfig, default_config, load_config
+from cluster.auth import ApiKeys, check_exposure
+from cluster.config import ClusterConfig, ServerConfig, default_config, load_config
 from cluster.controller.actor import FleetController
 from cluster.controller.client import ControllerClient
 from cluster.serve.openai_api import create_api
 from cluster.server import start_server
 
 HEAD_NODE = {"node:__internal_head__": 0.001}  # a resource only the Ray head node carries
+CONTROLLER_CALLS_IN_FLIGHT = 64  # front doors' polls and finished-request reports; each call is short
 
 
 class AppArgs(BaseModel):
@@ -38,6 +40,11 @@ class AppArgs(BaseModel):
     config: Path | None = Field(None, description="Cluster config YAML; relative paths resolve against the working directory. None: the embedded zoo.")
     grpc_host: str = Field("0.0.0.0", description="Address the gRPC front door binds.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (see GrpcFrontDoor.address).")
+    api_keys_env: str | None = Field(
+        None, description="Environment variable (set on every pod, e.g. from a Kubernetes Secret) holding the API keys, "
+        "comma-separated; overrides the cluster config's server.api_keys_env.")
+    insecure: bool = Field(
+        False, description="Serve a non-loopback grpc_host without API keys: only on a network where every client is trusted.")
 
 
 class ServedFleetController(FleetController):
@@ -64,14 +71,15 @@ class GrpcFrontDoor:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class HttpIngress:
-    def __init__(self, controller, grpc_front_door):
+    def __init__(self, controller, grpc_front_door, server: ServerConfig):
         self.controller = ControllerClient(controller)
         self.grpc_front_door = grpc_front_door  # held so the app owns it; `grpc_port` asks it
+        self.server = server
         self._frontend = None
 
     def __serve_build_asgi_app__(self):
         """The FastAPI app, built in the replica so its handlers reach this instance as `app.state.source`."""
-        api = create_api()
+        api = create_api(ApiKeys.from_config(self.server), self.server.protect_metrics, self.server.max_request_bytes)
         api.state.source = self
         return api
 
@@ -93,10 +101,17 @@ class HttpIngress:
 def build_app(args: dict) -> serve.Application:
     """Serve's entry point: `import_path: cluster.serve.app:build_app`."""
     parsed = AppArgs.model_validate(args or {})
-    return build_app_from_config(load_config(parsed.config) if parsed.config else default_config(),
-                                 parsed.grpc_host, parsed.grpc_port)
+    config = load_config(parsed.config) if parsed.config else default_config()
+    if parsed.api_keys_env:
+        config = config.model_copy(update={"server": config.server.model_copy(update={"api_keys_env": parsed.api_keys_env})})
+    check_exposure(parsed.grpc_host, ApiKeys.from_config(config.server), parsed.insecure)
+    return build_app_from_config(config, parsed.grpc_host, parsed.grpc_port)
 
 
 def build_app_from_config(config: ClusterConfig, grpc_host: str = "0.0.0.0", grpc_port: int = 50051) -> serve.Application:
-    controller = serve.deployment(ServedFleetController, name="FleetController", ray_actor_options={"num_cpus": 0}).bind(config)
-    return HttpIngress.bind(controller, GrpcFrontDoor.bind(controller, grpc_host, grpc_port))
+    controller = serve.deployment(ServedFleetController, name="FleetController", ray_actor_options={"num_cpus": 0},
+                                  max_ongoing_requests=CONTROLLER_CALLS_IN_FLIGHT).bind(config)
+    # Serve admits 5 requests per replica by default: every HTTP stream beyond them would wait in the proxy's
+    # queue, while gRPC streams reach their front door directly. The front door's own limit is the one that counts.
+    ingress = HttpIngress.options(max_ongoing_requests=config.server.max_concurrent_requests)
+    return ingress.bind(controller, GrpcFrontDoor.bind(controller, grpc_host, grpc_port), config.server)

@@ -8,6 +8,7 @@ event with the same body, and the stream ends.
 
 import json
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,11 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from actors.errors import InvalidRequest, ModelNotFound, SpecfleetError
+from cluster.auth import UNAUTHENTICATED_MESSAGE
 from cluster.frontend import Overloaded, ReplicaFailed
 
 log = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the response; nobody reads it
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait before retrying
 
 # error class -> (HTTP status, OpenAI error type, code)
 ERRORS: dict[type[Exception], tuple[int, str, str | None]] = {
@@ -47,6 +50,13 @@ def not_ready() -> JSONResponse:
     return error_response(503, "the cluster is not ready to serve", "server_error", code="not_ready")
 
 
+def unauthenticated() -> JSONResponse:
+    """401 as OpenAI answers a missing or wrong key."""
+    response = error_response(401, UNAUTHENTICATED_MESSAGE, "invalid_request_error", code="invalid_api_key")
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 def error_event(err: Exception) -> str:
     """An error after the stream started, as one server-sent event (the openai client raises it as APIError)."""
     _, body = _describe(err)
@@ -64,16 +74,49 @@ def install_error_handlers(app: FastAPI) -> None:
 def _describe(err: Exception) -> tuple[int, dict]:
     known = next((entry for kind, entry in ERRORS.items() if isinstance(err, kind)), None)
     if known is None:
-        log.error("request failed", exc_info=err)
+        request_id = uuid.uuid4().hex[:12]
+        log.error("request %s failed", request_id, exc_info=err)
         status, kind, code = INTERNAL
-        return status, error_body(f"internal error ({type(err).__name__}); the server log has the details", kind, None, code)
+        return status, error_body(f"internal error (request id {request_id}); the server log has the details", kind, None, code)
     status, kind, code = known
     return status, error_body(str(err), kind, "model" if isinstance(err, ModelNotFound) else None, code)
 
 
 async def _specfleet_error(request: Request, err: Exception) -> JSONResponse:
     status, body = _describe(err)
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers={"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None)
+
+
+def request_too_large(limit: int) -> HTTPException:
+    return HTTPException(413, f"request body exceeds this server's limit of {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: a body above `limit` bytes gets 413, before it is read when it declares its length,
+    else as soon as the bytes read pass the limit, so no oversized body is ever parsed or held whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            too_large = request_too_large(self.limit)
+            response = JSONResponse(error_body(too_large.detail, "invalid_request_error"), status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise request_too_large(self.limit)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -23,21 +23,40 @@ from dataclasses import dataclass
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from cluster.auth import AUTHORIZATION, ApiKeys
 from cluster.frontend import Admitted
 from cluster.serve.completion import Piece, completion_pieces
-from cluster.serve.errors import ClientDisconnected, error_event, install_error_handlers, not_ready
+from cluster.config import ServerConfig
+from cluster.serve.errors import (BodyLimit, ClientDisconnected, error_event, install_error_handlers, not_ready,
+                                  unauthenticated)
 from cluster.serve.openai_models import ChatCompletionBody, CompletionBody, GenerationBody
 from specfleet.v1 import generation_pb2 as pb
 
 router = APIRouter()
 
 
-def create_api() -> FastAPI:
+def create_api(api_keys: ApiKeys | None = None, protect_metrics: bool = False,
+               max_request_bytes: int = ServerConfig.model_fields["max_request_bytes"].default) -> FastAPI:
+    """With `api_keys`, every /v1 route (and /metrics when `protect_metrics`) needs `Authorization: Bearer <key>`;
+    a body above `max_request_bytes` gets 413."""
     app = FastAPI(title="specfleet", summary="OpenAI-compatible completions over a speculative decoding cluster")
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(router)
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
+    if api_keys is not None:
+        protected = ("/v1/", "/metrics") if protect_metrics else ("/v1/",)
+        app.middleware("http")(_require_key(api_keys, protected))
     return app
+
+
+def _require_key(api_keys: ApiKeys, protected: tuple[str, ...]):
+    async def check(request: Request, call_next):
+        if request.url.path.startswith(protected) and not api_keys.allows(request.headers.get(AUTHORIZATION)):
+            return unauthenticated()
+        return await call_next(request)
+
+    return check
 
 
 @router.post("/v1/completions")
@@ -123,7 +142,7 @@ class Reply:
 
 async def _generate(request: Request, body: GenerationBody, chat: bool) -> Response:
     frontend = await request.app.state.source.frontend()
-    admitted = frontend.admit(body.generate_request())
+    admitted = await frontend.admit(body.generate_request())
     reply = Reply(body, admitted, chat, int(time.time()))
     pieces = completion_pieces(frontend, admitted, body.stop_strings)
     if not body.stream:

@@ -5,11 +5,9 @@ import logging
 import sys
 from pathlib import Path
 
-from cluster.zoo.config import PRESETS, ZooConfig, preset
-from cluster.zoo.evaluate import evaluate_zoo, to_markdown
-from cluster.zoo.pipeline import CONFIG_FILE, model_names, torch_threads, train_zoo, write_cards
-
 DEFAULT_OUT = Path("models")
+# Each command imports the zoo's modules (torch, transformers) when it runs: building the CLI's parser must
+# stay light, so that `specfleet generate --server` and `specfleet status` start without them.
 
 
 def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +16,7 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     commands = zoo.add_subparsers(dest="zoo_command", required=True)
 
     train = commands.add_parser("train", help="build the corpus manifest, tokenizer, targets and drafter")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="full", help="settings preset (default: full)")
+    train.add_argument("--preset", default="full", help="settings preset: smoke, cpu or full (default: full)")
     train.add_argument("--config", type=Path, help="a ZooConfig JSON, e.g. an edited zoo_config.json; replaces --preset")
     train.add_argument("--out", type=Path, help=f"output directory (default: the config's, {DEFAULT_OUT} for presets)")
     train.add_argument("--models", help="comma-separated subset to train, e.g. target-s,drafter (default: all)")
@@ -40,13 +38,19 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     cards.set_defaults(func=run_cards)
 
 
-def _config(args: argparse.Namespace) -> ZooConfig:
+def _config(args: argparse.Namespace):
+    from cluster.zoo.config import PRESETS, ZooConfig, preset
+
+    if not args.config and args.preset not in PRESETS:
+        raise SystemExit(f"specfleet zoo train: unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
     config = ZooConfig.model_validate_json(args.config.read_text()) if args.config else preset(args.preset, DEFAULT_OUT)
     updates = {"out_dir": args.out, "threads": args.threads}
     return config.model_copy(update={k: v for k, v in updates.items() if v is not None})
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from cluster.zoo.pipeline import model_names, train_zoo
+
     _log_to_stderr()
     config = _config(args)
     only = args.models.split(",") if args.models else None
@@ -58,6 +62,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from cluster.zoo.evaluate import evaluate_zoo, to_markdown
+    from cluster.zoo.pipeline import torch_threads
+
     _log_to_stderr()
     with torch_threads(args.threads):
         report = evaluate_zoo(args.out, args.eval_tokens, args.manifest, args.context)
@@ -69,6 +76,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_cards(args: argparse.Namespace) -> int:
+    from cluster.zoo.config import ZooConfig
+    from cluster.zoo.pipeline import CONFIG_FILE, write_cards
+
     config = ZooConfig.model_validate_json((args.out / CONFIG_FILE).read_text()).model_copy(update={"out_dir": args.out})
     for name in write_cards(config):
         print(f"{name}: {args.out / name / 'README.md'}")

@@ -4,6 +4,7 @@ Three nodes on this machine: a head, a node carrying the `draft` resource and
 one carrying `target`. One drafter serves three targets concurrently.
 """
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +25,7 @@ from specfleet.v1 import generation_pb2_grpc as pb_grpc
 from tiny_models import build_llama
 
 TARGETS = ("small", "medium", "large")
+INTERNAL_TEXT = re.compile(r"pid=|actor_id|ip=|Traceback|/site-packages/")  # never in what a client sees
 MAX_TOKENS = 24
 
 
@@ -146,7 +148,11 @@ def test_speculation_off_and_fixed_per_request(stub, prompts, expected):
         (lambda r: setattr(r, "top_p", 1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
         (lambda r: r.token_ids.ids.extend([1] * 300), grpc.StatusCode.INVALID_ARGUMENT, "leaves no room"),
         (lambda r: r.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.FIXED, k=2, exit_layer=9)),
-         grpc.StatusCode.INVALID_ARGUMENT, "exit 9 is outside"),
+         grpc.StatusCode.INVALID_ARGUMENT, "exit 9 is not one of the exits the drafter was trained for: [1, 2, 4]"),
+        (lambda r: r.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.FIXED, k=2, exit_layer=3)),
+         grpc.StatusCode.INVALID_ARGUMENT, "exit 3 is not one of the exits"),
+        (lambda r: r.speculation.CopyFrom(pb.Speculation(mode=7, k=2)), grpc.StatusCode.INVALID_ARGUMENT,
+         "unknown speculation mode 7"),
         (lambda r: r.speculation.CopyFrom(pb.Speculation(mode=pb.Speculation.FIXED, k=1000)),
          grpc.StatusCode.INVALID_ARGUMENT, "needs 1 <= k <= 64, got 1000"),
     ],
@@ -157,6 +163,7 @@ def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(stub, pr
     with pytest.raises(grpc.RpcError) as failure:
         stub.Generate(request, timeout=60)
     assert failure.value.code() == code and message in failure.value.details()
+    assert not INTERNAL_TEXT.search(failure.value.details())
     assert list(stub.Generate(greedy_request("small", prompts[0]), timeout=120).token_ids) == expected["small"][0]
 
 

@@ -13,7 +13,7 @@ def server(tmp_path_factory, target_path, drafter_path):
     folder = tmp_path_factory.mktemp("up")
     config = tiny_cluster_config(folder, target_path, drafter_path, extra="controller: {adaptive: false}")
     process, address = start_up(config, folder / "up.log")
-    yield process, address
+    yield process, address, folder / "up.log"
     if process.poll() is None:
         process.kill()
 
@@ -23,7 +23,7 @@ def run(*args) -> subprocess.CompletedProcess:
 
 
 def test_generate_through_the_server_matches_local_plain_decoding(server, target_path):
-    _, address = server
+    _, address, _ = server
     remote = run("generate", "--server", address, "--model", "small", "--max-tokens", 12, "--json", "def f(x):")
     local = run("generate", "--target", target_path, "--no-spec", "--max-tokens", 12, "--json", "def f(x):")
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
@@ -34,14 +34,14 @@ def test_generate_through_the_server_matches_local_plain_decoding(server, target
 
 
 def test_server_errors_reach_the_user_as_one_line(server):
-    _, address = server
+    _, address, _ = server
     unknown = run("generate", "--server", address, "--model", "nope", "hi")
     assert unknown.returncode == 2 and "NOT_FOUND: unknown model 'nope'" in unknown.stderr
     assert "Traceback" not in unknown.stderr
 
 
 def test_status_shows_the_plan_and_the_arms_used(server):
-    _, address = server
+    _, address, _ = server
     assert run("generate", "--server", address, "--model", "small", "--max-tokens", 12, "def g(y):").returncode == 0
     time.sleep(2.5)  # a control step collects the rounds
     status = run("status", "--server", address, "--json")
@@ -50,9 +50,27 @@ def test_status_shows_the_plan_and_the_arms_used(server):
     assert report["plans"] == [{"target": "small", "drafter": "sorted", "exit_layer": 0, "k": 3, "replicas": 1, "reason": "configured"}]
     arm = next(p for p in report["pairs"] if p["drafter"] == "sorted")
     assert int(arm["rounds"]) > 0 and int(arm["drafted"]) >= int(arm["accepted"])
-    assert "acceptance per arm" in run("status", "--server", address).stdout
+    text = run("status", "--server", address).stdout
+    assert "acceptance per arm" in text
+    assert [r["role"] for r in report["replicas"]] == ["drafter", "target"]  # each actor's ping: live sequences, answered
+    assert all(r["answered"] and int(r["live_sequences"]) == 0 for r in report["replicas"]) and "actors" in text
+
+
+def test_the_terminal_stays_quiet_by_default(server):
+    """No per-call access log lines from Serve (the front doors poll the controller every second)."""
+    log = server[2].read_text()
+    assert " CALL " not in log and "serving gRPC on" in log
+
+
+def test_a_non_loopback_address_without_api_keys_is_refused(tmp_path, target_path, drafter_path):
+    config = tiny_cluster_config(tmp_path, target_path, drafter_path)
+    refused = run("up", "--config", config, "--host", "0.0.0.0")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("specfleet up: refusing to serve on 0.0.0.0 without API keys: set "
+                                      "server.api_keys_file or server.api_keys_env, or pass --insecure to serve it "
+                                      "unauthenticated")
 
 
 def test_interrupt_shuts_down_cleanly(server):
-    process, _ = server
+    process, _, _ = server
     assert stop(process) == 0

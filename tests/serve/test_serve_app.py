@@ -2,16 +2,19 @@
 
 The official `openai` client (completions and chat, streaming and not), the
 gRPC front door of the same app, 32 concurrent HTTP streams, and the memory
-of every actor after them. The app serves the embedded zoo.
+of every actor after them. The app serves the embedded zoo, over TLS (a CA made
+by the test) and with API keys on both doors.
 """
 
 import asyncio
 import importlib
 import os
 import socket
+import ssl
 from pathlib import Path
 
 import grpc
+import httpx2
 import openai
 import pytest
 import ray
@@ -23,15 +26,17 @@ from actors.generator import SpeculativeGenerator
 from actors.loading import load_tokenizer
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
-from cluster.config import load_config
-from cluster.up_command import local_ray_resources
+from cluster.config import TlsConfig, load_config
+from cluster.up_run import https_options, local_ray_resources
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
+from tls_certs import make_certs
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = REPO / "deploy" / "serve" / "specfleet.yaml"
 PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef main(", "class Stack:\n    def push(self,", "for key, value in"]
 MAX_TOKENS = 16
+KEYS_ENV, API_KEY = "SPECFLEET_TEST_API_KEYS", "serve-test-key"
 
 
 def free_port() -> int:
@@ -41,21 +46,34 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app():
-    """Deploy the Serve config's application as `serve deploy` would, on free ports."""
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(scope="module")
+def app(certs, tmp_path_factory):
+    """Deploy the Serve config's application as `serve deploy` would, on free ports, with its cluster config
+    plus TLS on both doors and API keys from an environment variable (set before Ray starts its workers)."""
     os.chdir(REPO)  # the config's relative paths resolve against the working directory
     entry = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]
-    args = {**entry["args"], "grpc_port": 0}
+    config = load_config(entry["args"]["config"])
+    tls = TlsConfig(cert_file=certs.server_cert, key_file=certs.server_key)
+    config_path = tmp_path_factory.mktemp("config") / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(config.model_copy(update={"server": config.server.model_copy(
+        update={"tls": tls})}).model_dump(mode="json")))
+    args = {**entry["args"], "config": str(config_path), "grpc_host": "127.0.0.1", "grpc_port": 0, "api_keys_env": KEYS_ENV}
     http_port = free_port()
-    ray.init(address="local", **local_ray_resources(load_config(args["config"])))  # never join a `ray start` cluster
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly"})
+    os.environ[KEYS_ENV] = f"{API_KEY},another-key"
+    ray.init(address="local", **local_ray_resources(config))  # never join a `ray start` cluster
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port, "location": "HeadOnly", **https_options(tls)})
     module, builder = entry["import_path"].split(":")
     ingress = serve.run(getattr(importlib.import_module(module), builder)(args), name=entry["name"],
                         route_prefix=entry["route_prefix"])
-    yield {"http": f"http://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{ingress.grpc_port.remote().result()}",
-           "config": load_config(args["config"])}
+    yield {"http": f"https://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{ingress.grpc_port.remote().result()}",
+           "config": config, "ca": certs.ca}
     serve.shutdown()
     ray.shutdown()
+    del os.environ[KEYS_ENV]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +89,16 @@ def expected_text(app):
 
 @pytest.fixture(scope="module")
 def client(app):
-    return openai.OpenAI(base_url=app["http"], api_key="unused", max_retries=0, timeout=300)
+    return openai_client(app, API_KEY)
+
+
+def openai_client(app, api_key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=app["http"], api_key=api_key, max_retries=0, timeout=300,
+                         http_client=httpx2.Client(verify=ssl.create_default_context(cafile=app["ca"])))
+
+
+def grpc_channel(app) -> grpc.Channel:
+    return grpc.secure_channel(app["grpc"], grpc.ssl_channel_credentials(app["ca"].read_bytes()))
 
 
 def complete(client, prompt: str, **extra):
@@ -111,14 +138,34 @@ def test_models_and_errors(client):
 
 
 def test_grpc_front_door_of_the_same_app(app, expected_text):
-    with grpc.insecure_channel(app["grpc"]) as channel:
-        response = pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(
-            model="target-l", text=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True), timeout=300)
+    request = pb.GenerateRequest(model="target-l", text=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    with grpc_channel(app) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        response = stub.Generate(request, timeout=300, metadata=[("authorization", f"Bearer {API_KEY}")])
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(request, timeout=300)
     assert response.text == expected_text[PROMPTS[0]]
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def _stream_wave(base_url: str, count: int) -> list[str]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+def test_a_wrong_or_missing_key_gets_401_on_every_generation_route_and_health_stays_open(app):
+    bad = openai_client(app, "wrong-key")
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="target-s", prompt="x", max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="target-s", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with httpx2.Client(verify=ssl.create_default_context(cafile=app["ca"]), timeout=30) as http:  # no key at all
+        for path in ("/v1/completions", "/v1/chat/completions"):
+            assert http.post(app["http"].removesuffix("/v1") + path, json={"model": "target-s"}).status_code == 401
+        assert http.get(app["http"] + "/models").status_code == 401
+        assert http.get(app["http"].removesuffix("/v1") + "/health").status_code == 200
+
+
+async def _stream_wave(base_url: str, ca: Path, count: int) -> list[str]:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=600,
+                                http_client=httpx2.AsyncClient(verify=ssl.create_default_context(cafile=ca)))
 
     async def one(i: int) -> str:
         stream = await client.completions.create(model="target-l", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=MAX_TOKENS,
@@ -153,7 +200,7 @@ def _rss(pid: int) -> int:
 @pytest.fixture(scope="module")
 def waves(app, expected_text) -> list[tuple[list[str], dict]]:
     """Three waves of 32 concurrent streams: each wave's texts and the actors' memory after it."""
-    return [(asyncio.run(_stream_wave(app["http"], 32)), _actor_memory(app)) for _ in range(3)]
+    return [(asyncio.run(_stream_wave(app["http"], app["ca"], 32)), _actor_memory(app)) for _ in range(3)]
 
 
 def test_32_concurrent_streams_complete_correctly_and_free_every_sequence(waves, expected_text):
@@ -176,10 +223,9 @@ def test_memory_stays_flat_after_a_warm_up_wave(waves):
 
 
 def test_metrics_endpoint_counts_the_requests(app):
-    import urllib.request
-
     asyncio.run(asyncio.sleep(2.5))  # at least one control step collects the rounds
-    text = urllib.request.urlopen(app["http"].removesuffix("/v1") + "/metrics", timeout=30).read().decode()
+    ca = ssl.create_default_context(cafile=app["ca"])
+    text = httpx2.get(app["http"].removesuffix("/v1") + "/metrics", verify=ca, timeout=30).text
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     requests = sum(s.value for s in samples if s.name == "specfleet_requests_total")
     rounds = sum(s.value for s in samples if s.name == "specfleet_rounds_total" and s.labels.get("target") == "target-l")

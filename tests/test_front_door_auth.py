@@ -1,0 +1,126 @@
+"""API keys and TLS at both front doors: a real gRPC server and the real FastAPI app, with real clients.
+
+The fleet here has no actors (only what ListModels and /v1/models read): every
+check happens before a request reaches one. Generation through keys and TLS end
+to end is in tests/serve/test_serve_app.py.
+"""
+
+import grpc
+import pytest
+from fastapi.testclient import TestClient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cluster.auth import ApiKeys, check_exposure
+from cluster.client import Credentials, ServerError, stats_remote
+from cluster.serve.openai_api import create_api
+from cluster.server import BackgroundServer
+from specfleet.v1 import generation_pb2 as pb
+from specfleet.v1 import generation_pb2_grpc as pb_grpc
+from fake_fleet import Source, fleet_with
+from tls_certs import make_certs
+
+KEYS_ENV = "SPECFLEET_TEST_API_KEYS"
+KEYS = ("first-key", "second-key")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def keys_in_env(monkeypatch):
+    monkeypatch.setenv(KEYS_ENV, ",".join(KEYS))
+
+
+def tls_server(target_path, certs, client_ca: bool = False) -> BackgroundServer:
+    tls = {"cert_file": str(certs.server_cert), "key_file": str(certs.server_key),
+           "client_ca_file": str(certs.ca) if client_ca else None}
+    return BackgroundServer(fleet_with(target_path, {"api_keys_env": KEYS_ENV, "tls": tls}))
+
+
+def test_grpc_over_tls_needs_a_key_for_generation_calls_but_not_for_health(target_path, certs, keys_in_env):
+    server = tls_server(target_path, certs)
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=certs.ca.read_bytes())
+        with grpc.secure_channel(server.address, credentials) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            for key in KEYS:
+                assert stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", f"Bearer {key}")], timeout=30)
+            assert stub.ListModels(pb.ListModelsRequest(), metadata=[("authorization", KEYS[0])], timeout=30)
+            for metadata in ([], [("authorization", "Bearer wrong")], [("authorization", f"Bearer {KEYS[0]}x")]):
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert refused.value.details() == "missing or invalid API key"
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.GenerateStream(pb.GenerateRequest(model="small", text="x"), timeout=30))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(ServerError, match="UNAUTHENTICATED"):  # the CLI's client, with its credentials
+            stats_remote(server.address, 30, Credentials("wrong", certs.ca))
+        with pytest.raises(ServerError, match="UNIMPLEMENTED"):  # past the key check: this server has no controller
+            stats_remote(server.address, 30, Credentials(KEYS[1], certs.ca))
+        with grpc.insecure_channel(server.address) as plaintext:
+            with pytest.raises(grpc.RpcError) as failed:
+                pb_grpc.GenerationStub(plaintext).ListModels(pb.ListModelsRequest(), timeout=5)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(target_path, certs, keys_in_env):
+    server = tls_server(target_path, certs, client_ca=True)
+    metadata = [("authorization", f"Bearer {KEYS[0]}")]
+    try:
+        with_certificate = grpc.ssl_channel_credentials(certs.ca.read_bytes(), certs.client_key.read_bytes(),
+                                                        certs.client_cert.read_bytes())
+        with grpc.secure_channel(server.address, with_certificate) as channel:
+            assert pb_grpc.GenerationStub(channel).ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=30)
+        without = grpc.ssl_channel_credentials(certs.ca.read_bytes())
+        with grpc.secure_channel(server.address, without) as channel:
+            with pytest.raises(grpc.RpcError) as failed:
+                pb_grpc.GenerationStub(channel).ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=10)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("protect_metrics", [False, True])
+def test_http_routes_need_a_bearer_key_except_health(target_path, protect_metrics):
+    api = create_api(ApiKeys(KEYS), protect_metrics)
+    api.state.source = Source(fleet_with(target_path, {}))
+    client = TestClient(api)
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEYS[1]}"}).status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEYS[0][:-1]}):
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+            reply = client.request(method, path, headers=headers, json={"model": "small", "prompt": "x"})
+            assert reply.status_code == 401, (method, path, headers)
+            assert reply.json()["error"]["code"] == "invalid_api_key"
+            assert reply.headers["WWW-Authenticate"] == "Bearer"
+    assert client.get("/health").status_code == 200
+    assert client.get("/metrics").status_code == (401 if protect_metrics else 200)
+
+
+def test_keys_come_from_a_file_and_an_environment_variable(tmp_path, target_path, keys_in_env):
+    key_file = tmp_path / "keys"
+    key_file.write_text("# operators' keys\nfile-key\n\n  spaced-key  \n")
+    server = fleet_with(target_path, {"api_keys_file": str(key_file), "api_keys_env": KEYS_ENV}).config.server
+    keys = ApiKeys.from_config(server)
+    assert all(keys.allows(f"Bearer {key}") for key in ("file-key", "spaced-key", *KEYS))
+    assert not keys.allows("Bearer # operators' keys") and not keys.allows("") and not keys.allows(None)
+    assert ApiKeys.from_config(fleet_with(target_path, {}).config.server) is None
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="none was found"):
+        ApiKeys.from_config(fleet_with(target_path, {"api_keys_file": str(empty)}).config.server)
+
+
+def test_serving_beyond_loopback_needs_keys_or_an_explicit_insecure():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        check_exposure(host, None, insecure=False)
+    with pytest.raises(ValueError, match="refusing to serve on 0.0.0.0 without API keys"):
+        check_exposure("0.0.0.0", None, insecure=False)
+    check_exposure("0.0.0.0", None, insecure=True)
+    check_exposure("10.1.2.3", ApiKeys(["k"]), insecure=False)
