@@ -1,5 +1,6 @@
 """A fleet under a FleetController (a plain Ray actor with a long period: tests call `step()`), behind gRPC."""
 
+import time
 from contextlib import contextmanager
 
 import grpc
@@ -24,3 +25,16 @@ def controlled_fleet(config: ClusterConfig):
     finally:
         server.stop()
         ray.get(handle.shutdown.remote())
+
+
+def step_until(controller, condition, what: str, timeout_s: float = 180.0):
+    """Take control steps until `condition(fleet)` holds for the controller's fleet (a replacement is installed at
+    the step after it loaded); returns that fleet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ray.get(controller.step.remote())
+        _, fleet = ray.get(controller.snapshot.remote())
+        if condition(fleet):
+            return fleet
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.5)

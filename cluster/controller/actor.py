@@ -2,10 +2,11 @@
 
 Every `period_s` it takes one control step:
 
-1. **heal**: ping every actor; start a replacement for a dead one and re-pair
-   the targets that drafted with a dead drafter (they decode plainly meanwhile,
-   see `SpeculationEngine`), rebuild a staged chain that lost a stage or its
-   drafter, or re-attach a target that dropped a slow drafter;
+1. **heal**: ping every actor; start a replacement for a dead one (installed at
+   a later step, once loaded) and re-pair the targets that drafted with a dead
+   drafter (they decode plainly meanwhile, see `SpeculationEngine`), rebuild a
+   staged chain that lost a stage or its drafter, or re-attach a target that
+   dropped a slow drafter;
 2. **collect**: drain each target's round telemetry into per-arm totals,
    Prometheus metrics and the targets' policies;
 3. **steer**: ask each target's policy for its plan (exit and k, or no
@@ -65,6 +66,7 @@ class FleetController:
         self._stopped = threading.Event()
         self._serving = True  # some target replica answered the last control step's ping (start_fleet waited for all)
         self.replicas: dict[tuple[str, str, int], pb.ReplicaStats] = {}  # (role, model, replica) -> its last ping
+        self._starting: dict[tuple[str, str, int], tuple] = {}  # (role, model, replica) -> (replacement, its info ref)
         self._claim()
         for name, handles in self.fleet.targets.items():
             self._push_plan(name, handles)  # adopted replicas may still run the old controller's plan
@@ -121,6 +123,8 @@ class FleetController:
         """Stop steering and remove the fleet's actors, except those another controller has claimed since."""
         self._stopped.set()
         with self._lock:
+            for handle, _ in self._starting.values():
+                ray.kill(handle)
             for handle in self.fleet.all_handles():
                 try:
                     if ray.get(handle.owner.remote(), timeout=PING_TIMEOUT_S) == self.owner_id:
@@ -138,32 +142,74 @@ class FleetController:
                 log.exception("control step failed")
 
     def _heal(self) -> None:
+        """Replace dead actors without waiting for their replacements to load: a replacement is started here and
+        installed in a later step, once it answers (`_install_started`), so the lock (and with it snapshot, stats
+        and GetStats) is never held while a model loads or compiles. Until then the fleet keeps the dead handle:
+        front doors resume streams only on a replica that lives."""
         self.replicas = {}
-        replaced = set()  # (drafter, replica) started anew in this step
+        installed = self._install_started()  # (drafter, replica) replaced in this step
         for name, handles in self.fleet.drafters.items():
             for replica, handle in enumerate(handles):
                 if self._ping("drafter", name, replica, handle) is Ping.DEAD:
-                    log.warning("drafter %s replica %d died; starting a replacement", name, replica)
-                    handles[replica] = start_drafter(self.config, name, replica)
-                    replaced.add((name, replica))
-                    self._changed()
-                    self._repair_pairs(name, replica)
-        self._heal_chains(replaced)
+                    self._start_replacement("drafter", name, replica, handle)
+        self._heal_chains(installed)
         serving = False
         for name, handles in self.fleet.targets.items():
             for replica, handle in enumerate(handles):
                 ping = self._ping("target", name, replica, handle)
                 serving |= ping is Ping.ANSWERED
                 if ping is Ping.DEAD:
-                    log.warning("target %s replica %d died; starting a replacement", name, replica)
-                    self._free_sequences_of(handle)
-                    handles[replica] = start_target(self.config, name, replica, drafter_for(self.fleet, name, replica))
-                    self._push_plan(name, [handles[replica]])
-                    self._changed()
-                elif ping is Ping.ANSWERED and self.plans[name].k and not ray.get(handle.has_drafter.remote()):
+                    self._start_replacement("target", name, replica, handle)
+                elif (ping is Ping.ANSWERED and self.plans[name].k and not self._drafter_starting(name, replica)
+                      and not ray.get(handle.has_drafter.remote())):
                     self._attach(name, replica)
         self._serving = serving
         self.metrics.set_replicas(self.replicas.values())
+
+    def _start_replacement(self, role: str, name: str, replica: int, dead) -> None:
+        """Start a replacement for a dead drafter or target replica, unless one is already starting."""
+        key = (role, name, replica)
+        if key in self._starting:
+            return
+        log.warning("%s %s replica %d died; starting a replacement", role, name, replica)
+        if role == "drafter":
+            handle = start_drafter(self.config, name, replica)
+        else:
+            self._free_sequences_of(dead)
+            drafter = None if self._drafter_starting(name, replica) else drafter_for(self.fleet, name, replica)
+            handle = start_target(self.config, name, replica, drafter)  # attached later if its drafter was starting
+        self._starting[key] = (handle, handle.info.remote())
+
+    def _install_started(self) -> set[tuple[str, int]]:
+        """Put every replacement that has loaded into the fleet; returns the (drafter, replica) slots installed."""
+        installed = set()
+        for key, (handle, info) in list(self._starting.items()):
+            if not ray.wait([info], timeout=0)[0]:
+                continue
+            del self._starting[key]
+            role, name, replica = key
+            try:
+                ray.get(info)
+            except RayActorError:
+                log.warning("the replacement of %s %s replica %d died while loading", role, name, replica)
+                continue  # this step's ping starts another
+            handles = self.fleet.drafters[name] if role == "drafter" else self.fleet.targets[name]
+            if replica >= len(handles):  # scaled down meanwhile
+                ray.kill(handle)
+                continue
+            handles[replica] = handle
+            self._changed()
+            if role == "drafter":
+                self._repair_pairs(name, replica)
+                installed.add((name, replica))
+            else:
+                self._push_plan(name, [handle])
+        return installed
+
+    def _drafter_starting(self, target: str, replica: int) -> bool:
+        """Whether the drafter replica this target replica is paired with is dead and its replacement still loading."""
+        drafter, index = self.config.targets[target].drafter, self.fleet.pairing.get((target, replica))
+        return drafter is not None and target not in self.fleet.stages and ("drafter", drafter, index) in self._starting
 
     def _heal_chains(self, replaced_drafters: set[tuple[str, int]]) -> None:
         """Rebuild a staged chain whose stage died or whose drafter (replica 0) was replaced; re-attach its target.
@@ -191,6 +237,11 @@ class FleetController:
         for handle in [h for handles in (*self.fleet.drafters.values(), *self.fleet.stages.values()) for h in handles]:
             handle.drop_owner.remote(owner)  # fire and forget: a dead drafter holds nothing
 
+    def _answered(self, role: str, name: str, replica: int) -> bool:
+        """Whether the actor answered this step's ping (the heal runs first; the other parts leave the dead alone)."""
+        stats = self.replicas.get((role, name, replica))
+        return stats is not None and stats.answered
+
     def _ping(self, role: str, name: str, replica: int, handle) -> "Ping":
         """Ping one actor and record what it said in `replicas` (GetStats, Prometheus, scaling)."""
         ping, live = _ping(handle)
@@ -202,7 +253,7 @@ class FleetController:
         now = time.monotonic()
         period_s, self._collected_at = now - self._collected_at, now
         for name, handles in self.fleet.targets.items():
-            batches = ray.get([h.drain_telemetry.remote() for h in handles])
+            batches = [_drain(h) if self._answered("target", name, r) else [] for r, h in enumerate(handles)]
             for replica, batch in enumerate(batches):
                 self.draft_load.observe((name, replica), sum(r.drafted for r in batch), period_s)
             records = [r for batch in batches for r in batch]
@@ -223,7 +274,7 @@ class FleetController:
         """Per drafter model, move at most one target replica from the busiest drafter replica to the idlest."""
         for drafter, handles in self.fleet.drafters.items():
             shared = {key: index for key, index in self.fleet.pairing.items()
-                      if self.config.targets[key[0]].drafter == drafter}
+                      if self.config.targets[key[0]].drafter == drafter and self._answered("target", *key)}
             loads = {key: self.draft_load.of(key) for key in shared}
             move = best_move(shared, loads, len(handles), self.config.controller.rebalance_margin)
             if move is not None:
@@ -260,8 +311,9 @@ class FleetController:
     def _remove_idle_replica(self, name: str) -> None:
         """Remove the last replica if it serves nobody (a busy one is left to drain)."""
         handles = self.fleet.drafters.get(name) or self.fleet.targets[name]
-        if ray.get(handles[-1].live_sequences.remote()):
-            return
+        role = "drafter" if name in self.fleet.drafters else "target"
+        if not self._answered(role, name, len(handles) - 1) or ray.get(handles[-1].live_sequences.remote()):
+            return  # a dead one is replaced first
         removed = handles.pop()
         if name in self.fleet.drafters:
             self._unpair_removed_drafter(name, len(handles))
@@ -292,7 +344,11 @@ class FleetController:
 
     def _push_plan(self, name: str, handles: list) -> None:
         plan = self.plans[name]
-        ray.get([h.set_plan.remote(plan.k, plan.exit_layer) for h in handles])
+        for reply in [h.set_plan.remote(plan.k, plan.exit_layer) for h in handles]:
+            try:
+                ray.get(reply)
+            except RayActorError:
+                pass  # a dead replica's replacement gets the plan when it is installed
 
     def _changed(self) -> None:
         """The fleet's handles changed: refresh infos, claim new actors and let front doors know."""
@@ -326,6 +382,14 @@ def _ping(handle) -> tuple[Ping, int]:
     except GetTimeoutError:
         log.warning("an actor did not answer a ping within %.0f s", PING_TIMEOUT_S)
         return Ping.SILENT, 0
+
+
+def _drain(handle) -> list:
+    """A target's round records since the last drain; none from one that died since its ping."""
+    try:
+        return ray.get(handle.drain_telemetry.remote())
+    except RayActorError:
+        return []
 
 
 def _replicas_wanted(live: int, replicas: int, autoscale) -> int:

@@ -19,7 +19,7 @@ from cluster.controller.client import FLEET_REFRESH_S
 from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
 
-from controlled_fleet import controlled_fleet
+from controlled_fleet import controlled_fleet, step_until
 
 MAX_TOKENS = 40
 
@@ -97,9 +97,8 @@ def test_dead_drafter_is_replaced_and_speculation_resumes(controller, stub, prom
     with ThreadPoolExecutor(3) as pool:
         outputs = list(pool.map(lambda i: stream_tokens(stub, prompts[i], kill if i == 0 else None), range(3)))
     assert outputs == expected[:3]  # plain decoding took over, exactly
-    ray.get(controller.step.remote())
-    new_version, new_fleet = ray.get(controller.snapshot.remote())
-    assert new_version > version and new_fleet.drafters["sorted"][0] != dead
+    step_until(controller, lambda fleet: fleet.drafters["sorted"][0] != dead, "the replacement drafter is installed")
+    assert ray.get(controller.snapshot.remote())[0] > version
     response = stub.Generate(request(prompts[3]), timeout=300)
     assert list(response.token_ids) == expected[3]
     assert response.speculation.drafted > 0, "the replacement drafter should draft again"
