@@ -31,6 +31,18 @@ def process_tree_peaks(root_pid: int) -> list[dict]:
     return found
 
 
+def private_rss_mib(pid: int) -> float | None:
+    """RssAnon of a process in MiB (its own heaps, arenas and stacks; shared object-store pages mapped in are
+    left out), or None if it is gone or unreadable."""
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024  # the kernel reports kB
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def peak_rss_mib(pid: int) -> float | None:
     """VmHWM of a process in MiB, or None if it is gone or unreadable."""
     try:

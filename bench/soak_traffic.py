@@ -13,12 +13,12 @@ import random
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import grpc
 import ray
 import requests
 
+from bench.memory import private_rss_mib
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
@@ -145,8 +145,11 @@ class Reaper(threading.Thread):
 
 
 def serve_replica(app: str, deployment: str):
+    """The actor of a Serve deployment's only replica (LookupError unless exactly one runs)."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
              if a["name"].startswith(f"SERVE_REPLICA::{app}#{deployment}#")]
+    if len(names) != 1:
+        raise LookupError(f"expected one replica of {deployment}, found {names}")
     return ray.get_actor(names[0], namespace="serve")
 
 
@@ -164,18 +167,13 @@ class MemorySampler(threading.Thread):
                 _, fleet = self.controller.snapshot.remote().result(timeout_s=30)
             except Exception:  # noqa: BLE001 - the controller restarting: sample at the next tick
                 continue
-            rss = {f"{name}/{replica}": _rss_mib(info["pid"])
+            rss = {f"{name}/{replica}": _rounded(private_rss_mib(info["pid"]))
                    for name, infos in fleet.infos.items() for replica, info in enumerate(infos)}
             self.samples.append({"at_s": round(time.monotonic() - self.began, 1), "rss_mib": rss})
 
 
-def _rss_mib(pid: int) -> float | None:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return None  # the process died since the snapshot
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return round(int(fields["RssAnon"].split()[0]) / 1024, 1)
+def _rounded(mib: float | None) -> float | None:
+    return None if mib is None else round(mib, 1)  # None: the process died since the snapshot
 
 
 def outcome_dicts(outcomes: list[Outcome]) -> list[dict]:

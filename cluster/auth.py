@@ -14,8 +14,10 @@ import ipaddress
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cluster.config import ServerConfig
+if TYPE_CHECKING:  # the config imports torch; the thin client imports this module for AUTHORIZATION
+    from cluster.config import ServerConfig
 
 AUTHORIZATION = "authorization"  # the HTTP header and the gRPC metadata key (gRPC keys are lower case)
 BEARER = "bearer "
@@ -29,7 +31,7 @@ class ApiKeys:
             raise ValueError("no API key given")
 
     @classmethod
-    def from_config(cls, server: ServerConfig) -> "ApiKeys | None":
+    def from_config(cls, server: "ServerConfig") -> "ApiKeys | None":
         """The configured keys, or None when the config names no source (authentication off)."""
         if server.api_keys_file is None and server.api_keys_env is None:
             return None

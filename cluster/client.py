@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from actors.errors import SpecfleetError
+from cluster.auth import AUTHORIZATION
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
@@ -46,7 +47,7 @@ def stats_remote(address: str, timeout_s: float, credentials: Credentials = Cred
 
 
 def _call(address: str, method: str, request, timeout_s: float, credentials: Credentials):
-    metadata = [("authorization", f"Bearer {credentials.api_key}")] if credentials.api_key else None
+    metadata = [(AUTHORIZATION, f"Bearer {credentials.api_key}")] if credentials.api_key else None
     with _channel(address, credentials) as channel:
         try:
             return getattr(pb_grpc.GenerationStub(channel), method)(request, timeout=timeout_s, metadata=metadata)

@@ -98,7 +98,7 @@ class Frontend:
         target = self.config.targets[request.model]
         exits = self.fleet.infos[target.drafter][0]["exit_layers"] if target.drafter else None
         speculation = speculation_spec(request.speculation, target, exits)
-        handle = min(self.fleet.targets[request.model], key=lambda h: self._load.get(actor_id(h), 0))
+        handle = self._least_busy(self.fleet.targets[request.model])
         return Admitted(request.model, handle, uuid.uuid4().hex, tokenizer, prompt, params, speculation)
 
     async def updates(self, admitted: Admitted) -> AsyncIterator[SequenceUpdate]:
@@ -180,11 +180,15 @@ class Frontend:
         while True:
             live = [h for h in self.fleet.targets[model] if actor_id(h) not in gone]
             if live:
-                return min(live, key=lambda h: self._load.get(actor_id(h), 0))
+                return self._least_busy(live)
             if not self.healing or waited_s >= server.resume_wait_s:
                 raise ReplicaFailed(f"no replica of {model} can serve this request now; retry later")
             await asyncio.sleep(RESUME_POLL_S)
             waited_s += RESUME_POLL_S
+
+    def _least_busy(self, handles: list):
+        """The replica with the fewest requests in flight from this front door."""
+        return min(handles, key=lambda h: self._load.get(actor_id(h), 0))
 
     def stop_early(self, admitted: Admitted) -> None:
         """The caller ends the sequence on purpose (a stop string): count it as "stop", not as a cancellation."""

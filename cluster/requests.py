@@ -75,7 +75,7 @@ def cascade_override(speculation: pb.Speculation, target: TargetConfig) -> Casca
         raise InvalidRequest("this target has no drafter to cascade with")
     wire = speculation.cascade
     if wire.rule not in (pb.Cascade.RULE_UNSPECIFIED, *CASCADE_RULES):
-        raise InvalidRequest(f"unknown cascade rule {wire.rule}; known: CHOW, DIFF, OPT")
+        raise InvalidRequest(f"unknown cascade rule {wire.rule}; known: {', '.join(map(pb.Cascade.Rule.Name, CASCADE_RULES))}")
     rule = CASCADE_RULES.get(wire.rule) or (default.rule if default else None)
     alpha = wire.alpha if wire.HasField("alpha") else (default.alpha if default else None)
     if rule is None or alpha is None:
@@ -86,7 +86,8 @@ def cascade_override(speculation: pb.Speculation, target: TargetConfig) -> Casca
 def _draft_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[int] | None) -> SpeculationSpec:
     mode = speculation.mode
     if mode not in pb.Speculation.Mode.values():
-        raise InvalidRequest(f"unknown speculation mode {mode}; known: AUTO, OFF, FIXED")
+        known = [name for name in pb.Speculation.Mode.keys() if name != "MODE_UNSPECIFIED"]
+        raise InvalidRequest(f"unknown speculation mode {mode}; known: {', '.join(known)}")
     if mode in (pb.Speculation.MODE_UNSPECIFIED, pb.Speculation.AUTO):
         return FOLLOW_PLAN
     if mode == pb.Speculation.OFF:

@@ -103,8 +103,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            too_large = request_too_large(self.limit)
-            response = JSONResponse(error_body(too_large.detail, "invalid_request_error"), status_code=413)
+            response = error_response(413, request_too_large(self.limit).detail, "invalid_request_error")
             return await response(scope, receive, send)
         received = 0
 

@@ -16,7 +16,6 @@ survive is checked token for token against the target's own greedy output:
 The models are tiny, with a long context so that a stream can run long.
 """
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,8 @@ import ray
 from ray import serve
 
 from actors.generator import SpeculativeGenerator
+from bench.memory import private_rss_mib
+from bench.soak_traffic import serve_replica
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
@@ -37,6 +38,7 @@ from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 from tiny_models import build_llama
+from up_server import free_port
 
 APP = "specfleet"
 MAX_TOKENS = 48
@@ -81,12 +83,6 @@ def expected(paths, prompts) -> list[list[int]]:
     return [r.tokens for r in SpeculativeGenerator(ModelRunner.from_pretrained(paths["target"])).generate(prompts, params)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def request(prompt: list[int], max_tokens: int = MAX_TOKENS) -> pb.GenerateRequest:
     return pb.GenerateRequest(model="small", token_ids=pb.TokenIds(ids=prompt), max_tokens=max_tokens, temperature=0.0,
                               ignore_eos=True)
@@ -109,14 +105,6 @@ def streams_with_a_fault(stub, prompts: list[list[int]], fault) -> list[list[int
         started.wait(timeout=FAULT_TIMEOUT_S)
         fault()
         return [output.result() for output in outputs]
-
-
-def serve_replica(deployment: str):
-    """The actor of a deployment's (only) replica."""
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP}#{deployment}#")]
-    assert len(names) == 1, names
-    return ray.get_actor(names[0], namespace="serve")
 
 
 def fleet_actor_names() -> set[str]:
@@ -144,7 +132,7 @@ def test_killing_the_controller_mid_stream_fails_no_stream_and_its_successor_ado
     controller = app["controller"]
     version, fleet = controller.snapshot.remote().result()
     names = fleet_actor_names()
-    outputs = streams_with_a_fault(stub, prompts, lambda: ray.kill(serve_replica("FleetController"), no_restart=True))
+    outputs = streams_with_a_fault(stub, prompts, lambda: ray.kill(serve_replica(APP, "FleetController"), no_restart=True))
     assert outputs == expected
 
     new_version, adopted = wait_for(lambda: _new_snapshot(controller, version), "Serve's new controller replica answers")
@@ -184,15 +172,10 @@ def test_new_requests_while_the_drafter_is_dead_decode_plainly_and_exactly(app, 
 BURSTS, BURST_REQUESTS = 5, 300
 
 
-def _actor_rss(fleet) -> dict[str, int]:
-    """Private resident memory (RssAnon, bytes) of every drafter and target actor process."""
-    memory = {}
-    for name, infos in fleet.infos.items():
-        for replica, info in enumerate(infos):
-            status = Path(f"/proc/{info['pid']}/status").read_text()
-            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-            memory[f"{name}/{replica}"] = int(fields["RssAnon"].split()[0]) * 1024
-    return memory
+def _actor_rss(fleet) -> dict[str, float]:
+    """Private resident memory (RssAnon, MiB) of every drafter and target actor process."""
+    return {f"{name}/{replica}": private_rss_mib(info["pid"])
+            for name, infos in fleet.infos.items() for replica, info in enumerate(infos)}
 
 
 def _settled_fleet(controller):
@@ -215,7 +198,7 @@ def test_memory_after_bursts_of_300_concurrent_requests_returns_to_its_level(app
         assert codes.count(grpc.StatusCode.OK) >= 256  # the front door's limit of requests in flight
         after.append(_actor_rss(fleet))
     for actor, first in after[0].items():
-        assert after[-1][actor] <= 1.1 * first, f"{actor}: {[m[actor] >> 20 for m in after]} MiB"
+        assert after[-1][actor] <= 1.1 * first, f"{actor}: {[round(m[actor]) for m in after]} MiB"
 
 
 def test_killing_the_grpc_front_door_cancels_its_sequences_on_every_actor(app, stub, prompts):
@@ -236,7 +219,7 @@ def test_killing_the_grpc_front_door_cancels_its_sequences_on_every_actor(app, s
     wait_for(lambda: sum(r.live_sequences for r in controller.stats.remote().result().replicas
                          if r.role == "target") == 16, "all 16 sequences are live", poll_s=0.1)
     emitted_before = _emitted(controller)
-    ray.kill(serve_replica("GrpcFrontDoor"), no_restart=True)
+    ray.kill(serve_replica(APP, "GrpcFrontDoor"), no_restart=True)
     killed_at = time.monotonic()
     for thread in threads:
         thread.join(FAULT_TIMEOUT_S)
