@@ -34,21 +34,20 @@ def process_tree_peaks(root_pid: int) -> list[dict]:
 def private_rss_mib(pid: int) -> float | None:
     """RssAnon of a process in MiB (its own heaps, arenas and stacks; shared object-store pages mapped in are
     left out), or None if it is gone or unreadable."""
-    try:
-        for line in (PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) / 1024  # the kernel reports kB
-    except (OSError, ValueError):
-        return None
-    return None
+    return _status_mib(pid, "RssAnon")
 
 
 def peak_rss_mib(pid: int) -> float | None:
     """VmHWM of a process in MiB, or None if it is gone or unreadable."""
+    return _status_mib(pid, "VmHWM")
+
+
+def _status_mib(pid: int, field: str) -> float | None:
+    """A memory field of /proc/PID/status in MiB (the kernel reports kB), or None."""
     try:
         for line in (PROC / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # the kernel reports kB
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
     except (OSError, ValueError):
         return None
     return None
