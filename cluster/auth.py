@@ -9,6 +9,7 @@ time, so timing tells nothing about how much of a key matched. Keys are never
 logged.
 """
 
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -47,16 +48,27 @@ class ApiKeys:
             raise ValueError("API keys are configured but none was found in the key file or environment variable") from None
 
     def allows(self, authorization: str | None) -> bool:
-        """Whether an `authorization` value carries one of the keys (every key is compared, in constant time)."""
+        """Whether an `authorization` value carries one of the keys."""
+        return self.fingerprint(authorization) is not None
+
+    def fingerprint(self, authorization: str | None) -> str | None:
+        """The fingerprint of the key an `authorization` value carries, or None if it carries none of them.
+        Every key is compared, in constant time."""
         if not authorization:
-            return False
+            return None
         presented = authorization.strip()
         if presented.lower().startswith(BEARER):
             presented = presented[len(BEARER):].strip()
-        matched = False
+        matched = None
         for key in self._keys:
-            matched |= hmac.compare_digest(key, presented.encode())
-        return matched
+            if hmac.compare_digest(key, presented.encode()):
+                matched = key
+        return key_fingerprint(matched) if matched is not None else None
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A key's name in counters and reports: a short hash, so that no key's text leaves the front door."""
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 def is_loopback(host: str) -> bool:

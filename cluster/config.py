@@ -130,7 +130,12 @@ class ServerConfig(_Strict):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Most max_tokens a request may ask for (INVALID_ARGUMENT / 400 beyond it); None: as many as "
         "the model's context leaves after the prompt.")
-    max_concurrent_requests: int = Field(256, ge=1, description="Requests in flight before RESOURCE_EXHAUSTED.")
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="Requests in flight on the whole fleet (all front doors together) before "
+        "RESOURCE_EXHAUSTED / 429; the doors share their counts through the controller (cluster/admission.py).")
+    max_concurrent_requests_per_key: int | None = Field(
+        None, ge=1, description="Requests in flight per API key on the whole fleet before RESOURCE_EXHAUSTED / 429; "
+        "None: only the fleet's limit.")
     stream_interval_s: float = Field(
         0.01, ge=0, le=1.0,
         description="A stream's first update goes out at once; later rounds are merged into one update per this "

@@ -7,7 +7,8 @@ maps these errors to its own status codes:
 
 - `ModelNotFound`: NOT_FOUND / 404
 - `InvalidRequest`: INVALID_ARGUMENT / 400
-- `Overloaded`: RESOURCE_EXHAUSTED / 429 (too many requests in flight here, or a replica's KV slots and queue full)
+- `Overloaded`: RESOURCE_EXHAUSTED / 429 (too many requests in flight on the fleet or for one API key
+  (`cluster.admission`), or a replica's KV slots and queue full)
 - `ReplicaFailed`: UNAVAILABLE / 503 (the target's replicas died under the request, and it could not resume)
 
 When the caller stops reading before the sequence finished (client gone,
@@ -29,16 +30,14 @@ from actors.loading import load_tokenizer
 from actors.ray_actors import STREAM_BACKPRESSURE, actor_id
 from actors.sampling import SamplingParams
 from actors.speculation import SpeculationSpec
+from cluster.admission import ConcurrencyLimits, Overloaded
+from cluster.auth import ApiKeys
 from cluster.metrics import RequestObserver, RequestTimer
 from cluster.placement import Fleet
 from cluster.requests import ModelLimits, prompt_ids, sampling_params, speculation_spec
 from specfleet.v1 import generation_pb2 as pb
 
 RESUME_POLL_S = 0.2  # how often a stream to resume looks for a live replica in the fleet
-
-
-class Overloaded(SpecfleetError):
-    """Too many requests in flight."""
 
 
 class ReplicaFailed(SpecfleetError):
@@ -56,6 +55,7 @@ class Admitted:
     prompt: list[int]
     params: SamplingParams
     speculation: SpeculationSpec  # validated here, carried as is to the engine
+    key: str | None = None  # the fingerprint of the API key it came with (None: authentication off)
 
 
 class Frontend:
@@ -69,7 +69,9 @@ class Frontend:
         self.tokenizers = {name: load_tokenizer(t.path) for name, t in self.config.targets.items()}
         self.use_fleet(fleet)
         self._load: dict[str, int] = {}  # actor id -> requests in flight on that replica
-        self._in_flight = 0
+        server = self.config.server
+        self.api_keys = ApiKeys.from_config(server)
+        self.in_flight = ConcurrencyLimits(server.max_concurrent_requests, server.max_concurrent_requests_per_key)
         self._stopped_early: dict[str, str] = {}  # seq_id -> the outcome its caller gave it
 
     def use_fleet(self, fleet: Fleet) -> None:
@@ -80,16 +82,18 @@ class Frontend:
                                          server.max_prompt_chars, server.max_tokens_limit)
                        for name in fleet.targets}
 
-    async def admit(self, request: pb.GenerateRequest) -> Admitted:
+    async def admit(self, request: pb.GenerateRequest, authorization: str | None = None) -> Admitted:
         """Validate a request and bind it to a replica; raises the errors listed in the module docstring.
 
-        Tokenizing runs on a worker thread, so a long prompt holds up no other request on the event loop.
+        `authorization`: what the client presented (the door has already checked it), so that the request
+        counts towards its key's limit. Tokenizing runs on a worker thread, so a long prompt holds up no
+        other request on the event loop. The request is counted in flight once its updates start.
         """
-        if self._in_flight >= self.config.server.max_concurrent_requests:
-            raise Overloaded("too many requests in flight; retry later")
-        return await asyncio.to_thread(self._admit, request)
+        key = self.api_keys.fingerprint(authorization) if self.api_keys is not None else None
+        self.in_flight.check(key)
+        return await asyncio.to_thread(self._admit, request, key)
 
-    def _admit(self, request: pb.GenerateRequest) -> Admitted:
+    def _admit(self, request: pb.GenerateRequest, key: str | None) -> Admitted:
         if request.model not in self.fleet.targets:
             raise ModelNotFound(f"unknown model {request.model!r}; known: {sorted(self.fleet.targets)}")
         limits, tokenizer = self.limits[request.model], self.tokenizers[request.model]
@@ -99,7 +103,7 @@ class Frontend:
         exits = self.fleet.infos[target.drafter][0]["exit_layers"] if target.drafter else None
         speculation = speculation_spec(request.speculation, target, exits)
         handle = self._least_busy(self.fleet.targets[request.model])
-        return Admitted(request.model, handle, uuid.uuid4().hex, tokenizer, prompt, params, speculation)
+        return Admitted(request.model, handle, uuid.uuid4().hex, tokenizer, prompt, params, speculation, key)
 
     async def updates(self, admitted: Admitted) -> AsyncIterator[SequenceUpdate]:
         """The sequence's updates, one per round, the last with its finish reason.
@@ -112,7 +116,7 @@ class Frontend:
         differ from an uninterrupted run's. The last update's speculation counters cover
         the replica that finished the sequence.
         """
-        self._in_flight += 1
+        self.in_flight.acquire(admitted.key)  # a burst may have passed admit's check together
         timer, outcome = RequestTimer(self.observer, admitted.model) if self.observer else None, "cancelled"
         sent: list[int] = []
         dead: list[object] = []  # replicas that died under this sequence
@@ -142,7 +146,7 @@ class Frontend:
             outcome = "failed"
             raise
         finally:
-            self._in_flight -= 1
+            self.in_flight.release(admitted.key)
             if timer is not None:
                 timer.finish(self._stopped_early.pop(admitted.seq_id, outcome))
 

@@ -12,7 +12,9 @@ import grpc
 
 from actors.errors import InvalidRequest, ModelNotFound
 from cluster.detokenize import TextStream
-from cluster.frontend import Frontend, Overloaded, ReplicaFailed, usage
+from cluster.admission import Overloaded
+from cluster.auth import AUTHORIZATION
+from cluster.frontend import Frontend, ReplicaFailed, usage
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
@@ -34,7 +36,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def Generate(self, request, context):
         async with _status_codes(context):
-            admitted = await self.frontend.admit(request)
+            admitted = await self.frontend.admit(request, _authorization(context))
             tokens, last = [], None
             async for update in self.frontend.updates(admitted):
                 tokens.extend(update.new_tokens)
@@ -47,7 +49,7 @@ class GenerationService(pb_grpc.GenerationServicer):
 
     async def GenerateStream(self, request, context):
         async with _status_codes(context):
-            admitted = await self.frontend.admit(request)
+            admitted = await self.frontend.admit(request, _authorization(context))
             text = TextStream(admitted.tokenizer)
             async for update in self.frontend.updates(admitted):
                 done = update.finish_reason is not None
@@ -65,6 +67,11 @@ class GenerationService(pb_grpc.GenerationServicer):
         if self.stats_source is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server runs without a controller, so it keeps no stats")
         return await self.stats_source()
+
+
+def _authorization(context) -> str | None:
+    """The API key the call presented (already checked by the server's interceptor)."""
+    return dict(context.invocation_metadata() or ()).get(AUTHORIZATION)
 
 
 @contextlib.asynccontextmanager

@@ -17,8 +17,9 @@ Every `period_s` it takes one control step:
    from its live sequences per replica.
 
 Front doors read the fleet with `snapshot` (its `version` changes whenever a
-replica is replaced, added or removed, and differs between controllers) and
-report finished requests.
+replica is replaced, added or removed, and differs between controllers),
+report finished requests, and share their requests in flight (`report_load`,
+see `cluster.admission`).
 
 The actors outlive the controller (`cluster.placement`): a controller that
 dies and is restarted (by Serve) adopts the running fleet of its config, so
@@ -37,6 +38,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.ray_actors import actor_id
 from actors.telemetry import TelemetryAggregator
+from cluster.admission import DoorLoad, FleetLoad
 from cluster.config import ClusterConfig
 from cluster.controller.pairing import DraftLoad, best_move
 from cluster.controller.policy import Plan, PolicyConfig, SpeculationPolicy
@@ -59,6 +61,7 @@ class FleetController:
         self.draft_load = DraftLoad(config.controller.load_smoothing)
         self._collected_at = time.monotonic()
         self.metrics = SpecfleetMetrics()
+        self.door_load = FleetLoad()
         self.plans = {name: Plan(t.exit_layer, t.k if t.drafter else 0, "configured") for name, t in config.targets.items()}
         self.policies = {name: self._policy(name) for name, t in config.targets.items()
                          if t.drafter and config.controller.adaptive}
@@ -89,6 +92,10 @@ class FleetController:
     def observe_request(self, target: str, outcome: str, latency_s: float, first_token_s: float | None,
                         token_gaps_s: list[float]) -> None:
         self.metrics.observe_request(target, outcome, latency_s, first_token_s, token_gaps_s)
+
+    def report_load(self, door: str, load: DoorLoad) -> DoorLoad:
+        """A front door's requests in flight; returns the other doors' (the fleet's concurrency limits)."""
+        return self.door_load.report(door, load)
 
     def stats(self) -> pb.GetStatsResponse:
         with self._lock:

@@ -6,8 +6,10 @@ handle elsewhere; both return awaitables from `.method.remote(...)`.
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Sequence
 
+from cluster.admission import LOAD_SYNC_S, ConcurrencyLimits
 from cluster.frontend import Frontend
 from cluster.placement import Fleet
 from specfleet.v1 import generation_pb2 as pb
@@ -20,17 +22,19 @@ FLEET_REFRESH_S = 1.0  # how often a front door checks whether the controller ch
 class ControllerClient:
     def __init__(self, handle):
         self.handle = handle
-        self._watch: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []  # kept referenced: the loop holds its tasks only weakly
 
     async def fleet(self) -> Fleet:
         _, fleet = await self.handle.snapshot.remote()
         return fleet
 
     async def frontend(self) -> Frontend:
-        """A `Frontend` over the controller's fleet that follows its replacements and new replicas."""
+        """A `Frontend` over the controller's fleet that follows its replacements and new replicas, and shares
+        its requests in flight with the other front doors."""
         version, fleet = await self.handle.snapshot.remote()
         frontend = Frontend(fleet, self, healing=True)
-        self._watch = asyncio.get_running_loop().create_task(self._follow(frontend, version))
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._follow(frontend, version)), loop.create_task(self._share_load(frontend.in_flight))]
         return frontend
 
     def observe_request(self, target: str, outcome: str, latency_s: float, first_token_s: float | None,
@@ -57,3 +61,13 @@ class ControllerClient:
                     frontend.use_fleet(fleet)
             except Exception:  # the controller restarting must not end the watch
                 log.warning("cannot reach the fleet controller; keeping the current fleet", exc_info=True)
+
+    async def _share_load(self, in_flight: ConcurrencyLimits) -> None:
+        """Report this door's requests in flight and take the other doors' (`cluster.admission`)."""
+        door = uuid.uuid4().hex
+        while True:
+            try:
+                in_flight.others = await self.handle.report_load.remote(door, in_flight.own())
+            except Exception:  # noqa: BLE001 - keep the others' last counts while the controller restarts
+                log.debug("cannot share the load with the fleet controller", exc_info=True)
+            await asyncio.sleep(LOAD_SYNC_S)

@@ -16,8 +16,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from actors.errors import InvalidRequest, ModelNotFound, SpecfleetError
+from cluster.admission import Overloaded
 from cluster.auth import UNAUTHENTICATED_MESSAGE
-from cluster.frontend import Overloaded, ReplicaFailed
+from cluster.frontend import ReplicaFailed
 
 log = logging.getLogger(__name__)
 

@@ -142,7 +142,7 @@ class Reply:
 
 async def _generate(request: Request, body: GenerationBody, chat: bool) -> Response:
     frontend = await request.app.state.source.frontend()
-    admitted = await frontend.admit(body.generate_request())
+    admitted = await frontend.admit(body.generate_request(), request.headers.get(AUTHORIZATION))
     reply = Reply(body, admitted, chat, int(time.time()))
     pieces = completion_pieces(frontend, admitted, body.stop_strings)
     if not body.stream:

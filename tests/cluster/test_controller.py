@@ -7,6 +7,7 @@ The controller runs as a plain Ray actor with a long period; tests call
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from cluster.admission import LOAD_REPORT_TTL_S, LOAD_SYNC_S, DoorLoad
 from cluster.config import parse_config
 from cluster.controller.client import FLEET_REFRESH_S
 from cluster.simulated import simulated_cluster
@@ -158,6 +160,28 @@ def test_the_fleet_is_unready_while_no_target_replica_can_serve(controller, stub
         ray.get(controller.step.remote())
     time.sleep(2 * FLEET_REFRESH_S)  # the front door picks up the new fleet at its next refresh
     assert list(stub.Generate(request(prompts[0]), timeout=300).token_ids) == expected[0]
+
+
+def test_requests_in_flight_at_other_front_doors_count_towards_the_fleets_limit(controller, stub, prompts, expected):
+    """Another door reporting the fleet's whole limit in flight: this door refuses; once it falls silent, serves."""
+    busy = DoorLoad(total=fleet_limit(controller))
+    deadline = time.monotonic() + 30
+    while True:
+        ray.get(controller.report_load.remote("another-door", busy))
+        time.sleep(LOAD_SYNC_S * 2)  # this door reads the others' counts at its next sync
+        try:
+            stub.Generate(request(prompts[0]), timeout=300)
+        except grpc.RpcError as refused:
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "on this fleet" in refused.details()
+            break
+        assert time.monotonic() < deadline, "the other door's requests never counted here"
+    time.sleep(LOAD_REPORT_TTL_S + LOAD_SYNC_S * 2)  # the other door fell silent: it drops out of the totals
+    assert list(stub.Generate(request(prompts[0]), timeout=300).token_ids) == expected[0]
+
+
+def fleet_limit(controller) -> int:
+    _, fleet = ray.get(controller.snapshot.remote())
+    return fleet.config.server.max_concurrent_requests
 
 
 def test_new_requests_while_the_drafter_is_dead_decode_plainly_and_exactly(controller, stub, prompts, expected):

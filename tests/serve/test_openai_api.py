@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from cluster.auth import ApiKeys
 from cluster.config import parse_config
 from cluster.frontend import Frontend
 from cluster.metrics import SpecfleetMetrics
@@ -393,6 +394,23 @@ def test_too_many_requests_in_flight_get_429(fleet, expected):
             response = client.post("/v1/completions", json=completion())
             assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
         assert wait_until(lambda: client.post("/v1/completions", json=completion()).status_code == 200)
+
+
+def test_each_api_key_has_its_own_limit_of_requests_in_flight(fleet, monkeypatch):
+    monkeypatch.setenv("SPECFLEET_TEST_KEYS", "key-one,key-two")
+    server = fleet.config.server.model_copy(update={"max_concurrent_requests_per_key": 1, "api_keys_env": "SPECFLEET_TEST_KEYS"})
+    app = create_api(ApiKeys.from_config(server))
+    app.state.source = FleetSource(dataclasses.replace(fleet, config=fleet.config.model_copy(update={"server": server})))
+    one, two = ({"authorization": f"Bearer {key}"} for key in ("key-one", "key-two"))
+    with TestClient(app) as client:
+        with client.stream("POST", "/v1/completions", json=completion(max_tokens=200, stream=True), headers=one) as held:
+            lines = held.iter_lines()  # kept: dropping the iterator would close the stream
+            assert next(lines).startswith("data: ")
+            refused = client.post("/v1/completions", json=completion(), headers=one)
+            assert refused.status_code == 429 and "this API key has 1 requests in flight" in refused.json()["error"]["message"]
+            assert "key-one" not in refused.text
+            assert client.post("/v1/completions", json=completion(), headers=two).status_code == 200
+        assert wait_until(lambda: client.post("/v1/completions", json=completion(), headers=one).status_code == 200)
 
 
 def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_event(client, fleet, expected):
