@@ -6,6 +6,7 @@ import sys
 from actors.errors import SpecfleetError
 from cluster.bench_command import add_bench_command
 from cluster.generate_command import add_generate_command
+from cluster.health_command import add_health_command
 from cluster.status_command import add_status_command
 from cluster.up_command import add_up_command
 from cluster.zoo.cli import add_zoo_commands
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(subparsers)
     add_up_command(subparsers)
     add_status_command(subparsers)
+    add_health_command(subparsers)
     add_zoo_commands(subparsers)
     add_bench_command(subparsers)
     return parser

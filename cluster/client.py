@@ -1,4 +1,4 @@
-"""A small gRPC client of the Generation service, for `specfleet generate --server` and `specfleet status`."""
+"""A small gRPC client of the Generation service, for `specfleet generate --server`, `status` and `health`."""
 
 import argparse
 import os
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from actors.errors import SpecfleetError
 from cluster.auth import AUTHORIZATION
@@ -26,15 +27,19 @@ class Credentials:
 
     api_key: str | None = None
     tls_ca: Path | None = None  # None: plaintext
+    tls_server_name: str | None = None  # the name the server's certificate must carry, if not the address's host
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Credentials":
-        return cls(args.api_key or os.environ.get(API_KEY_ENV) or None, args.tls_ca)
+        return cls(getattr(args, "api_key", None) or os.environ.get(API_KEY_ENV) or None, args.tls_ca, args.tls_server_name)
 
 
-def add_credential_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api-key", help=f"API key of the server (default: ${API_KEY_ENV})")
+def add_credential_arguments(parser: argparse.ArgumentParser, api_key: bool = True) -> None:
+    if api_key:
+        parser.add_argument("--api-key", help=f"API key of the server (default: ${API_KEY_ENV})")
     parser.add_argument("--tls-ca", type=Path, help="PEM CA of a server that serves TLS (default: plaintext)")
+    parser.add_argument("--tls-server-name", help="name the server's certificate carries, when the address is not it "
+                        "(e.g. a probe inside the pod connecting to 127.0.0.1)")
 
 
 def generate_remote(address: str, request: pb.GenerateRequest, timeout_s: float,
@@ -44,6 +49,16 @@ def generate_remote(address: str, request: pb.GenerateRequest, timeout_s: float,
 
 def stats_remote(address: str, timeout_s: float, credentials: Credentials = Credentials()) -> pb.GetStatsResponse:
     return _call(address, "GetStats", pb.GetStatsRequest(), timeout_s, credentials)
+
+
+def health_remote(address: str, timeout_s: float, credentials: Credentials = Credentials()) -> str:
+    """The server's standard gRPC health status ("SERVING", "NOT_SERVING", ...); health needs no API key."""
+    with _channel(address, credentials) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+        except grpc.RpcError as err:
+            raise ServerError(f"{err.code().name}: {err.details()}") from None
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def _call(address: str, method: str, request, timeout_s: float, credentials: Credentials):
@@ -58,4 +73,5 @@ def _call(address: str, method: str, request, timeout_s: float, credentials: Cre
 def _channel(address: str, credentials: Credentials) -> grpc.Channel:
     if credentials.tls_ca is None:
         return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(credentials.tls_ca.read_bytes()))
+    options = [("grpc.ssl_target_name_override", credentials.tls_server_name)] if credentials.tls_server_name else None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(credentials.tls_ca.read_bytes()), options=options)

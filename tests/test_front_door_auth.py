@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster.auth import ApiKeys, check_exposure
+from cluster.cli import main
 from cluster.client import Credentials, ServerError, stats_remote
 from cluster.serve.openai_api import create_api
 from cluster.server import BackgroundServer
@@ -124,3 +125,17 @@ def test_serving_beyond_loopback_needs_keys_or_an_explicit_insecure():
         check_exposure("0.0.0.0", None, insecure=False)
     check_exposure("0.0.0.0", None, insecure=True)
     check_exposure("10.1.2.3", ApiKeys(["k"]), insecure=False)
+
+
+def test_the_health_command_checks_a_tls_door_as_a_kubernetes_exec_probe_would(target_path, certs, keys_in_env, capsys):
+    """`specfleet health` (the manifests' liveness probe) needs no key; the certificate's name can be given apart."""
+    server = tls_server(target_path, certs)
+    port = server.address.rsplit(":", 1)[1]
+    try:
+        probe = ["health", "--server", f"127.0.0.1:{port}", "--tls-ca", str(certs.ca)]
+        assert main([*probe, "--tls-server-name", "localhost"]) == 0
+        assert capsys.readouterr().out.strip() == "SERVING"
+        assert main([*probe, "--tls-server-name", "another-name", "--timeout", "3"]) == 2  # the name is checked
+        assert "UNAVAILABLE" in capsys.readouterr().err
+    finally:
+        server.stop()

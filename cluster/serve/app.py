@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from cluster.auth import ApiKeys, check_exposure
-from cluster.config import ClusterConfig, ServerConfig, default_config, load_config
+from cluster.config import ClusterConfig, ServerConfig, TlsConfig, default_config, load_config
 from cluster.controller.actor import FleetController
 from cluster.controller.client import ControllerClient
 from cluster.serve.openai_api import create_api
@@ -45,6 +45,9 @@ class AppArgs(BaseModel):
         "comma-separated; overrides the cluster config's server.api_keys_env.")
     insecure: bool = Field(
         False, description="Serve a non-loopback grpc_host without API keys: only on a network where every client is trusted.")
+    grpc_tls: TlsConfig | None = Field(
+        None, description="TLS of the gRPC front door (files on the node that hosts it, e.g. mounted from a Kubernetes "
+        "Secret); overrides the cluster config's server.tls. Serve's HTTP proxy takes its TLS from http_options.")
 
 
 class ServedFleetController(FleetController):
@@ -102,8 +105,9 @@ def build_app(args: dict) -> serve.Application:
     """Serve's entry point: `import_path: cluster.serve.app:build_app`."""
     parsed = AppArgs.model_validate(args or {})
     config = load_config(parsed.config) if parsed.config else default_config()
-    if parsed.api_keys_env:
-        config = config.model_copy(update={"server": config.server.model_copy(update={"api_keys_env": parsed.api_keys_env})})
+    overrides = {"api_keys_env": parsed.api_keys_env, "tls": parsed.grpc_tls}
+    overrides = {field: value for field, value in overrides.items() if value is not None}
+    config = config.model_copy(update={"server": config.server.model_copy(update=overrides)})
     check_exposure(parsed.grpc_host, ApiKeys.from_config(config.server), parsed.insecure)
     return build_app_from_config(config, parsed.grpc_host, parsed.grpc_port)
 

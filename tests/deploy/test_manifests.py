@@ -20,6 +20,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from cluster.cli import build_parser
 from cluster.config import ClusterConfig, load_config
 from cluster.serve.app import AppArgs
 
@@ -132,11 +133,13 @@ def serve_config_v2(rayservice: dict) -> dict:
     return yaml.safe_load(rayservice["spec"]["serveConfigV2"])
 
 
-def without_config_path(serve_config: dict) -> dict:
-    """The Serve config less each application's args.config, the one field a deployment changes."""
+def without_deployment_args(serve_config: dict) -> dict:
+    """The Serve config less each application's args.config and args.grpc_tls, the fields a deployment changes
+    (its cluster config, and the gRPC door's certificate files, mounted from a Secret on Kubernetes)."""
     stripped = copy.deepcopy(serve_config)
     for application in stripped["applications"]:
         application["args"].pop("config")
+        application["args"].pop("grpc_tls", None)
     return stripped
 
 
@@ -153,7 +156,7 @@ def test_the_serve_config_file_is_a_valid_serve_deploy_config():
 def test_serve_config_v2_is_the_serve_config_file_but_for_the_cluster_config_path(rayservice):
     embedded = serve_config_v2(rayservice)
     ServeDeploySchema.model_validate(embedded)
-    assert without_config_path(embedded) == without_config_path(yaml.safe_load(SERVE_CONFIG.read_text()))
+    assert without_deployment_args(embedded) == without_deployment_args(yaml.safe_load(SERVE_CONFIG.read_text()))
 
 
 # ---- the cluster config behind each RayService -------------------------------------------------------------
@@ -290,7 +293,7 @@ def test_ports_agree_everywhere(path):
     head = container(pod_templates(rayservice)["head"])
     ports = {port["name"]: port["containerPort"] for port in head["ports"]}
     assert ports["serve"] == HTTP_PORT and ports["grpc"] == GRPC_PORT
-    assert head["livenessProbe"]["grpc"]["port"] == GRPC_PORT
+    assert liveness_probe_args(head).server == f"127.0.0.1:{GRPC_PORT}"
     [service_port] = grpc_service_of(path)["spec"]["ports"]
     assert service_port["port"] == GRPC_PORT and ports[service_port["targetPort"]] == GRPC_PORT
 
@@ -306,6 +309,30 @@ def test_the_grpc_service_selects_the_serving_head_only(path):
     for template in templates.values():
         worker_labels = {**template.get("metadata", {}).get("labels", {}), "ray.io/node-type": "worker", "ray.io/serve": "true"}
         assert not selector.items() <= worker_labels.items()
+
+
+def liveness_probe_args(head: dict):
+    """The head's liveness probe, parsed by the `specfleet` command it runs."""
+    command = head["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["specfleet", "health"]
+    return build_parser().parse_args(command[1:])
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_the_grpc_door_serves_tls_from_a_secret_and_its_probe_checks_it(path):
+    [rayservice] = [doc for doc in documents(path) if doc["kind"] == "RayService"]
+    [args] = [AppArgs.model_validate(app["args"]) for app in serve_config_v2(rayservice)["applications"]]
+    template = pod_templates(rayservice)["head"]
+    head = container(template)
+    [mount] = head["volumeMounts"]
+    [volume] = [v for v in template["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "specfleet-grpc-tls" and mount["readOnly"]
+    in_mount = lambda file: Path(file).parent == Path(mount["mountPath"])  # noqa: E731
+    assert args.grpc_tls is not None and in_mount(args.grpc_tls.cert_file) and in_mount(args.grpc_tls.key_file)
+    probe = liveness_probe_args(head)
+    assert in_mount(probe.tls_ca), "the probe checks the door's certificate"
+    assert probe.tls_server_name == grpc_service_of(path)["metadata"]["name"], "the name clients reach the door by"
+    assert probe.timeout < head["livenessProbe"]["timeoutSeconds"]
 
 
 def pyproject() -> dict:
