@@ -11,7 +11,7 @@ import torch
 from pydantic import BaseModel, Field
 from transformers import LlamaForCausalLM
 
-from cluster.zoo.checkpoint import load_model, parameter_count
+from cluster.zoo.checkpoint import WEIGHTS_FILE, load_model, parameter_count
 from cluster.zoo.config import DRAFTER_NAME, TOKENIZER_DIR, ZooConfig
 from cluster.zoo.corpus import corpus_root, load_manifest, read_split
 from cluster.zoo.exits import exit_layers_of, exit_logits
@@ -50,6 +50,7 @@ class EvalReport(BaseModel):
     models: list[ModelStats] = Field(description="Targets, then drafter exits.")
     matrix: list[PairStats] = Field(description="One entry per (drafter exit, target).")
     measured: Measured = Field(description="Greedy speculation with the largest target and step costs, in the runner.")
+    untrained: list[str] = Field(default_factory=list, description="Targets of the config not trained yet, left out.")
 
 
 def expected_accepted_length(rate: float, k: int) -> float:
@@ -107,7 +108,8 @@ def evaluate_zoo(out_dir: Path, eval_tokens: int | None = None, manifest_path: P
     test_tokens = encode_documents(tokenizer, read_split(manifest, "test", corpus_root(config.corpus)))
     windows = heldout_windows(test_tokens, context or config.context, eval_tokens or config.eval_tokens)  # [W, T+1]
     drafter = load_model(out_dir / DRAFTER_NAME)
-    targets = {t.name: load_model(out_dir / t.name) for t in config.targets}
+    untrained = [t.name for t in config.targets if not (out_dir / t.name / WEIGHTS_FILE).exists()]
+    targets = {t.name: load_model(out_dir / t.name) for t in config.targets if t.name not in untrained}
     losses, pairs = score(drafter, targets, windows, config.eval_batch_size)
     count = windows[:, 1:].numel()
     models = [_stats(name, model, losses[name] / count) for name, model in targets.items()]
@@ -135,6 +137,7 @@ def evaluate_zoo(out_dir: Path, eval_tokens: int | None = None, manifest_path: P
         models=models,
         matrix=matrix,
         measured=measured,
+        untrained=untrained,
     )
 
 
@@ -147,7 +150,8 @@ def to_markdown(report: EvalReport) -> str:
     """Tables for models/README.md: per-model held-out loss, then one exit x target table per metric."""
     lines = [
         f"Held-out test split: {report.test_files} whole files, {report.tokens:,} positions scored per model "
-        f"(windows of {report.context} tokens, teacher-forced).",
+        f"(windows of {report.context} tokens, teacher-forced)."
+        + (f" Not trained yet, so left out: {', '.join(report.untrained)}." if report.untrained else ""),
         "",
         "| model | parameters | layers | loss (nats/token) | perplexity |",
         "|---|---:|---:|---:|---:|",

@@ -1,8 +1,11 @@
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
+from cluster.zoo.checkpoint import WEIGHTS_FILE
 from cluster.zoo.evaluate import EvalReport, acceptance_sums, expected_accepted_length, to_markdown
 from cluster.zoo.measured import mal_from_rates, per_position_acceptance
 
@@ -98,3 +101,14 @@ def test_eval_can_score_another_manifest_in_shorter_windows(smoke_zoo, tmp_path)
     assert run_cli(args) == 0
     report = EvalReport.model_validate_json(report_path.read_text())
     assert report.context == 32 and report.tokens == 512
+
+
+def test_a_zoo_still_training_is_scored_without_its_untrained_targets(smoke_zoo: Path, tmp_path: Path) -> None:
+    partial = tmp_path / "zoo"
+    shutil.copytree(smoke_zoo, partial)
+    (partial / "target-m" / WEIGHTS_FILE).unlink()  # as the pipeline leaves a target it has not reached
+    assert run_cli(["zoo", "eval", "--out", str(partial), "--threads", "1"]) == 0
+    report = EvalReport.model_validate_json((partial / "eval.json").read_text())
+    assert report.untrained == ["target-m"]
+    assert "target-m" not in {m.name for m in report.models} | {p.target for p in report.matrix}
+    assert "Not trained yet, so left out: target-m." in (partial / "eval.md").read_text()
