@@ -21,7 +21,7 @@ step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
   measured to pay).
 
 A drafter also runs several greedy draft steps as one compiled call
-(`LlamaStep.draft_greedy`, `FUSED_DRAFT_STEPS` of them at most), so a round's
+(`DecoderStep.draft_greedy`, `FUSED_DRAFT_STEPS` of them at most), so a round's
 k steps pay a compiled call's fixed cost once or twice instead of k times.
 
 `warm_up` compiles every graph a "compile" runner needs at start-up, so no
@@ -41,6 +41,7 @@ from actors.buckets import ShapePolicy
 log = logging.getLogger(__name__)
 
 CompileMode = Literal["eager", "compile", "compile-tuned", "compile-static"]
+CompileSetting = Literal["auto", "eager", "compile", "compile-tuned", "compile-static"]  # a mode, or 'auto' (resolve_mode)
 StepFunction = Callable[..., torch.Tensor]
 MAX_GRAPHS = 64  # dynamo's per-function graph limit (default 8) would silently fall back to eager past it
 # Greedy draft steps one fused call may run, largest first: a draft of k tokens runs as calls of these
@@ -52,7 +53,7 @@ DYNAMIC_MODES = ("compile", "compile-tuned")  # one graph per (depth, batch 1 or
 
 
 def compile_step(function: StepFunction, mode: CompileMode) -> StepFunction:
-    """What the runner calls in place of `function`, a method of a `LlamaStep`."""
+    """What the runner calls in place of `function`, a method of a `DecoderStep`."""
     if mode == "eager":
         return function
     import torch._dynamo.config as dynamo_config

@@ -1,6 +1,6 @@
-"""The model step: one Llama forward over slots of a preallocated KV store.
+"""The model step: one decoder forward over slots of a preallocated KV store.
 
-`LlamaStep` is the whole decoder as one function of tensors, in the style of
+`DecoderStep` is the whole decoder as one function of tensors, in the style of
 gpt-fast: every row of a batch names its slot in the `KVStore`, its new tokens'
 positions, and the exit it reads its logits at. Keys and values are written
 into the store by position (`index_put_`), attention reads each row's slot up
@@ -8,7 +8,8 @@ to a key length with a causal mask from positions, and nothing is allocated
 per sequence. Shapes depend only on (batch, width, key length, depth), so
 `torch.compile` turns the step into a few fused kernels (`actors.compiled`);
 the runner's shape policy (`actors.buckets`) says whether calls are padded
-to buckets.
+to buckets. The families it serves (Llama, Qwen2/3, Mistral, Gemma/Gemma 2,
+Phi-3) differ in a few switches fixed at load (`actors.families`).
 
 Projections are fused at load (q/k/v into one matrix, gate/up into one) and
 pre-transposed ([in, out], which this CPU's matmul reads faster for a few
@@ -19,15 +20,15 @@ Hugging Face's separate ones up to float rounding.
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
+from actors.families import Architecture, architecture_of, layer_weights, norm_weight
 from actors.kv_cache import KVStore
 
 
-class LlamaStep(nn.Module):
-    """The decoder of a `LlamaForCausalLM` as a step over KV-store slots (weights shared, not copied twice)."""
+class DecoderStep(nn.Module):
+    """The decoder of a causal LM as a step over KV-store slots (weights shared, not copied twice)."""
 
-    def __init__(self, model: LlamaForCausalLM, positions: int):
+    def __init__(self, model: nn.Module, positions: int):
         super().__init__()
         config = model.config
         self.num_heads = config.num_attention_heads
@@ -38,24 +39,15 @@ class LlamaStep(nn.Module):
         self.eps = config.rms_norm_eps
         self.embed = nn.Buffer(model.model.embed_tokens.weight)  # [V, H]
         self.lm_head = nn.Buffer(model.lm_head.weight.t().contiguous())  # [H, V]
-        self.final_norm = nn.Buffer(model.model.norm.weight)  # [H]
+        self.final_norm = nn.Buffer(norm_weight(model.model.norm, config.model_type))  # [H]
         for layer, block in enumerate(model.model.layers):
-            for name, weight in self._fuse(block).items():
+            weights = layer_weights(block, config.model_type)
+            for name, weight in weights.items():
                 self.register_buffer(f"{name}_{layer}", weight)
-        cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(positions)[None])  # each [1, P, D]
-        self.cos, self.sin = nn.Buffer(cos[0].to(self.embed.dtype)), nn.Buffer(sin[0].to(self.embed.dtype))  # [P, D]
-
-    @staticmethod
-    def _fuse(block) -> dict[str, torch.Tensor]:
-        attn, mlp = block.self_attn, block.mlp
-        return {
-            "input_norm": block.input_layernorm.weight,
-            "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t().contiguous(),  # [H, (Hq + 2 Hkv) D]
-            "o": attn.o_proj.weight.t().contiguous(),
-            "post_norm": block.post_attention_layernorm.weight,
-            "gate_up": torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous(),  # [H, 2 I]
-            "down": mlp.down_proj.weight.t().contiguous(),
-        }
+        self.weight_names = tuple(weights)  # the same in every layer
+        cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(positions)[None])  # each [1, P, R]
+        self.cos, self.sin = nn.Buffer(cos[0].to(self.embed.dtype)), nn.Buffer(sin[0].to(self.embed.dtype))  # [P, R]
+        self.arch: Architecture = architecture_of(model, rotary_dim=cos.shape[-1])
 
     def forward(
         self,
@@ -73,15 +65,19 @@ class LlamaStep(nn.Module):
         Every position gets logits, also for a prompt that needs only its last: one graph
         fewer to compile, for a head over 64 positions once per prompt chunk.
         """
+        arch = self.arch
         hidden = F.embedding(ids, self.embed)  # [B, T, H]
-        cos, sin = self.cos[positions], self.sin[positions]  # each [B, T, D]
-        visible = torch.arange(key_length, device=ids.device)[None, None, :] <= positions[:, :, None]  # [B, T, K]
-        mask = visible[:, None]  # [B, 1, T, K]
+        if arch.embed_scale is not None:
+            hidden = hidden * torch.tensor(arch.embed_scale, dtype=hidden.dtype)
+        cos, sin = self.cos[positions], self.sin[positions]  # each [B, T, R]
+        masks = _masks(positions, key_length, set(arch.windows[:depth]))  # window -> [B, 1, T, K]
         chosen = hidden  # each row's hidden state at its exit, once the row has passed it
         for layer in range(depth):
+            mask = masks[arch.windows[layer]]
             hidden = self._layer(layer, store, hidden, positions, slots, cos, sin, mask, key_length)
             chosen = torch.where((exits == layer + 1)[:, None, None], hidden, chosen)  # any layer may be an exit
-        return (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
+        logits = (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
+        return _softcap(logits, arch.final_softcap)
 
     def draft_greedy(self, store: KVStore, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                      exits: torch.Tensor, key_length: int, depth: int, steps: int) -> torch.Tensor:
@@ -102,28 +98,70 @@ class LlamaStep(nn.Module):
 
     def _layer(self, layer, store, hidden, positions, slots, cos, sin, mask, key_length) -> torch.Tensor:
         """One decoder layer; writes the rows' new keys/values into their slots."""
-        weights = {name: getattr(self, f"{name}_{layer}") for name in _WEIGHTS}
+        w = {name: getattr(self, f"{name}_{layer}") for name in self.weight_names}
+        arch = self.arch
         batch, width, _ = hidden.shape
-        x = F.rms_norm(hidden, hidden.shape[-1:], weights["input_norm"], self.eps)
-        qkv = (x @ weights["qkv"]).view(batch, width, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        x = F.rms_norm(hidden, hidden.shape[-1:], w["attn_in_norm"], self.eps)
+        qkv = _linear(x, w["qkv"], w.get("qkv_bias")).view(batch, width, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)  # [B, T, h, D]
+        if arch.qk_norm:
+            q = F.rms_norm(q, q.shape[-1:], w["q_norm"], self.eps)
+            k = F.rms_norm(k, k.shape[-1:], w["k_norm"], self.eps)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values = store.write_and_read(layer, slots, positions, k, v, key_length)  # each [B, Hkv, K, D]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )  # [B, Hq, T, D]
-        hidden = hidden + out.transpose(1, 2).reshape(batch, width, -1) @ weights["o"]
-        x = F.rms_norm(hidden, hidden.shape[-1:], weights["post_norm"], self.eps)
-        gate, up = (x @ weights["gate_up"]).chunk(2, dim=-1)  # each [B, T, I]
-        return hidden + (F.silu(gate) * up) @ weights["down"]
+        out = self._attend(q.transpose(1, 2), keys, values, mask)  # [B, Hq, T, D]
+        out = _linear(out.transpose(1, 2).reshape(batch, width, -1), w["o"], w.get("o_bias"))
+        if arch.sandwich_norms:
+            out = F.rms_norm(out, out.shape[-1:], w["attn_out_norm"], self.eps)
+        hidden = hidden + out
+        x = F.rms_norm(hidden, hidden.shape[-1:], w["mlp_in_norm"], self.eps)
+        gate, up = _linear(x, w["gate_up"], w.get("gate_up_bias")).chunk(2, dim=-1)  # each [B, T, I]
+        out = _linear(_activate(gate, arch.activation) * up, w["down"], w.get("down_bias"))
+        if arch.sandwich_norms:
+            out = F.rms_norm(out, out.shape[-1:], w["mlp_out_norm"], self.eps)
+        return hidden + out
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of q [B, Hq, T, D] over keys/values [B, Hkv, K, D] with mask [B, 1, T, K] -> [B, Hq, T, D]."""
+        cap = self.arch.attn_softcap
+        if cap is None:
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        groups = self.num_heads // self.num_kv_heads  # soft-capping scores is Gemma 2's eager attention, written out
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        scores = _softcap(q @ keys.transpose(2, 3) * self.scale, cap).masked_fill(~mask, float("-inf"))  # [B, Hq, T, K]
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ values
 
 
-_WEIGHTS = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down")
+def _masks(positions: torch.Tensor, key_length: int, windows: set[int | None]) -> dict[int | None, torch.Tensor]:
+    """Causal masks [B, 1, T, K] from positions [B, T]: one per window size used (None: the whole prefix)."""
+    keys = torch.arange(key_length, device=positions.device)[None, None, :]  # [1, 1, K]
+    visible = keys <= positions[:, :, None]  # [B, T, K]
+    return {window: (visible if window is None else visible & (keys > positions[:, :, None] - window))[:, None]
+            for window in windows}
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [.., in] @ weight [in, out] (+ bias [out])."""
+    return x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
+
+
+def _activate(gate: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "silu":
+        return F.silu(gate)
+    return F.gelu(gate, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) (Gemma 2), or x unchanged."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [B, T, h, D] with cos/sin [B, T, D] (Llama's rotate-half form)."""
+    """Rotary embedding of x [B, T, h, D] with cos/sin [B, T, R] (rotate-half form) on its first R <= D dimensions."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    half = x.shape[-1] // 2
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([_rotate(x[..., :rotary], cos[:, :, 0], sin[:, :, 0]), x[..., rotary:]], dim=-1)
+    half = rotary // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

@@ -7,32 +7,42 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerBase
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from actors.errors import IncompatibleModels, ModelNotFound
-
-SUPPORTED_MODEL_TYPES = ("llama",)  # the runner's forward reproduces exactly these architectures
+from actors.families import LENGTH_DEPENDENT_ROPE, SUPPORTED_MODEL_TYPES  # what the runner's forward reproduces
 hf_logging.disable_progress_bar()  # a per-shard progress bar is noise in a server log
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def load_llama(path: str | Path, dtype: str = "float32", device: str = "cpu") -> LlamaForCausalLM:
-    """Load a Llama-family causal LM from a local Hugging Face folder."""
+def load_causal_lm(path: str | Path, dtype: str = "float32", device: str = "cpu") -> nn.Module:
+    """Load a causal LM of a supported family (`actors.families`) from a local Hugging Face folder."""
     config = read_config(path)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelNotFound(
             f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    rope_type = rope_type_of(config)
+    if rope_type in LENGTH_DEPENDENT_ROPE:
+        raise ModelNotFound(f"{path}: rope type {rope_type!r} is not supported: its rotation depends on the sequence's "
+                            "length, and the runner rotates by position alone")
     if dtype not in DTYPES:
         raise ModelNotFound(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     try:
-        model = LlamaForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelNotFound(f"{path}: cannot load weights: {err}") from None
     return model.to(device)
+
+
+def rope_type_of(config: dict) -> str:
+    """The checkpoint's RoPE variant ("default" when it names none)."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return rope.get("rope_type") or rope.get("type") or "default"
 
 
 def read_config(path: str | Path) -> dict:

@@ -1,7 +1,7 @@
-"""ModelRunner: a Llama-family causal LM over a preallocated KV store, with exits.
+"""ModelRunner: a causal LM (Llama, Qwen2/3, Mistral, Gemma/Gemma 2, Phi-3) over a preallocated KV store, with exits.
 
 The runner owns its forward pass (in the style of gpt-fast, `actors.forward`)
-over the weights of a Hugging Face `LlamaForCausalLM`, so that
+over the weights of a Hugging Face causal LM of a supported family (`actors.families`), so that
 
 - a batch of sequences with different cached lengths and different numbers of
   new tokens runs in one forward, which can be compiled (`actors.compiled`):
@@ -23,15 +23,15 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers.models.llama.modeling_llama import LlamaForCausalLM
+from torch import nn
 
 from actors.buckets import MAX_WIDTH
-from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_STEPS, CompileMode, StepFunction, compile_step, resolve_mode, shape_policy,
-                              warm_up)
+from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_STEPS, CompileMode, CompileSetting, StepFunction, compile_step,
+                              resolve_mode, shape_policy, warm_up)
 from actors.errors import InvalidRequest
-from actors.forward import LlamaStep
+from actors.forward import DecoderStep
 from actors.kv_cache import KVStore, SequenceCache
-from actors.loading import load_llama
+from actors.loading import load_causal_lm
 
 SeqId = Hashable
 DEFAULT_MAX_SEQUENCES = 64  # slots of a runner built without a say
@@ -48,7 +48,7 @@ class RunnerSettings(BaseModel):
         DEFAULT_MAX_SEQUENCES, ge=1, le=4096,
         description="KV-store slots: sequences the replica holds at once (the store is allocated for all of them at load).",
     )
-    compile: Literal["auto", "eager", "compile", "compile-tuned", "compile-static"] = Field(
+    compile: CompileSetting = Field(
         "auto", description="How the model step runs (actors.compiled): 'auto' compiles on a CPU, where the benchmark "
         "shows it pays, and runs eagerly elsewhere until measured; 'compile-tuned' also freezes the weights and picks "
         "each matmul's kernel by timing (faster steps on CPUs where MKL's few-row GEMMs are slow, minutes more "
@@ -69,7 +69,7 @@ class _Chunk:
 class ModelRunner:
     """Runs one model for many sequences, each in a slot of the replica's KV store."""
 
-    def __init__(self, model: LlamaForCausalLM, name: str = "model", max_sequences: int = DEFAULT_MAX_SEQUENCES,
+    def __init__(self, model: nn.Module, name: str = "model", max_sequences: int = DEFAULT_MAX_SEQUENCES,
                  compile_mode: CompileMode = "eager"):
         model.eval().requires_grad_(False)
         self.name = name
@@ -81,7 +81,7 @@ class ModelRunner:
         param = next(model.parameters())
         self._device = param.device
         capacity = self.max_context + MAX_WIDTH  # room for padded queries past the context
-        self.step = LlamaStep(model, capacity)  # keeps the weights it needs; the unfused ones go with `model`
+        self.step = DecoderStep(model, capacity)  # keeps the weights it needs; the unfused ones go with `model`
         self.exit_layers: list[int] = list(getattr(config, "exit_layers", None) or [self.num_layers])
         self.store = KVStore(self.num_layers, max_sequences, capacity, self.step.num_kv_heads, self.step.head_dim,
                              param.dtype, param.device)
@@ -98,7 +98,7 @@ class ModelRunner:
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
                         max_sequences: int = DEFAULT_MAX_SEQUENCES, compile_mode: CompileMode = "eager") -> "ModelRunner":
         """Load a local Hugging Face checkpoint (config.json + safetensors)."""
-        return cls(load_llama(path, dtype, device), str(path), max_sequences, compile_mode)
+        return cls(load_causal_lm(path, dtype, device), str(path), max_sequences, compile_mode)
 
     @classmethod
     def serving(cls, path: str, settings: RunnerSettings, drafts: bool = False) -> "ModelRunner":

