@@ -15,6 +15,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.engine_loop import StreamPacing
+from actors.errors import IncompatibleModels
+from actors.loading import check_same_vocabulary, load_tokenizer
 from actors.ray_actors import DrafterActor, TargetActor, actor_id
 from actors.stage_actor import StageActor
 from cluster.config import ClusterConfig, ModelConfig, PoolConfig
@@ -56,6 +58,7 @@ def start_fleet(config: ClusterConfig, adopt: bool = False) -> Fleet:
     taken over instead of started anew, with as many replicas as they had, and only
     the missing ones are started.
     """
+    check_vocabularies(config)
     fleet, found = Fleet(config), running_actors(config) if adopt else {}
     for name, model in config.drafters.items():
         fleet.drafters[name] = [found.get(("drafter", name, replica)) or start_drafter(config, name, replica)
@@ -70,6 +73,18 @@ def start_fleet(config: ClusterConfig, adopt: bool = False) -> Fleet:
     for name, handles in {**fleet.drafters, **fleet.targets}.items():
         fleet.infos[name] = ray.get([h.info.remote() for h in handles])
     return fleet
+
+
+def check_vocabularies(config: ClusterConfig) -> None:
+    """Refuse, before any actor starts, a target whose drafter or middle stages read token ids another way."""
+    for name, target in config.targets.items():
+        drafting = [config.drafters[target.drafter].path] if target.drafter else []
+        drafting += [config.targets[middle].path for middle in target.via]
+        for path in drafting:
+            try:
+                check_same_vocabulary(load_tokenizer(target.path), load_tokenizer(path))
+            except IncompatibleModels as err:
+                raise IncompatibleModels(f"target {name!r} and {path}: {err}") from None
 
 
 def running_actors(config: ClusterConfig) -> dict[tuple[str, str, int], object]:

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import InvalidConfig, default_config, load_config
+from actors.errors import IncompatibleModels
+from cluster.config import InvalidConfig, default_config, load_config, parse_config
 from cluster.defaults import models_dir
-from cluster.placement import actor_options
+from cluster.placement import actor_options, check_vocabularies
 from cluster.up_run import local_ray_resources
 
 GOOD = """
@@ -79,3 +80,13 @@ def test_the_example_config_is_the_default():
         for name in mine:
             assert mine[name].path.resolve() == theirs[name].path.resolve()
             assert mine[name].model_dump(exclude={"path"}) == theirs[name].model_dump(exclude={"path"})
+
+
+def test_a_drafter_with_another_vocabulary_is_refused_before_any_actor_starts(target_path, drafter_path, other_vocab_path):
+    def config(drafter):
+        return parse_config({"pools": {"cpu": {}}, "drafters": {"d": {"path": str(drafter), "pool": "cpu"}},
+                             "targets": {"t": {"path": str(target_path), "pool": "cpu", "drafter": "d"}}})
+
+    check_vocabularies(config(drafter_path))  # the same tokenizer: fine
+    with pytest.raises(IncompatibleModels, match="target 't' and .*other_vocab: drafter and target tokenizers differ"):
+        check_vocabularies(config(other_vocab_path))
