@@ -49,10 +49,16 @@ def test_zoo_models_load_and_match_specfleet_greedy():
         assert min(r["agree"]) >= MIN_AGREEMENT, r
 
 
+# vLLM 0.32 refuses sliding windows on some layers only ("Sliding window for some but all layers is not supported"),
+# which Qwen2's test config has; published Qwen2.5 checkpoints use none.
+VLLM_OVERRIDES = {"qwen2": {"use_sliding_window": False}}
+
+
 def test_every_family_loads_and_matches_specfleet_greedy(tmp_path, tokenizer):
     """A tiny random model of each supported family, at a head size vLLM's CPU attention accepts (32)."""
     families = sorted(FAMILY_CONFIGS)
-    models = [build_family(tmp_path / family, tokenizer, family, seed=31, head_dim=32) for family in families]
+    models = [build_family(tmp_path / family, tokenizer, family, seed=31, head_dim=32, **VLLM_OVERRIDES.get(family, {}))
+              for family in families]
     done = subprocess.run([sys.executable, str(CHECK), *map(str, models)], capture_output=True, text=True, timeout=1800)
     results = {r["name"]: r for r in map(json.loads, done.stdout.splitlines())}
     assert sorted(results) == families, done.stderr[-3000:]

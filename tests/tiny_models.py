@@ -85,13 +85,14 @@ FAMILY_CONFIGS = {
 
 
 def build_family(folder: Path, tokenizer: PreTrainedTokenizerFast, family: str, seed: int, layers: int = 3,
-                 exit_layers: list[int] | None = None, head_dim: int | None = None) -> Path:
+                 exit_layers: list[int] | None = None, head_dim: int | None = None, **overrides) -> Path:
     """A randomly initialised model of `family` (its own transformers config class), saved beside its tokenizer.
 
     Heads are 16 wide (24 where the family sets head_dim apart from the width); `head_dim` widens them all
-    (vLLM's CPU attention accepts 32 and more, not 16 or 24).
+    (vLLM's CPU attention accepts 32 and more, not 16 or 24). `overrides` replace config fields.
     """
     config_class, extra = FAMILY_CONFIGS[family]
+    extra = {**extra, **overrides}
     hidden = 4 * head_dim if head_dim else 64
     if head_dim and "head_dim" in extra:
         extra = {**extra, "head_dim": head_dim}
