@@ -109,3 +109,19 @@ def test_a_rope_that_depends_on_the_sequence_length_is_refused(tmp_path, tokeniz
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelNotFound, match="rope type 'longrope' is not supported"):
         ModelRunner.from_pretrained(path)
+
+
+def test_a_drafter_exit_equals_the_nested_sub_model(family, prompts):
+    """Exit 2 of 3: Hugging Face's first two layers, then the final norm and head (and Gemma 2's logit cap)."""
+    _, _, drafter_path = family
+    tokens = prompts[1] + prompts[7]
+    model = AutoModelForCausalLM.from_pretrained(drafter_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        hidden = model.model(torch.tensor([tokens]), output_hidden_states=True).hidden_states[2]
+        expected = model.lm_head(model.model.norm(hidden))[0]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        expected = torch.tanh(expected / cap) * cap
+    runner = ModelRunner.from_pretrained(drafter_path)
+    runner.add_sequence("exit")
+    torch.testing.assert_close(runner.forward(["exit"], [tokens], exits=[2])[0], expected, atol=ATOL, rtol=0)
