@@ -97,9 +97,9 @@ def run_whole_job(job: dict) -> dict:
     """Profile the plain and in-process engines at each concurrency, then (on CPU) the remote drafter."""
     settings = job["settings"]
     torch.set_num_threads(settings["threads"])
-    runner_settings = RunnerSettings(device=settings["device"])  # compiled as a served replica is ('auto')
-    target = ModelRunner.serving(settings["target"], runner_settings)
-    drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], runner_settings, drafts=True))
+    target = ModelRunner.serving(settings["target"], RunnerSettings(device=settings["device"], compile=settings["compile"]))
+    drafter_settings = RunnerSettings(device=settings["device"], compile=settings["drafter_compile"])
+    drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], drafter_settings, drafts=True))
     k, exit_layer = settings["k"], settings["exit_layer"]
     profiles = defaultdict(list)
     for cell in job["cells"]:
@@ -130,7 +130,7 @@ def _profile_remote(target: ModelRunner, job: dict) -> tuple[dict[str, list[dict
     try:
         handle = ray.remote(TimedDrafterActor).options(
             num_cpus=0, max_concurrency=16, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings["threads"])}},
-        ).remote(settings["drafter"], RunnerSettings(device="cpu"), settings["threads"])
+        ).remote(settings["drafter"], RunnerSettings(device="cpu", compile=settings["drafter_compile"]), settings["threads"])
         remotes = {name: connect_drafter(handle, REMOTE_TIMEOUT_S, direct) for name, direct in REMOTE_ARMS.items()}
         runs = defaultdict(list)
         for cell in job["cells"]:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.compiled import CompileSetting
 from bench.categories import CATEGORIES
 from cluster.defaults import models_dir
 
@@ -52,6 +53,11 @@ class BenchConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Base seed: request i of a cell samples with seed + i.")
     threads: int = Field(1, ge=1, description="CPU threads per model process (torch, vLLM's OpenMP, Ray actors).")
     device: str = Field("cpu", description="torch device of the in-process systems (specfleet, hf): cpu or cuda.")
+    compile: CompileSetting = Field(
+        "auto", description="How specfleet's targets run, in process and in the cluster (RunnerSettings.compile).")
+    drafter_compile: CompileSetting = Field(
+        "auto", description="How specfleet's drafter runs (its one-row steps gain little from 'compile-tuned', which "
+        "costs minutes of start-up per model).")
     corpus_manifest: Path = Field(
         default_factory=lambda: models_dir() / "corpus_manifest.json", description="Manifest whose test split the code prompts come from."
     )

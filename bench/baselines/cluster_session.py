@@ -30,7 +30,8 @@ class Session:
         self.folder = Path(tempfile.mkdtemp(prefix="specfleet-bench-cluster-"))
         self.model = Path(settings["target"]).name
         config = write_config(self.folder, {self.model: settings["target"]}, {DRAFTER: settings["drafter"]},
-                              {self.model: DRAFTER}, settings["exit_layer"], settings["k"])
+                              {self.model: DRAFTER}, settings["exit_layer"], settings["k"],
+                              (settings["compile"], settings["drafter_compile"]))
         self.cluster = ClusterProcess(config, settings["threads"], self.folder / "up.log")
         if any(m.startswith("http/") for m in modes) and self.cluster.http_url is None:
             self.cluster.stop()

@@ -54,7 +54,8 @@ def _config(folder: Path, targets: dict[str, str], settings: dict) -> Path:
     drafters = {SHARED_DRAFTER: settings["drafter"]} | {f"drafter-for-{t}": settings["drafter"] for t in targets}
     pairing = {t: SHARED_DRAFTER for t in targets} | {t + OWN: f"drafter-for-{t}" for t in targets}
     served = targets | {t + OWN: path for t, path in targets.items()}
-    return write_config(folder, served, drafters, pairing, settings["exit_layer"], settings["k"])
+    return write_config(folder, served, drafters, pairing, settings["exit_layer"], settings["k"],
+                        (settings["compile"], settings["drafter_compile"]))
 
 
 def _phases(stub, targets: list[str], prompts, settings: dict) -> dict:

@@ -24,11 +24,11 @@ class Session:
     def __init__(self, settings: dict, modes: list[str]):
         torch.set_num_threads(settings["threads"])
         started = time.perf_counter()
-        runner_settings = RunnerSettings(device=settings["device"])  # compiled as a served replica is ('auto')
-        self.target = ModelRunner.serving(settings["target"], runner_settings)
+        self.target = ModelRunner.serving(settings["target"], RunnerSettings(device=settings["device"], compile=settings["compile"]))
         drafter = None
         if "speculative" in modes:
-            drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], runner_settings, drafts=True))
+            drafter_settings = RunnerSettings(device=settings["device"], compile=settings["drafter_compile"])
+            drafter = ModelDrafter(ModelRunner.serving(settings["drafter"], drafter_settings, drafts=True))
         self.engines = {"plain": SpeculationEngine(self.target)}
         if drafter is not None:
             self.engines["speculative"] = SpeculationEngine(self.target, drafter, settings["k"], settings["exit_layer"])

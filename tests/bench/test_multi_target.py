@@ -9,7 +9,8 @@ TARGETS = ("target-s", "target-m", "target-l")
 
 def test_every_phase_is_measured_and_ratios_pair_phases_of_one_repeat(target_path, drafter_path, prompts):
     settings = {"multi_targets": {name: str(target_path) for name in TARGETS}, "drafter": str(drafter_path),
-                "exit_layer": 1, "k": 3, "threads": 1, "max_tokens": 6, "multi_target_repeats": 2}
+                "exit_layer": 1, "k": 3, "threads": 1, "max_tokens": 6, "multi_target_repeats": 2,
+                "compile": "auto", "drafter_compile": "auto"}
     result = run_whole_job({"settings": settings, "cells": [{"prompts": prompts[:1]}]})
     assert result["processes"]["cluster"]  # the cluster's process tree was read
     for target in TARGETS:
