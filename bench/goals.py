@@ -4,6 +4,8 @@ Issue 14 (the batch-native data plane) sets the speed goals below; issue 4 set
 the multi-target one. Every ratio compares rows of the same run.
 """
 
+from pathlib import Path
+
 from bench.results import pooled_speedup, pooled_view
 
 GREEDY, SINGLE = 0.0, 1
@@ -20,8 +22,9 @@ def evaluate_goals(report: dict) -> list[dict]:
     def ratio(ours: float | None, theirs: float | None) -> float | None:
         return ours / theirs if ours and theirs else None
 
+    target = Path(report.get("settings", {}).get("target", "target-l")).name
     goals = [
-        ("target-l alone, one stream: specfleet's plain decoding over Hugging Face generate", 1.5,
+        (f"{target} alone, one stream: specfleet's plain decoding over Hugging Face generate", 1.5,
          ratio(tokens("specfleet", "plain"), tokens("hf", "plain")), "tokens/s, in-process, greedy, all categories pooled",
          ("specfleet", "hf")),
         ("one stream, greedy: in-process speedup over the target alone", 1.5,
