@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -208,9 +209,9 @@ def measure_thin_client(server: Server, stub) -> dict:
             "median_wall_s": round(statistics.median(runs), 3), "request_alone_median_s": round(statistics.median(request), 3)}
 
 
-def run(out: Path) -> dict:
+def run(log: Path) -> dict:
     machine = describe_machine()
-    server = Server(out.with_suffix(".log"))
+    server = Server(log)
     try:
         with grpc.insecure_channel(server.grpc_address) as channel:
             stub = pb_grpc.GenerationStub(channel)
@@ -268,7 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/reports/front_door"), help="report path without suffix")
     args = parser.parse_args()
-    result = run(args.out)
+    result = run(Path(tempfile.mkdtemp(prefix="specfleet-front-door-")) / "up.log")
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     args.out.with_suffix(".md").write_text(render(result))
     print(render(result))
