@@ -15,7 +15,7 @@ VLLM_PYTHON_ENV = "SPECFLEET_VLLM_PYTHON"
 # Options whose values map straight onto BenchConfig fields.
 LIST_FIELDS = {"systems": str, "categories": str, "concurrency": int, "temperatures": float}
 VALUE_FIELDS = ("prompts_per_category", "max_tokens", "target", "drafter", "drafter_export", "exit_layer", "k",
-                "threads", "device", "compile", "drafter_compile", "vllm_python", "child_timeout_s")
+                "threads", "device", "compile", "drafter_compile", "corpus_manifest", "vllm_python", "child_timeout_s")
 
 
 def add_bench_command(subparsers) -> None:
@@ -31,6 +31,8 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--max-tokens", type=int, help="completion tokens per request")
     parser.add_argument("--target", type=Path, help="target checkpoint (default: the zoo's target-l)")
     parser.add_argument("--drafter", type=Path, help="specfleet's multi-exit drafter (default: the zoo's drafter)")
+    parser.add_argument("--corpus-manifest", type=Path, help="manifest whose test split the prompts come from "
+                        "(default: the zoo's; give the target's own zoo's when benchmarking another zoo)")
     parser.add_argument("--drafter-export", type=Path, help="single-exit export for vLLM and HF (default: DRAFTER-exit-EXIT)")
     parser.add_argument("--exit", dest="exit_layer", type=int, help="drafter exit every system drafts with")
     parser.add_argument("--k", type=int, help="draft tokens per round")
