@@ -23,9 +23,6 @@ records the load average.
 import argparse
 import http.client
 import json
-import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,15 +31,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 
+from bench.baselines.cluster_process import ClusterProcess
 from bench.machine import describe_machine
-from bench.memory import private_rss_mib, process_tree_peaks
+from bench.memory import private_rss_mib
 from specfleet.v1 import generation_pb2 as pb
 from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
-CLI = [sys.executable, "-m", "cluster.cli"]
+ZOO_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "configs" / "zoo.yaml"  # the embedded default
 SPECFLEET = str(Path(sys.executable).parent / "specfleet")  # the console script a user runs
 MODEL = "target-l"
 MB = 1 << 20
@@ -52,55 +51,19 @@ CLIENT_RUNS = 5
 SMALL_REQUEST_SAMPLES = 20  # the small request alone, for its baseline latency
 
 
-class Server:
-    """`specfleet up` on the zoo, in a subprocess with its own output file."""
-
-    def __init__(self, log: Path):
-        with log.open("w") as output:
-            self.process = subprocess.Popen([*CLI, "up", "--port", "0", "--http-port", str(_free_port())],
-                                            stdout=output, stderr=subprocess.STDOUT, text=True)
-        found = _wait_for(lambda: re.search(r"serving gRPC on ([\d.]+:\d+) and HTTP on http://([\d.]+):(\d+)",
-                                            log.read_text()), self.process, log)
-        self.grpc_address, self.http_host, self.http_port = found.group(1), found.group(2), int(found.group(3))
-
-    def serving_pids(self) -> dict[str, int]:
-        """The processes of the doors, by role (read from the process tree's names)."""
-        tree = process_tree_peaks(self.process.pid)
-        return {role: next(p["pid"] for p in tree if marker in p["name"]) for role, marker in SERVING_PROCESSES.items()}
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for(find: Callable, process: subprocess.Popen, log: Path, timeout_s: float = 600.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = find()
-        if found:
-            return found
-        if process.poll() is not None:
-            raise RuntimeError(f"specfleet up exited with {process.returncode}: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"specfleet up did not serve within {timeout_s:.0f} s")
+def serving_pids(server: ClusterProcess) -> dict[str, int]:
+    """The processes of the doors, by role (read from the process tree's names)."""
+    tree = server.peaks()
+    return {role: next(p["pid"] for p in tree if marker in p["name"]) for role, marker in SERVING_PROCESSES.items()}
 
 
 # ---- requests --------------------------------------------------------------------------------------------
 
 
-def http_post(server: Server, path: str, body: bytes | None = None, chunks=None, timeout_s: float = 60.0) -> int:
+def http_post(server: ClusterProcess, path: str, body: bytes | None = None, chunks=None, timeout_s: float = 60.0) -> int:
     """POST a body (or an iterable of chunks, sent without a declared length); returns the status."""
-    connection = http.client.HTTPConnection(server.http_host, server.http_port, timeout=timeout_s)
+    url = urlsplit(server.http_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout_s)
     try:
         connection.request("POST", path, body if chunks is None else chunks,
                            {"content-type": "application/json"}, encode_chunked=chunks is not None)
@@ -162,7 +125,7 @@ def beside(bad: Callable[[], object], small: Callable[[], object]) -> dict:
             "small_worst_s": round(max(small_times), 3)}
 
 
-def limit_cases(server: Server, stub) -> list[tuple[str, str, Callable[[], object]]]:
+def limit_cases(server: ClusterProcess, stub) -> list[tuple[str, str, Callable[[], object]]]:
     """(door, what, the oversized request)."""
     five_mb_prompt = "x" * (5 * MB)
     under_body_over_chars = "x" * (900 * 1024)
@@ -179,11 +142,11 @@ def limit_cases(server: Server, stub) -> list[tuple[str, str, Callable[[], objec
     ]
 
 
-def measure_limits(server: Server, stub) -> dict:
+def measure_limits(server: ClusterProcess, stub) -> dict:
     small = {"http": lambda: http_post(server, "/v1/completions", completion_body(SMALL_PROMPT)),
              "grpc": lambda: grpc_generate(stub, SMALL_PROMPT)}
     alone = {door: statistics.median(timed(call)[1] for _ in range(SMALL_REQUEST_SAMPLES)) for door, call in small.items()}
-    pids = server.serving_pids()
+    pids = serving_pids(server)
     cases = []
     for door, what, bad in limit_cases(server, stub):
         before = {role: private_rss_mib(pid) for role, pid in pids.items()}
@@ -195,8 +158,8 @@ def measure_limits(server: Server, stub) -> dict:
     return {"small_alone_s": {door: round(s, 3) for door, s in alone.items()}, "cases": cases}
 
 
-def measure_thin_client(server: Server, stub) -> dict:
-    command = [SPECFLEET, "generate", "--server", server.grpc_address, "--model", MODEL, "--max-tokens", "32", "def fibonacci(n):"]
+def measure_thin_client(server: ClusterProcess, stub) -> dict:
+    command = [SPECFLEET, "generate", "--server", server.address, "--model", MODEL, "--max-tokens", "32", "def fibonacci(n):"]
     runs = []
     for _ in range(CLIENT_RUNS):
         finished, seconds = timed(lambda: subprocess.run(command, capture_output=True, text=True, timeout=120))
@@ -211,9 +174,9 @@ def measure_thin_client(server: Server, stub) -> dict:
 
 def run(log: Path) -> dict:
     machine = describe_machine()
-    server = Server(log)
+    server = ClusterProcess(ZOO_CONFIG, threads=1, log_path=log)
     try:
-        with grpc.insecure_channel(server.grpc_address) as channel:
+        with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GenerationStub(channel)
             grpc_generate(stub, SMALL_PROMPT)  # warm: the first request pays connection set-up
             limits = measure_limits(server, stub)

@@ -15,7 +15,6 @@ memory over time. Writes bench/reports/soak.{json,md,png}.
 
 import argparse
 import json
-import socket
 import statistics
 import threading
 import time
@@ -28,6 +27,7 @@ from ray import serve
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from bench.baselines.cluster_process import free_port
 from bench.machine import describe_machine
 from bench.plots import _pyplot
 from bench.prompts import heldout_code_prompts
@@ -59,7 +59,7 @@ def soak(args: argparse.Namespace) -> dict:
     machine = describe_machine()
     ray.init(address="local", **local_ray_resources(config))
     try:
-        grpc_port, http_port = _free_port(), _free_port()  # after Ray's processes took theirs
+        grpc_port, http_port = free_port(), free_port()  # after Ray's processes took theirs
         serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")
         serve.run(build_app_from_config(config, "127.0.0.1", grpc_port), name=APP_NAME, route_prefix="/")
         controller = serve.get_deployment_handle("FleetController", app_name=APP_NAME)
@@ -80,12 +80,6 @@ def soak(args: argparse.Namespace) -> dict:
     return {"machine": machine, "minutes": args.minutes, "kill_every_s": args.kill_every_s, "clients": args.clients,
             "max_tokens": args.max_tokens, "targets": sorted(config.targets), "kills": reaper.kills,
             "memory": sampler.samples, "outcomes": outcome_dicts(outcomes)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render(result: dict, plot: str | None) -> str:

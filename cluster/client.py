@@ -53,19 +53,16 @@ def stats_remote(address: str, timeout_s: float, credentials: Credentials = Cred
 
 def health_remote(address: str, timeout_s: float, credentials: Credentials = Credentials()) -> str:
     """The server's standard gRPC health status ("SERVING", "NOT_SERVING", ...); health needs no API key."""
-    with _channel(address, credentials) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
-        except grpc.RpcError as err:
-            raise ServerError(f"{err.code().name}: {err.details()}") from None
+    reply = _call(address, "Check", health_pb2.HealthCheckRequest(), timeout_s, credentials, health_pb2_grpc.HealthStub)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def _call(address: str, method: str, request, timeout_s: float, credentials: Credentials):
+def _call(address: str, method: str, request, timeout_s: float, credentials: Credentials,
+          stub=pb_grpc.GenerationStub):
     metadata = [(AUTHORIZATION, f"Bearer {credentials.api_key}")] if credentials.api_key else None
     with _channel(address, credentials) as channel:
         try:
-            return getattr(pb_grpc.GenerationStub(channel), method)(request, timeout=timeout_s, metadata=metadata)
+            return getattr(stub(channel), method)(request, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as err:
             raise ServerError(f"{err.code().name}: {err.details()}") from None
 

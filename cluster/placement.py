@@ -80,9 +80,10 @@ def check_vocabularies(config: ClusterConfig) -> None:
     for name, target in config.targets.items():
         drafting = [config.drafters[target.drafter].path] if target.drafter else []
         drafting += [config.targets[middle].path for middle in target.via]
+        vocabulary = load_tokenizer(target.path) if drafting else None
         for path in drafting:
             try:
-                check_same_vocabulary(load_tokenizer(target.path), load_tokenizer(path))
+                check_same_vocabulary(vocabulary, load_tokenizer(path))
             except IncompatibleModels as err:
                 raise IncompatibleModels(f"target {name!r} and {path}: {err}") from None
 
