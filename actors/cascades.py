@@ -78,7 +78,7 @@ def make_cascade_params(**values) -> CascadeParams:
         raise InvalidRequest("invalid cascade: " + "; ".join(problems)) from None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CascadeVerdict(Verdict):
     """A verdict that also counts what the cascade did.
 

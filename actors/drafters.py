@@ -17,6 +17,7 @@ import torch
 from actors.errors import InvalidRequest
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from actors.trees import TreeDraftRow, TreeShape, path_of
 
 DRAFT_SEED_OFFSET = 0x5EED  # the drafter's random stream is seeded apart from the verifier's
 
@@ -27,6 +28,7 @@ class DraftRequest:
     k: int  # how many tokens to propose; 0 asks for none this round
     exit_layer: int | None = None  # for a multi-exit drafter: which nested sub-model drafts
     confidence: bool = False  # also return the drafter's temperature-1 softmax (a cascade's deferral rule reads it)
+    tree: TreeShape | None = None  # draft a token tree of this shape (k is then ignored); None: a chain of k
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Draft:
     tokens: list[int]  # may be shorter than k, e.g. when an n-gram finds no match
     probs: torch.Tensor | None  # [len(tokens), V] q rows, or None for a point mass (greedy, n-gram)
     confidence: torch.Tensor | None = None  # [len(tokens), V] the drafter's temperature-1 softmax when asked for; None: not asked, or model-free
+    parents: list[int] | None = None  # a tree draft: each token's parent (-1: the root), level order; None: a chain
 
 
 class PendingDrafts(Protocol):
@@ -126,10 +129,20 @@ class SteppedDrafter(Drafter):
 
 
 @dataclass
+class _CachedRegion:
+    """The tree nodes a dynamic tree draft left in the drafter's cache, from `start` on (node i at offset i)."""
+
+    start: int
+    tokens: list[int]
+    parents: list[int]
+
+
+@dataclass
 class _ModelDraftState:
     context: list[int]  # prompt + every committed token
     params: SamplingParams
     generator: torch.Generator
+    region: _CachedRegion | None = None  # the last dynamic tree's cached nodes, compacted at the next commit
 
 
 @dataclass
@@ -148,6 +161,10 @@ class _DraftRow:
     def drafting(self) -> bool:
         return len(self.tokens) < self.length
 
+    def stop(self) -> None:
+        """End the proposal with the tokens drafted so far."""
+        self.length = len(self.tokens)
+
     def draft(self) -> Draft:
         """Greedy drafts travel as point masses (probs None): one-hot rows would only grow the payload."""
         if not self.tokens:
@@ -156,16 +173,23 @@ class _DraftRow:
                      torch.stack(self.confidences) if self.confidences else None)
 
 
+def _tree_draft(row: TreeDraftRow) -> Draft:
+    """A tree's nodes in level order; q rows only when every node was drawn (a static tree of a sampled row)."""
+    nodes = row.nodes
+    probs = torch.stack([n.q for n in nodes]) if nodes and all(n.q is not None for n in nodes) else None
+    return Draft([n.token for n in nodes], probs, parents=[n.parent for n in nodes])
+
+
 @dataclass
 class _ModelDraftJob:
-    rows: list[_DraftRow]
+    rows: list[_DraftRow | TreeDraftRow]
 
     @property
     def done(self) -> bool:
         return not any(row.drafting for row in self.rows)
 
     def drafts(self) -> list[Draft]:
-        return [row.draft() for row in self.rows]
+        return [_tree_draft(row) if isinstance(row, TreeDraftRow) else row.draft() for row in self.rows]
 
 
 class ModelDrafter(SteppedDrafter):
@@ -189,18 +213,26 @@ class ModelDrafter(SteppedDrafter):
         self._states[seq_id] = _ModelDraftState(list(prompt), params, make_generator(seed))
 
     def begin(self, requests: Sequence[DraftRequest]) -> _ModelDraftJob:
-        return _ModelDraftJob([_DraftRow(r.seq_id, self._affordable_k(r), r.exit_layer or self.default_exit, r.confidence)
+        return _ModelDraftJob([self._tree_row(r) if r.tree is not None else
+                               _DraftRow(r.seq_id, self._affordable_k(r), r.exit_layer or self.default_exit, r.confidence)
                                for r in requests])
 
     def advance(self, jobs: Sequence[_ModelDraftJob]) -> None:
         rows = [row for job in jobs for row in job.rows if row.drafting]
         for row in rows:
             if row.seq_id not in self._states:
-                row.length = len(row.tokens)  # finished (cancelled) while drafting: stop here
+                row.stop()  # finished (cancelled) while drafting: stop here
         rows = [row for row in rows if row.drafting]
-        if not rows:
-            return
-        feeds = [row.tokens[-1:] if row.tokens else self._pending(row.seq_id) for row in rows]
+        growing = [row for row in rows if isinstance(row, TreeDraftRow) and row.feeds_tree]
+        stepping = [row for row in rows if row not in growing]
+        if growing:
+            self._grow_trees(growing)
+        if stepping:
+            self._step_rows(stepping)
+
+    def _step_rows(self, rows: list["_DraftRow | TreeDraftRow"]) -> None:
+        """One chain step (or several fused greedy ones) for rows that feed a chain: chains, and trees' first levels."""
+        feeds = [self._chain_feed(row) for row in rows]
         steps = self._fused_steps(rows, feeds)
         if steps > 1:
             drafted = self.runner.draft_greedy([r.seq_id for r in rows], [f[0] for f in feeds],
@@ -210,17 +242,47 @@ class ModelDrafter(SteppedDrafter):
             return
         logits = self.runner.forward([r.seq_id for r in rows], feeds, [r.exit_layer for r in rows], last_only=True)
         for row, row_logits in zip(rows, logits):  # row_logits [1, V]
+            if isinstance(row, TreeDraftRow):
+                state = self._state(row.seq_id)
+                row.grow(row_logits, state.params, state.generator)
+                continue
             row.tokens.append(self._next_token(row.seq_id, row_logits, row.probs))
             if row.wants_confidence:
                 row.confidences.append(torch.softmax(row_logits[0].float(), dim=-1))
 
-    def _fused_steps(self, rows: list[_DraftRow], feeds: list[list[int]]) -> int:
-        """Steps one call drafts for all these rows: several (`runner.draft_greedy`) when every row is greedy,
+    def _chain_feed(self, row: "_DraftRow | TreeDraftRow") -> list[int]:
+        if isinstance(row, TreeDraftRow):
+            return row.chain_feed() if row.levels else self._pending(row.seq_id)
+        return row.tokens[-1:] if row.tokens else self._pending(row.seq_id)
+
+    def _grow_trees(self, rows: list[TreeDraftRow]) -> None:
+        """One tree forward that feeds every dynamic tree's last level against the levels it has cached."""
+        for row in rows:
+            if row.region_start is None:
+                row.region_start = self.runner.cached_length(row.seq_id)
+        feeds = [row.tree_feed() for row in rows]
+        logits = self.runner.forward_tree([r.seq_id for r in rows], [tokens for tokens, _ in feeds],
+                                          [r.region_start for r in rows], [parents for _, parents in feeds],
+                                          [r.exit_layer for r in rows])  # per row [width, V]
+        for row, row_logits in zip(rows, logits):
+            state, cached = self._state(row.seq_id), row.nodes  # every node so far is now in the cache
+            state.region = _CachedRegion(row.region_start, [n.token for n in cached], [n.parent for n in cached])
+            row.grow(row_logits, state.params, state.generator)
+
+    def _tree_row(self, request: DraftRequest) -> TreeDraftRow:
+        """A tree proposal, its depth cut so that its cached nodes fit the context window."""
+        shape = request.tree
+        room = self.runner.max_context - len(self._state(request.seq_id).context)
+        return TreeDraftRow(request.seq_id, shape, request.exit_layer or self.default_exit,
+                            depth=max(0, min(shape.depth, room // shape.width)))
+
+    def _fused_steps(self, rows: list["_DraftRow | TreeDraftRow"], feeds: list[list[int]]) -> int:
+        """Steps one call drafts for all these rows: several (`runner.draft_greedy`) when every row is a greedy chain,
         wants no confidence and feeds one token at a depth its cache has (the usual round: the verifier's
         last token); else one. A row's first step after its prompt, or after a fully accepted draft
         (two uncached tokens), runs alone, and the rest of its draft fuses."""
         for row, feed in zip(rows, feeds):
-            if (row.wants_confidence or not self._state(row.seq_id).params.greedy or len(feed) != 1
+            if (isinstance(row, TreeDraftRow) or row.wants_confidence or not self._state(row.seq_id).params.greedy or len(feed) != 1
                     or self.runner.cached_depth(row.seq_id) < row.exit_layer):
                 return 1
         remaining = min(row.length - len(row.tokens) for row in rows)
@@ -237,6 +299,9 @@ class ModelDrafter(SteppedDrafter):
 
     def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
         state = self._state(seq_id)
+        if state.region is not None:  # keep the tree nodes the target accepted, moved into place
+            region, state.region = state.region, None
+            self.runner.keep_path(seq_id, region.start, path_of(region.tokens, region.parents, emitted))
         committed = len(state.context)
         state.context.extend(emitted)
         self.runner.keep_common_prefix(seq_id, state.context, start=min(committed, self.runner.cached_length(seq_id)))

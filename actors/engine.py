@@ -35,6 +35,8 @@ from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, make_generator
 from actors.speculation import FOLLOW_PLAN, MAX_DRAFT_LENGTH, SpeculationSpec
 from actors.telemetry import PLAIN, RoundBuffer, RoundRecord, RoundTimes
+from actors.tree_verification import TreeToVerify, verify_tree
+from actors.trees import TreeShape, chain_parents
 from actors.verification import RowToVerify, Verdict, verify_round
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,8 @@ class SequenceUpdate:
     new_tokens: list[int]  # tokens appended this step (the stopping end-of-sequence token excluded)
     finish_reason: str | None  # "stop" (end-of-sequence token), "length" (max_tokens) or None while live
     stats: SpeculationStats  # cumulative for the sequence
-    arm: tuple[int | None, int] = (None, 0)  # (exit, k) of this step's round; (None, 0) decoded plainly
+    arm: tuple[int | None, int] = (None, 0)  # (exit, k) of this step's round; (None, 0) decoded plainly; a tree's k: its nodes
+    tree: str = ""  # the tree shape's label when the round drafted a tree; "" a chain
 
 
 @dataclass
@@ -108,19 +111,22 @@ class SpeculationEngine:
         drafter_name: str = "",
         clock: Callable[[], float] = time.perf_counter,
         max_waiting: int | None = None,
+        tree: TreeShape | None = None,
     ):
         """`target_name` and `drafter_name` only label the round telemetry (`drain_telemetry`);
         `clock` times its rounds: wall time by default, or e.g. `time.thread_time` for an
         in-process benchmark on a shared machine (CPU seconds of this thread only, so other
         processes' load does not count; wrong for a drafter in another process). Sequences beyond the
         target's KV slots wait for one; `max_waiting` bounds how many (None: no bound), beyond it `add`
-        raises `CapacityExhausted`."""
+        raises `CapacityExhausted`. With `tree`, sequences that follow the plan draft token trees of that
+        shape instead of chains of k (`actors.trees`)."""
         if drafter is not None:
             check_pairing(target, drafter)
             if not 1 <= k <= MAX_DRAFT_LENGTH:
                 raise InvalidRequest(f"draft length k must be in 1..{MAX_DRAFT_LENGTH}, got {k}")
         self.target, self.drafter = target, drafter
         self.k = k if drafter is not None else 0
+        self.tree = tree if drafter is not None else None
         self.exit_layer = self._resolve_exit(exit_layer)
         self.target_name, self.drafter_name = target_name, drafter_name
         self.telemetry, self.clock = RoundBuffer(), clock
@@ -214,20 +220,21 @@ class SpeculationEngine:
         for seq_id in [*self._live, *self._waiting]:
             self.cancel(seq_id)
 
-    def set_plan(self, k: int, exit_layer: int | None = None) -> None:
+    def set_plan(self, k: int, exit_layer: int | None = None, tree: TreeShape | None = None) -> None:
         """Change how sequences without overrides speculate, from the next step on.
 
         k = 0 turns speculation off: while no live sequence drafts, the drafter
         is not called at all. Outputs stay exact under any sequence of plans:
         verification never depends on what was drafted, and a drafter that
         skipped rounds still receives every commit and catches up by common
-        prefix at its next proposal. exit_layer None drafts from the deepest exit.
+        prefix at its next proposal. exit_layer None drafts from the deepest exit; a `tree`
+        (with k > 0) drafts token trees of that shape in place of chains.
         """
         if not 0 <= k <= MAX_DRAFT_LENGTH:
             raise InvalidRequest(f"draft length k must be in 0..{MAX_DRAFT_LENGTH}, got {k}")
         if k and self.drafter is None:
             raise InvalidRequest("this target has no drafter (or lost it): only k = 0, plain decoding, is possible")
-        self.k, self.exit_layer = k, self._resolve_exit(exit_layer)
+        self.k, self.exit_layer, self.tree = k, self._resolve_exit(exit_layer), tree if k else None
 
     def drain_telemetry(self) -> list[RoundRecord]:
         """The round records written since the last drain (thread-safe)."""
@@ -292,9 +299,7 @@ class SpeculationEngine:
         """
         before = [replace(s.stats) for s in rows]
         started = self.clock()
-        logits = self.target.forward(
-            [s.seq_id for s in rows], [[s.pending] + d.tokens for s, d in zip(rows, drafts)]
-        )  # per row [k_i + 1, V]
+        logits = self._score(rows, drafts)  # per row [k_i + 1, V]
         forwarded = self.clock()
         verdicts = _verify(rows, drafts, logits)
         verified = self.clock()
@@ -306,6 +311,16 @@ class SpeculationEngine:
         self._end_round(len(rows), sum(len(u.new_tokens) for u in updates), draft_s, forwarded - started,
                         verified - forwarded)
         return updates
+
+    def _score(self, rows: list[_Live], drafts: list[Draft]) -> list[torch.Tensor]:
+        """The target's logits [k_i + 1, V] over each row's `[pending] + draft`, every row in one forward: a tree
+        forward when some draft is a tree (the chains ride along as trees without branches)."""
+        ids, fed = [s.seq_id for s in rows], [[s.pending] + d.tokens for s, d in zip(rows, drafts)]
+        if all(d.parents is None for d in drafts):
+            return self.target.forward(ids, fed)
+        parents = [[-1] + [p + 1 for p in (chain_parents(len(d.tokens)) if d.parents is None else d.parents)]
+                   for d in drafts]  # region offsets: the pending token is entry 0
+        return self.target.forward_tree(ids, fed, [self.target.cached_length(i) for i in ids], parents)
 
     def _end_round(self, rows: int, emitted: int, draft_s: float, forward_s: float, verification_s: float) -> None:
         times = self._times
@@ -327,7 +342,28 @@ class SpeculationEngine:
         return drafts
 
     def _request(self, seq: _Live) -> DraftRequest:
+        tree = self._affordable_tree(seq)
+        if tree is not None:
+            return DraftRequest(seq.seq_id, tree.nodes, self._arm(seq)[0], tree=tree)
         return DraftRequest(seq.seq_id, self._draft_length(seq), self._arm(seq)[0], confidence=seq.spec.cascade is not None)
+
+    def _tree(self, seq: _Live) -> TreeShape | None:
+        """The tree shape this sequence drafts now: its own, else the plan's unless it asked for a chain."""
+        if self.drafter is None or not seq.drafting:
+            return None
+        if seq.spec.tree is not None:
+            return seq.spec.tree
+        return self.tree if seq.spec.k is None else None
+
+    def _affordable_tree(self, seq: _Live) -> TreeShape | None:
+        """The sequence's tree, its depth cut so the round emits at most max_tokens and its nodes fit the target's
+        context; None when it drafts a chain or no level fits."""
+        tree = self._tree(seq)
+        if tree is None:
+            return None
+        room = self.target.max_context - self.target.cached_length(seq.seq_id) - 1  # the pending token goes first
+        depth = min(tree.depth, seq.params.max_tokens - len(seq.tokens) - 1, room // tree.width)
+        return tree.model_copy(update={"depth": depth}) if depth >= 1 else None
 
     def _draft_length(self, seq: _Live) -> int:
         """k, cut so the round cannot emit past max_tokens (it emits at most k + 1; a deferring cascade, k)."""
@@ -339,7 +375,8 @@ class SpeculationEngine:
         """(exit, k) this sequence speculates with now; (None, 0) when it decodes plainly."""
         if self.drafter is None or not seq.drafting:
             return None, 0
-        k = self.k if seq.spec.k is None else seq.spec.k
+        tree = self._tree(seq)
+        k = tree.nodes if tree is not None else self.k if seq.spec.k is None else seq.spec.k
         exit_layer = self.exit_layer if seq.spec.exit_layer is None else seq.spec.exit_layer
         return (exit_layer, k) if k else (None, 0)
 
@@ -366,12 +403,17 @@ class SpeculationEngine:
         accepted, deferred = accepted_and_deferred(verdict)
         seq.stats.add(SpeculationStats(len(draft.tokens), accepted, 1, len(emitted), deferred))
         cached_before = self.target.cached_length(seq.seq_id) - len(draft.tokens) - 1
-        self.target.rollback(seq.seq_id, cached_before + 1 + verdict.num_accepted)
+        if verdict.path is None:
+            self.target.rollback(seq.seq_id, cached_before + 1 + verdict.num_accepted)
+        else:  # the pending token and the accepted nodes, moved into place
+            self.target.keep_path(seq.seq_id, cached_before, [0] + [node + 1 for node in verdict.path])
         if self.drafter is not None and seq.drafting:
             self._call_drafter(lambda d: d.commit(seq.seq_id, emitted))
         seq.pending = emitted[-1]
         new_tokens = self._append(seq, emitted)
-        return SequenceUpdate(seq.seq_id, new_tokens, seq.finish_reason, replace(seq.stats), self._arm(seq))
+        tree = self._tree(seq) if draft.parents is not None else None
+        return SequenceUpdate(seq.seq_id, new_tokens, seq.finish_reason, replace(seq.stats), self._arm(seq),
+                              tree.label if tree is not None else "")
 
     def _append(self, seq: _Live, emitted: list[int]) -> list[int]:
         eos = self.target.eos_token_id
@@ -403,7 +445,22 @@ class SpeculationEngine:
 
 
 def _verify(rows: list[_Live], drafts: list[Draft], logits: list[torch.Tensor]) -> list[Verdict]:
-    """Every row's draft verified in one call; a cascade row against its pi, then counted as a cascade."""
+    """Every row's draft verified: the chains in one call, the trees one by one."""
+    verdicts: list[Verdict | None] = [None] * len(rows)
+    chains = [i for i, d in enumerate(drafts) if d.parents is None]
+    if chains:
+        pick = lambda values: [values[i] for i in chains]
+        for i, verdict in zip(chains, _verify_chains(pick(rows), pick(drafts), pick(logits))):
+            verdicts[i] = verdict
+    for i in (i for i, d in enumerate(drafts) if d.parents is not None):
+        seq, draft = rows[i], drafts[i]
+        verdicts[i] = verify_tree(TreeToVerify(draft.tokens, draft.parents, logits[i], seq.params, seq.generator,
+                                               draft.probs))
+    return verdicts  # type: ignore[return-value]
+
+
+def _verify_chains(rows: list[_Live], drafts: list[Draft], logits: list[torch.Tensor]) -> list[Verdict]:
+    """Chain drafts verified in one call; a cascade row against its pi, then counted as a cascade."""
     cascades = [s.spec.cascade for s in rows]
     defers = [None if c is None else cascade_defer(d, l, c) for c, d, l in zip(cascades, drafts, logits)]
     verdicts = verify_round([RowToVerify(d.tokens, l, s.params, s.generator, d.probs, defer)

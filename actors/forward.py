@@ -65,16 +65,54 @@ class DecoderStep(nn.Module):
         Every position gets logits, also for a prompt that needs only its last: one graph
         fewer to compile, for a head over 64 positions once per prompt chunk.
         """
+        masks = _masks(positions, key_length, set(self.arch.windows[:depth]))  # window -> [B, 1, T, K]
+        return self._decode(store, ids, positions, positions, slots, exits, masks, key_length, depth)
+
+    def forward_tree(
+        self,
+        store: KVStore,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        writes: torch.Tensor,
+        slots: torch.Tensor,
+        exits: torch.Tensor,
+        region_starts: torch.Tensor,
+        region_positions: torch.Tensor,
+        visible: torch.Tensor,
+        key_length: int,
+        depth: int,
+    ) -> torch.Tensor:
+        """`forward` for tokens of a tree: float32 logits [B, T, V] at each row's exit.
+
+        A row's *region* is its cache from `region_starts` [B] on: tree nodes, in level order,
+        whose rotary positions are `region_positions` [B, R]; everything before it is its
+        prefix, seen by every token. ids, positions (rotary), writes (cache positions) [B, T]
+        long; visible [B, T, R] bool says which region entries each new token sees (its
+        ancestors and itself, written at `writes`).
+        """
+        keys = torch.arange(key_length, device=ids.device)  # [K]
+        offsets = keys[None, :] - region_starts[:, None]  # [B, K]: position in the region
+        in_region = (offsets >= 0) & (offsets < visible.shape[-1])  # [B, K]
+        at = offsets.clamp(0, visible.shape[-1] - 1)  # [B, K]
+        seen = visible.gather(2, at[:, None, :].expand(-1, ids.shape[1], -1))  # [B, T, K]
+        visible_keys = torch.where(in_region[:, None, :], seen, (offsets < 0)[:, None, :])  # [B, T, K]
+        key_positions = torch.where(in_region, region_positions.gather(1, at), keys[None, :])  # [B, K] rotary
+        masks = {window: (visible_keys if window is None
+                          else visible_keys & (key_positions[:, None, :] > positions[:, :, None] - window))[:, None]
+                 for window in set(self.arch.windows[:depth])}  # window -> [B, 1, T, K]
+        return self._decode(store, ids, positions, writes, slots, exits, masks, key_length, depth)
+
+    def _decode(self, store, ids, positions, writes, slots, exits, masks, key_length: int, depth: int) -> torch.Tensor:
+        """The layers over ids [B, T] (rotary `positions`, cache `writes`, each [B, T]) -> logits [B, T, V]."""
         arch = self.arch
         hidden = F.embedding(ids, self.embed)  # [B, T, H]
         if arch.embed_scale is not None:
             hidden = hidden * torch.tensor(arch.embed_scale, dtype=hidden.dtype)
         cos, sin = self.cos[positions], self.sin[positions]  # each [B, T, R]
-        masks = _masks(positions, key_length, set(arch.windows[:depth]))  # window -> [B, 1, T, K]
         chosen = hidden  # each row's hidden state at its exit, once the row has passed it
         for layer in range(depth):
             mask = masks[arch.windows[layer]]
-            hidden = self._layer(layer, store, hidden, positions, slots, cos, sin, mask, key_length)
+            hidden = self._layer(layer, store, hidden, writes, slots, cos, sin, mask, key_length)
             chosen = torch.where((exits == layer + 1)[:, None, None], hidden, chosen)  # any layer may be an exit
         logits = (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
         return _softcap(logits, arch.final_softcap)
@@ -96,7 +134,7 @@ class DecoderStep(nn.Module):
             drafted.append(ids)
         return torch.cat(drafted, dim=1)
 
-    def _layer(self, layer, store, hidden, positions, slots, cos, sin, mask, key_length) -> torch.Tensor:
+    def _layer(self, layer, store, hidden, writes, slots, cos, sin, mask, key_length) -> torch.Tensor:
         """One decoder layer; writes the rows' new keys/values into their slots."""
         w = {name: getattr(self, f"{name}_{layer}") for name in self.weight_names}
         arch = self.arch
@@ -108,7 +146,7 @@ class DecoderStep(nn.Module):
             q = F.rms_norm(q, q.shape[-1:], w["q_norm"], self.eps)
             k = F.rms_norm(k, k.shape[-1:], w["k_norm"], self.eps)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = store.write_and_read(layer, slots, positions, k, v, key_length)  # each [B, Hkv, K, D]
+        keys, values = store.write_and_read(layer, slots, writes, k, v, key_length)  # each [B, Hkv, K, D]
         out = self._attend(q.transpose(1, 2), keys, values, mask)  # [B, Hq, T, D]
         out = _linear(out.transpose(1, 2).reshape(batch, width, -1), w["o"], w.get("o_bias"))
         if arch.sandwich_norms:

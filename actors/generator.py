@@ -15,6 +15,7 @@ from actors.errors import InvalidRequest
 from actors.runner import ModelRunner
 from actors.sampling import SamplingParams
 from actors.speculation import SpeculationSpec
+from actors.trees import TreeShape
 
 
 @dataclass
@@ -35,9 +36,11 @@ class SpeculativeGenerator:
         k: int = 4,
         exit_layer: int | None = None,
         cascade: CascadeParams | None = None,
+        tree: TreeShape | None = None,
     ):
-        """`cascade` verifies every sequence against a speculative cascade (None: lossless)."""
-        self.engine = SpeculationEngine(target, drafter, k, exit_layer)
+        """`cascade` verifies every sequence against a speculative cascade (None: lossless); `tree` drafts token
+        trees of that shape in place of chains of k."""
+        self.engine = SpeculationEngine(target, drafter, k, exit_layer, tree=tree)
         self.spec = SpeculationSpec(cascade=cascade)  # every sequence's
         self.elapsed_s = 0.0  # wall time of the last `generate`
 

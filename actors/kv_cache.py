@@ -72,6 +72,16 @@ class KVStore:
         return rows[0].transpose(1, 2), rows[1].transpose(1, 2)
 
 
+    def move(self, slot: int, sources: list[int], destinations: list[int]) -> None:
+        """Copy one slot's keys/values from positions `sources` to `destinations`, every layer (tree compaction).
+
+        One indexed copy per layer; the sources are read in full before any destination is written.
+        """
+        source, destination = torch.tensor(sources), torch.tensor(destinations)
+        for cache in (*self.keys, *self.values):
+            cache[slot, destination.to(cache.device)] = cache[slot, source.to(cache.device)]
+
+
 @dataclass
 class SequenceCache:
     """One sequence's place in a `KVStore`: its slot and the tokens whose keys/values it holds."""
@@ -101,6 +111,17 @@ class SequenceCache:
         while keep < end and self.tokens[keep] == tokens[keep]:
             keep += 1
         self.truncate(keep)
+
+    def keep_path(self, region_start: int, path: list[int]) -> list[tuple[int, int]]:
+        """Keep the prefix before `region_start` and the region entries at offsets `path` (ascending), moved
+        up to follow it; forget the rest. Returns the (from, to) positions whose keys/values must move."""
+        region = len(self.tokens) - region_start
+        if region < 0 or path != sorted(set(path)) or any(not 0 <= offset < region for offset in path):
+            raise ValueError(f"path {path} does not lie in a region of {len(self.tokens) - region_start} entries")
+        moves = [(region_start + offset, region_start + i) for i, offset in enumerate(path) if offset != i]
+        kept = [self.tokens[region_start + offset] for offset in path]
+        self.tokens[region_start:] = kept
+        return moves
 
     def reset(self, depth: int) -> None:
         """Forget everything, e.g. before re-prefilling deeper than the cache reaches."""

@@ -32,6 +32,7 @@ from actors.errors import InvalidRequest
 from actors.forward import DecoderStep
 from actors.kv_cache import KVStore, SequenceCache
 from actors.loading import load_causal_lm
+from actors.trees import depths_of, visibility
 
 SeqId = Hashable
 DEFAULT_MAX_SEQUENCES = 64  # slots of a runner built without a say
@@ -88,6 +89,7 @@ class ModelRunner:
         self.compile_mode = compile_mode
         self._run: StepFunction = compile_step(self.step.forward, compile_mode)
         self._draft: StepFunction = compile_step(self.step.draft_greedy, compile_mode)
+        self._run_tree: StepFunction = compile_step(self.step.forward_tree, compile_mode)
         self.shapes = shape_policy(compile_mode)
         # fused drafts run on exact shapes: padded, every key length would be a graph of its own
         self.fused_draft_steps: tuple[int, ...] = () if self.shapes.bucketed else FUSED_DRAFT_STEPS
@@ -207,6 +209,52 @@ class ModelRunner:
             cache.extend([token] + row[:-1], exit_layer)
         return rows
 
+    @torch.inference_mode()
+    def forward_tree(self, seq_ids: Sequence[SeqId], new_tokens: Sequence[Sequence[int]], region_starts: Sequence[int],
+                     region_parents: Sequence[Sequence[int]], exits: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Append tree tokens to each sequence and score them, all rows in one pass (`actors.trees`).
+
+        Row i's region is its cache from `region_starts[i]` on followed by `new_tokens[i]`;
+        `region_parents[i]` names each region entry's parent (an offset into the region, -1:
+        none), old entries and new. A new token sees the cache before the region and, in the
+        region, its ancestors and itself; its rotary position is the region start plus its
+        depth. Returns per row the logits [n_i, V] of its new tokens.
+        """
+        exits = list(exits) if exits is not None else [self.num_layers] * len(seq_ids)
+        caches = [self._cache(s) for s in seq_ids]
+        for cache, tokens, start, parents, exit_layer in zip(caches, new_tokens, region_starts, region_parents, exits):
+            self._check_tree_row(cache, list(tokens), start, list(parents), exit_layer)
+        inputs = _tree_inputs(new_tokens, region_starts, region_parents)
+        slots = torch.tensor([c.slot for c in caches])
+        depth = max(exits)
+        on_device = lambda tensor: tensor.to(self._device)
+        logits = self._run_tree(self.store, *map(on_device, (inputs.ids, inputs.positions, inputs.writes, slots,
+                                                               torch.tensor(exits), torch.tensor(list(region_starts)),
+                                                               inputs.region_positions, inputs.visible)),
+                                inputs.key_length, depth)  # [B, T, V]
+        for cache, tokens, exit_layer in zip(caches, new_tokens, exits):
+            cache.extend(list(tokens), exit_layer)
+        return [logits[i, : len(tokens)] for i, tokens in enumerate(new_tokens)]
+
+    def keep_path(self, seq_id: SeqId, region_start: int, path: list[int]) -> None:
+        """Keep a sequence's cache before `region_start` and the region entries at offsets `path` (ascending),
+        moved up to follow it: the accepted path of a tree, compacted into place."""
+        cache = self._cache(seq_id)
+        moves = cache.keep_path(region_start, path)
+        if moves:
+            self.store.move(cache.slot, [a for a, _ in moves], [b for _, b in moves])
+
+    def _check_tree_row(self, cache: SequenceCache, tokens: list[int], start: int, parents: list[int],
+                        exit_layer: int) -> None:
+        self._check_row(cache, tokens, exit_layer, written=len(tokens))
+        if exit_layer > cache.depth and len(cache):
+            raise InvalidRequest(f"exit {exit_layer} is deeper than a cache of {self.name} reaches: feed a chain first")
+        if len(tokens) > MAX_WIDTH or start + len(parents) != len(cache) + len(tokens):
+            raise InvalidRequest(f"a tree row of {len(tokens)} tokens must end a region of {len(parents)} entries "
+                                 f"from {start} on a cache of {len(cache)} (and hold at most {MAX_WIDTH} tokens)")
+        if any(not -1 <= p < i for i, p in enumerate(parents)):
+            raise InvalidRequest("a tree's parents must come before their children")
+
     def _cache(self, seq_id: SeqId) -> SequenceCache:
         try:
             return self._caches[seq_id]
@@ -285,6 +333,43 @@ class ModelRunner:
                             on_device(self.store.scratch_slot), on_device(depth), start + 1, depth, steps)
 
         return warm_up(scratch_step, sorted(set(self.exit_layers)), scratch_draft if drafts else None)
+
+
+@dataclass(frozen=True)
+class _TreeInputs:
+    """A tree step's tensors: ids, positions (rotary), writes (cache positions) [B, T]; region_positions [B, R];
+    visible [B, T, R]."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    writes: torch.Tensor
+    region_positions: torch.Tensor
+    visible: torch.Tensor
+    key_length: int
+
+
+def _tree_inputs(new_tokens: Sequence[Sequence[int]], starts: Sequence[int],
+                 parents: Sequence[Sequence[int]]) -> _TreeInputs:
+    """Rows padded to the widest: a padding token writes past its row's region and sees only itself there."""
+    width = max(len(t) for t in new_tokens)
+    region = max(len(p) + width - len(t) for t, p in zip(new_tokens, parents))
+    batch = len(new_tokens)
+    ids, positions, writes = (torch.zeros(batch, width, dtype=torch.long) for _ in range(3))
+    region_positions = torch.zeros(batch, region, dtype=torch.long)
+    visible = torch.zeros(batch, width, region, dtype=torch.bool)
+    for i, (tokens, start, row_parents) in enumerate(zip(new_tokens, starts, parents)):
+        entries, fed = len(row_parents), len(tokens)
+        first = entries - fed  # region offset of the first new token
+        padded = entries + width - fed  # the row's region with its padding tokens
+        depths = torch.tensor(depths_of(list(row_parents)) + list(range(entries, padded)))  # padding: past any depth
+        region_positions[i, :padded] = start + depths
+        ids[i, :fed] = torch.tensor(list(tokens))
+        positions[i] = start + depths[first:]
+        writes[i] = start + torch.arange(first, padded)
+        visible[i, :fed, :entries] = visibility(list(row_parents))[first:]
+        visible[i, torch.arange(fed, width), torch.arange(entries, padded)] = True
+    key_length = max(start + len(p) + width - len(t) for t, start, p in zip(new_tokens, starts, parents))
+    return _TreeInputs(ids, positions, writes, region_positions, visible, key_length)
 
 
 def _first_id(token_id) -> int | None:

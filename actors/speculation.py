@@ -6,9 +6,10 @@ arguments. `None` fields follow the target's plan (which the controller tunes);
 `k = 0` decodes the sequence plainly.
 """
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.cascades import CascadeParams
+from actors.trees import TreeShape
 
 MAX_DRAFT_LENGTH = 64  # the largest k anywhere: beyond it a round costs more than any drafter saves
 
@@ -27,6 +28,16 @@ class SpeculationSpec(BaseModel):
     cascade: CascadeParams | None = Field(
         None, description="Verify against this speculative cascade instead of the target alone; None is lossless."
     )
+    tree: TreeShape | None = Field(
+        None, description="Draft a token tree of this shape instead of a chain (k then stays None); None: a chain, "
+        "or the target's plan when k is None too.",
+    )
+
+    @model_validator(mode="after")
+    def _one_draft_shape(self) -> "SpeculationSpec":
+        if self.tree is not None and (self.k is not None or self.cascade is not None):
+            raise ValueError("a tree draft takes neither k nor a cascade: give the tree shape alone")
+        return self
 
 
 FOLLOW_PLAN = SpeculationSpec()

@@ -32,10 +32,16 @@ class Verdict:
 
     num_accepted: int  # how many leading draft tokens were kept
     next_token: int  # the recovered token after a rejection, or the bonus token after full acceptance
+    path: tuple[int, ...] | None = None  # a tree draft: the accepted nodes, root first; None: a chain's first num_accepted
+
+    @property
+    def accepted_nodes(self) -> list[int]:
+        """Indices of the accepted draft tokens (a chain's are its first num_accepted)."""
+        return list(range(self.num_accepted)) if self.path is None else list(self.path)
 
     def emitted(self, draft_tokens: list[int]) -> list[int]:
         """The tokens this round adds to the sequence."""
-        return list(draft_tokens[: self.num_accepted]) + [self.next_token]
+        return [draft_tokens[i] for i in self.accepted_nodes] + [self.next_token]
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ def _verify_sampled_rows(rows: list[RowToVerify]) -> list[Verdict]:
     p_next = p.gather(1, num_accepted[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)  # [S, V]
     q_next = torch.cat([q, q.new_zeros(q.shape[0], 1, q.shape[2])], dim=1)  # [S, K + 1, V]: no q at the bonus position
     q_next = q_next.gather(1, num_accepted[:, None, None].expand(-1, 1, p.shape[-1])).squeeze(1)  # [S, V]
-    final = torch.where((num_accepted == lengths)[:, None], p_next, _residual(p_next, q_next))  # [S, V]
+    final = torch.where((num_accepted == lengths)[:, None], p_next, residual(p_next, q_next))  # [S, V]
     return [Verdict(int(n), int(sample(final[j : j + 1], row.generator)))
             for j, (n, row) in enumerate(zip(num_accepted.tolist(), rows))]
 
@@ -149,7 +155,7 @@ def _uniforms(row: RowToVerify, k_max: int) -> torch.Tensor:
     return torch.cat([torch.rand(k, generator=row.generator), torch.zeros(k_max - k)])
 
 
-def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)) per row, [S, V].
 
     A rejection can only happen where some p(x) < q(x), so the residual has mass

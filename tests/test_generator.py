@@ -88,8 +88,9 @@ def chi_square_excess(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """
     expected = probs * counts.sum()
     small = expected < 5
-    observed = torch.cat([counts[~small], counts[small].sum()[None]])
-    expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    pooled = slice(0, 1 if small.any() else 0)  # no pooled bin when none is small
+    observed = torch.cat([counts[~small], counts[small].sum()[None][pooled]])
+    expected = torch.cat([expected[~small], expected[small].sum()[None][pooled]])
     statistic = float(((observed - expected) ** 2 / expected).sum())
     df = observed.numel() - 1
     return (statistic - df) / (2 * df) ** 0.5

@@ -1,0 +1,215 @@
+"""Token trees (SpecInfer): a draft that branches, verified in one target forward.
+
+A *tree draft* is a list of nodes in level order (parents before children),
+each a token with the index of its parent node (-1: a child of the root, the
+sequence's last emitted token). A chain of k tokens is the tree whose node i
+has parent i - 1.
+
+Two shapes, both `depth` levels of `width` nodes (so every round of a shape
+has the same number of nodes, `depth * width`, and the same forward shapes):
+
+- **static**: the nodes of each level are the `width` best children of the
+  previous level's first node (level 1: of the root). Level by level the
+  first nodes form the drafter's own greedy chain, and each level adds its
+  `width - 1` runners-up beside it. Drafting costs what the chain costs: one
+  token fed per level.
+- **dynamic** (after EAGLE-2): each node of a level proposes its `width` most
+  probable children, scored by the product of the drafter's probabilities
+  along the path, and the `width` best-scored candidates form the next level.
+  Drafting feeds a whole level (`width` tokens) per step, nearly free where a
+  forward's cost is per-op overhead.
+
+Verification feeds `[pending] + nodes` with positions prefix + depth and an
+ancestor-only attention mask (`visibility`), then keeps the longest path the
+target accepts (`actors.tree_verification`); both models then move the path's
+keys and values into place (`KVStore.move`) and drop the rest.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.sampling import SamplingParams, logits_to_probs
+
+MAX_TREE_DEPTH = 16
+MAX_TREE_WIDTH = 8
+
+
+class TreeShape(BaseModel):
+    """How a tree draft branches: `depth` levels of `width` nodes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    depth: int = Field(ge=1, le=MAX_TREE_DEPTH, description="Levels of the tree: the longest path it can accept.")
+    width: int = Field(ge=1, le=MAX_TREE_WIDTH, description="Nodes per level (1 is a chain).")
+    dynamic: bool = Field(
+        False, description="Expand the most probable nodes of each level (EAGLE-2); False: only each level's first node."
+    )
+
+    @property
+    def nodes(self) -> int:
+        """Draft tokens per round: the verification budget less the pending token."""
+        return self.depth * self.width
+
+    @property
+    def label(self) -> str:
+        return f"{'dynamic' if self.dynamic else 'static'}-{self.depth}x{self.width}"
+
+    @classmethod
+    def parse(cls, label: str) -> "TreeShape":
+        """The shape a label names: 'static-4x2' or 'dynamic-4x3'."""
+        kind, _, size = label.partition("-")
+        depth, _, width = size.partition("x")
+        if kind not in ("static", "dynamic") or not depth.isdigit() or not width.isdigit():
+            raise ValueError(f"a tree shape reads 'static-DEPTHxWIDTH' or 'dynamic-DEPTHxWIDTH', got {label!r}")
+        return cls(depth=int(depth), width=int(width), dynamic=kind == "dynamic")
+
+
+def chain_parents(length: int) -> list[int]:
+    """Parents of a chain of `length` nodes."""
+    return list(range(-1, length - 1))
+
+
+def depths_of(parents: list[int]) -> list[int]:
+    """Each node's depth, 0 for a child of the root (parents come before their children)."""
+    depths: list[int] = []
+    for parent in parents:
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def visibility(parents: list[int]) -> torch.Tensor:
+    """[N, N] bool: node i may attend to node j iff j is i or one of its ancestors."""
+    visible = torch.eye(len(parents), dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            visible[node] |= visible[parent]
+    return visible
+
+
+def children_of(parents: list[int]) -> dict[int, list[int]]:
+    """Node -> its children in draft order; the root is -1."""
+    children: dict[int, list[int]] = {}
+    for node, parent in enumerate(parents):
+        children.setdefault(parent, []).append(node)
+    return children
+
+
+def path_of(tokens: list[int], parents: list[int], emitted: list[int]) -> list[int]:
+    """The nodes that spell the longest prefix of `emitted`, root first (a node per matched token)."""
+    children, path, node = children_of(parents), [], -1
+    for token in emitted:
+        node = next((c for c in children.get(node, []) if tokens[c] == token), None)
+        if node is None:
+            break
+        path.append(node)
+    return path
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A node being drafted: its token, its parent, what it was drawn from and its path score."""
+
+    token: int
+    parent: int  # index of the parent node, -1 for the root
+    q: torch.Tensor | None  # [V] the distribution the token was drawn from; None: chosen, not drawn (a point mass)
+    score: float  # product of the drafter's temperature-1 probabilities along its path
+
+
+def best_children(logits: torch.Tensor, parent: int, parent_score: float, width: int) -> list[Candidate]:
+    """The `width` most probable children of a node from its logits [V], as point masses."""
+    probs = torch.softmax(logits.float(), dim=-1)  # [V]
+    top = torch.topk(probs, width)
+    return [Candidate(int(t), parent, None, parent_score * float(p)) for p, t in zip(top.values, top.indices)]
+
+
+def sampled_children(logits: torch.Tensor, parent: int, width: int, params: SamplingParams,
+                     generator: torch.Generator) -> list[Candidate]:
+    """Up to `width` children drawn without replacement from q (the request's sampling of the logits [V]).
+
+    Child i is drawn from q with children 1..i-1 removed and renormalised, and carries that
+    distribution: the recursive rejection rule of `actors.tree_verification` needs it.
+    """
+    q = logits_to_probs(logits[None], params)[0]  # [V]
+    children = []
+    for _ in range(width):
+        total = q.sum()
+        if total <= 0:
+            break
+        q = q / total
+        token = int(torch.multinomial(q, 1, generator=generator))
+        children.append(Candidate(token, parent, q, 0.0))
+        q = q.clone()
+        q[token] = 0.0
+    return children
+
+
+def next_level(candidates: list[Candidate], width: int) -> list[Candidate]:
+    """The `width` best-scored candidates, in score order (a dynamic tree's next level)."""
+    return sorted(candidates, key=lambda c: -c.score)[:width]
+
+
+@dataclass
+class TreeDraftRow:
+    """One sequence's tree being drafted, a level per drafter forward (`ModelDrafter`).
+
+    The first forward feeds the sequence's uncached context as a chain and gives the
+    root's children. After it, a static tree feeds its last level's first node (a chain
+    step), a dynamic one its whole last level as tree tokens against the levels already
+    cached, which form the cache's *region* from `region_start` on (node i at offset i).
+    """
+
+    seq_id: object
+    shape: TreeShape
+    exit_layer: int
+    depth: int  # levels to draft: the shape's, cut to what the context allows; lowered to stop early
+    levels: list[list[Candidate]] = field(default_factory=list)
+    region_start: int | None = None  # a dynamic tree's first cached level: where its region begins
+
+    @property
+    def drafting(self) -> bool:
+        return len(self.levels) < self.depth and (not self.levels or bool(self.levels[-1]))
+
+    def stop(self) -> None:
+        """End the proposal with the levels drafted so far."""
+        self.depth = len(self.levels)
+
+    @property
+    def nodes(self) -> list[Candidate]:
+        return [node for level in self.levels for node in level]
+
+    @property
+    def feeds_tree(self) -> bool:
+        """The next forward feeds tree tokens (a dynamic tree past its first level)."""
+        return self.shape.dynamic and bool(self.levels)
+
+    def chain_feed(self) -> list[int]:
+        """A static tree's next chain token: its last level's first node."""
+        return [self.levels[-1][0].token]
+
+    def tree_feed(self) -> tuple[list[int], list[int]]:
+        """A dynamic tree's next tokens (its last level) and the parents of its whole region so far."""
+        nodes = self.nodes
+        return [node.token for node in self.levels[-1]], [node.parent for node in nodes]
+
+    def grow(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> None:
+        """Add the next level from the logits [n, V] of the tokens just fed (a chain feed: its last row)."""
+        width = self.shape.width
+        if not self.levels:
+            self.levels.append(self._children(logits[-1], -1, 1.0, params, generator))
+        elif not self.shape.dynamic:
+            parent = len(self.nodes) - len(self.levels[-1])  # index of the last level's first node
+            self.levels.append(self._children(logits[-1], parent, 1.0, params, generator))
+        else:
+            first = len(self.nodes) - len(self.levels[-1])
+            candidates = [child for j, node in enumerate(self.levels[-1])
+                          for child in best_children(logits[j], first + j, node.score, width)]
+            self.levels.append(next_level(candidates, width))
+
+    def _children(self, logits: torch.Tensor, parent: int, score: float, params: SamplingParams,
+                  generator: torch.Generator) -> list[Candidate]:
+        """A static tree's sampled rows draw their children (carrying q); every other row chooses the best."""
+        if params.greedy or self.shape.dynamic:
+            return best_children(logits, parent, score, self.shape.width)
+        return sampled_children(logits, parent, self.shape.width, params, generator)
