@@ -93,11 +93,14 @@ def shape_policy(mode: CompileMode) -> ShapePolicy:
 
 
 def warm_up(run: Callable[[int, int, int, int], object], depths: list[int],
-            draft: Callable[[int, int, int, int], object] | None = None) -> float:
+            draft: Callable[[int, int, int, int], object] | None = None,
+            tree: Callable[[int, int, int, int], object] | None = None) -> float:
     """Compile every graph a dynamic-shape runner uses; returns the seconds it took.
 
     `run(batch, width, start, depth)` runs one step on scratch rows; `draft(batch, steps,
-    start, depth)`, given for a drafter, one fused greedy draft of `steps` steps.
+    start, depth)`, given for a drafter, one fused greedy draft of `steps` steps; `tree(batch,
+    width, region, depth)`, given where token trees are served, one tree step of `width` new
+    tokens ending a region of `region` entries (a whole tree verified, or a drafter's level).
     Sizes of 1 get graphs of their own (one stream; one new token); other sizes
     are chosen pairwise distinct (batch 2, width 3, keys past them) so that the
     compiler does not assume two sizes equal and recompile when they differ.
@@ -109,6 +112,8 @@ def warm_up(run: Callable[[int, int, int, int], object], depths: list[int],
             run(batch, 3, 8, depth)  # verifying a draft, a prompt
             for steps in FUSED_DRAFT_STEPS if draft is not None else ():
                 draft(batch, steps, 8, depth)
+            for region in (3, 7) if tree is not None else ():
+                tree(batch, 3, region, depth)
     seconds = time.perf_counter() - started
     log.info("compiled the model step for depths %s in %.1f s", depths, seconds)
     return seconds

@@ -28,7 +28,7 @@ class DraftRequest:
     k: int  # how many tokens to propose; 0 asks for none this round
     exit_layer: int | None = None  # for a multi-exit drafter: which nested sub-model drafts
     confidence: bool = False  # also return the drafter's temperature-1 softmax (a cascade's deferral rule reads it)
-    tree: TreeShape | None = None  # draft a token tree of this shape (k is then ignored); None: a chain of k
+    tree: TreeShape | None = None  # draft a token tree of this shape, where the drafter can; None: a chain of k
 
 
 @dataclass(frozen=True)

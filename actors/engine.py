@@ -78,7 +78,7 @@ class SequenceUpdate:
     finish_reason: str | None  # "stop" (end-of-sequence token), "length" (max_tokens) or None while live
     stats: SpeculationStats  # cumulative for the sequence
     arm: tuple[int | None, int] = (None, 0)  # (exit, k) of this step's round; (None, 0) decoded plainly; a tree's k: its nodes
-    tree: str = ""  # the tree shape's label when the round drafted a tree; "" a chain
+    tree: str = ""  # the tree shape's label when the sequence drafts trees; "" a chain
 
 
 @dataclass
@@ -207,7 +207,7 @@ class SpeculationEngine:
             return []
         self._begin_round()
         self._prefill([s for s in running if not s.prefilled])
-        arms = [self._arm(s) for s in running]
+        arms = [self._round_arm(s) for s in running]
         started = self.clock()
         drafts = self._propose(running)
         return self._verify_round(running, drafts, arms, self.clock() - started)
@@ -240,7 +240,8 @@ class SpeculationEngine:
         """The round records written since the last drain (thread-safe)."""
         return self.telemetry.drain()
 
-    def replace_drafter(self, drafter: Drafter | None, k: int, exit_layer: int | None = None) -> None:
+    def replace_drafter(self, drafter: Drafter | None, k: int, exit_layer: int | None = None,
+                        tree: TreeShape | None = None) -> None:
         """Draft with another drafter from the next round: a replacement for a dead one, or a re-pairing.
 
         Live sequences start on the new drafter with everything emitted so far,
@@ -254,9 +255,9 @@ class SpeculationEngine:
             if old is not None and seq.drafting:
                 _forget(old, seq.seq_id)
             seq.drafting = self._start_drafting(seq, seq.prompt + seq.tokens)
-        self.k, self.exit_layer = 0, None
+        self.k, self.exit_layer, self.tree = 0, None, None
         if self.drafter is not None:
-            self.set_plan(k, exit_layer)
+            self.set_plan(k, exit_layer, tree)
 
     # -- validation --------------------------------------------------------------
 
@@ -295,7 +296,7 @@ class SpeculationEngine:
     def _verify_round(self, rows: list[_Live], drafts: list[Draft], arms: list, draft_s: float) -> list[SequenceUpdate]:
         """One target forward judges every row's draft; record the round and release finished sequences.
 
-        `arms` are the (exit, k) each row's draft was planned with; `draft_s` the time the round spent drafting.
+        `arms` are the (exit, k, tree) each row's draft was planned with; `draft_s` the time the round spent drafting.
         """
         before = [replace(s.stats) for s in rows]
         started = self.clock()
@@ -343,9 +344,14 @@ class SpeculationEngine:
 
     def _request(self, seq: _Live) -> DraftRequest:
         tree = self._affordable_tree(seq)
-        if tree is not None:
-            return DraftRequest(seq.seq_id, tree.nodes, self._arm(seq)[0], tree=tree)
+        if tree is not None:  # a drafter that drafts no trees (n-gram, a staged chain) drafts a chain of its depth
+            return DraftRequest(seq.seq_id, tree.depth, self._arm(seq)[0], tree=tree)
         return DraftRequest(seq.seq_id, self._draft_length(seq), self._arm(seq)[0], confidence=seq.spec.cascade is not None)
+
+    def _round_arm(self, seq: _Live) -> tuple[int | None, int, str]:
+        """(exit, k, tree label or "") this sequence's round is planned with: how telemetry names its arm."""
+        tree = self._tree(seq)
+        return (*self._arm(seq), tree.label if tree is not None else "")
 
     def _tree(self, seq: _Live) -> TreeShape | None:
         """The tree shape this sequence drafts now: its own, else the plan's unless it asked for a chain."""
@@ -384,17 +390,17 @@ class SpeculationEngine:
         self, running: list[_Live], arms: list, before: list[SpeculationStats], draft_s: float, verify_s: float
     ) -> None:
         """Write one `RoundRecord` per arm the round's sequences used (`before`: their stats before the round)."""
-        groups: dict[tuple[int | None, int], list[tuple[SpeculationStats, SpeculationStats]]] = {}
+        groups: dict[tuple[int | None, int, str], list[tuple[SpeculationStats, SpeculationStats]]] = {}
         for seq, arm, old in zip(running, arms, before):
             groups.setdefault(arm, []).append((old, seq.stats))
-        for (exit_layer, k), stats in groups.items():
+        for (exit_layer, k, tree), stats in groups.items():
             self.telemetry.append(RoundRecord(
                 exit_layer, k, len(stats), len(running),
                 drafted=sum(new.drafted - old.drafted for old, new in stats),
                 accepted_lengths=tuple(new.accepted - old.accepted for old, new in stats),
                 emitted=sum(new.emitted - old.emitted for old, new in stats),
                 draft_s=draft_s, verify_s=verify_s, deferred=sum(new.deferred - old.deferred for old, new in stats),
-                target=self.target_name, drafter=self.drafter_name if k else PLAIN,
+                target=self.target_name, drafter=self.drafter_name if k else PLAIN, tree=tree,
             ))
 
     def _advance(self, seq: _Live, draft: Draft, verdict: Verdict) -> SequenceUpdate:
@@ -411,9 +417,8 @@ class SpeculationEngine:
             self._call_drafter(lambda d: d.commit(seq.seq_id, emitted))
         seq.pending = emitted[-1]
         new_tokens = self._append(seq, emitted)
-        tree = self._tree(seq) if draft.parents is not None else None
-        return SequenceUpdate(seq.seq_id, new_tokens, seq.finish_reason, replace(seq.stats), self._arm(seq),
-                              tree.label if tree is not None else "")
+        exit_layer, k, tree = self._round_arm(seq)
+        return SequenceUpdate(seq.seq_id, new_tokens, seq.finish_reason, replace(seq.stats), (exit_layer, k), tree)
 
     def _append(self, seq: _Live, emitted: list[int]) -> list[int]:
         eos = self.target.eos_token_id

@@ -37,7 +37,7 @@ class _InFlight:
     """A group whose drafts the drafter is making."""
 
     rows: list[_Live]
-    arms: list[tuple[int | None, int]]  # (exit, k) each row was sent with
+    arms: list[tuple[int | None, int, str]]  # (exit, k, tree label) each row was sent with
     handle: PendingDrafts  # `result()` gives one `Draft` per row
     drafter: Drafter  # who drafts them: drafts of a replaced (or dead) drafter are dropped
 
@@ -63,7 +63,7 @@ class OverlappedEngine(SpeculationEngine):
         ahead = self._ahead(len(due), [s for s in waiting if self._draft_length(s) > 0])
         ahead_ids = {s.seq_id for s in ahead}
         now = [s for s in waiting if s.seq_id not in ahead_ids]
-        now_arms = [self._arm(s) for s in now]
+        now_arms = [self._round_arm(s) for s in now]
         now_drafts = self._propose(now)
         draft_s = self.clock() - started
         self._launch(ahead)
@@ -95,7 +95,7 @@ class OverlappedEngine(SpeculationEngine):
     def _launch(self, rows: list[_Live]) -> None:
         if not rows:
             return
-        arms, requests = [self._arm(s) for s in rows], [self._request(s) for s in rows]
+        arms, requests = [self._round_arm(s) for s in rows], [self._request(s) for s in rows]
         handle = self._call_drafter(lambda d: d.propose_async(requests))
         if handle is not None:
             self._in_flight = _InFlight(rows, arms, handle, self.drafter)

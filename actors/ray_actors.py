@@ -25,6 +25,7 @@ from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner, RunnerSettings, SeqId
 from actors.sampling import SamplingParams
 from actors.speculation import FOLLOW_PLAN, SpeculationSpec
+from actors.trees import TreeShape
 
 log = logging.getLogger(__name__)
 # Updates of one stream that may wait unread before `TargetActor.generate` pauses. Ray closes a paused
@@ -118,9 +119,10 @@ class DraftService(FleetMember):
 class DrafterActor(DraftService):
     """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
 
-    def __init__(self, path: str, settings: RunnerSettings):
+    def __init__(self, path: str, settings: RunnerSettings, trees: bool = False):
+        """`trees`: some target may ask for token trees (their steps are compiled at start-up too)."""
         super().__init__()
-        self.runner = ModelRunner.serving(path, settings, drafts=True)
+        self.runner = ModelRunner.serving(path, settings, drafts=True, trees=trees)
         self.exit_layers, self.max_exit = self.runner.exit_layers, self.runner.num_layers
         self.batcher = DraftBatcher(ModelDrafter(self.runner))
 
@@ -278,18 +280,20 @@ class TargetActor(FleetMember):
 
     def __init__(self, path: str, settings: RunnerSettings, drafter_handle, exit_layer: int | None, k: int,
                  timeout_s: float, name: str = "", drafter_name: str = "", overlap_rounds: bool = False,
-                 max_waiting: int | None = None, pacing: StreamPacing = StreamPacing(), direct_drafter: bool = False):
+                 max_waiting: int | None = None, pacing: StreamPacing = StreamPacing(), direct_drafter: bool = False,
+                 tree: TreeShape | None = None, trees: bool = False):
         """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`);
         `max_waiting`: sequences that may wait for a KV slot (beyond it, `CapacityExhausted`);
         `pacing`: how long the engine loop merges a sequence's rounds into one update;
-        `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`)."""
-        runner = ModelRunner.serving(path, settings)
+        `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`);
+        `tree`: the plan drafts token trees of this shape; `trees`: sequences may draft trees (compiled at start-up)."""
+        runner = ModelRunner.serving(path, settings, trees=trees)
         self.timeout_s, self.direct_drafter = timeout_s, direct_drafter
         self.drafter_handle = drafter_handle
         drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
-        self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting),
-                               pacing)
+        self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting,
+                                            tree=tree), pacing)
 
     def info(self) -> dict:
         runner = self.loop.engine.target
@@ -325,14 +329,15 @@ class TargetActor(FleetMember):
     def live_sequences(self) -> int:
         return self.loop.engine.target.num_sequences
 
-    def set_plan(self, k: int, exit_layer: int | None) -> None:
-        """Speculate with k tokens from `exit_layer` (k = 0: plain decoding) from the next round on."""
-        self.loop.call(lambda engine: engine.set_plan(k, exit_layer))
+    def set_plan(self, k: int, exit_layer: int | None, tree: TreeShape | None = None) -> None:
+        """Speculate with k tokens (or trees of shape `tree`) from `exit_layer` (k = 0: plain decoding) from the
+        next round on."""
+        self.loop.call(lambda engine: engine.set_plan(k, exit_layer, tree))
 
-    def set_drafter(self, drafter_handle, k: int, exit_layer: int | None) -> None:
+    def set_drafter(self, drafter_handle, k: int, exit_layer: int | None, tree: TreeShape | None = None) -> None:
         """Draft with another drafter replica from the next round on; live sequences move to it."""
         drafter = self._remote_drafter(drafter_handle)
-        self.loop.call(lambda engine: engine.replace_drafter(drafter, k, exit_layer))
+        self.loop.call(lambda engine: engine.replace_drafter(drafter, k, exit_layer, tree))
         self.drafter_handle = drafter_handle
 
     def drafter_id(self) -> str | None:

@@ -103,12 +103,12 @@ class ModelRunner:
         return cls(load_causal_lm(path, dtype, device), str(path), max_sequences, compile_mode)
 
     @classmethod
-    def serving(cls, path: str, settings: RunnerSettings, drafts: bool = False) -> "ModelRunner":
+    def serving(cls, path: str, settings: RunnerSettings, drafts: bool = False, trees: bool = False) -> "ModelRunner":
         """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns
-        (with `drafts`, also those of fused greedy drafting)."""
+        (with `drafts`, also those of fused greedy drafting; with `trees`, those of token trees)."""
         runner = cls.from_pretrained(path, settings.dtype, settings.device, settings.max_sequences,
                                      resolve_mode(settings.compile, settings.device))
-        runner.warm_up_s = runner.warm_up(drafts)
+        runner.warm_up_s = runner.warm_up(drafts, trees)
         return runner
 
     # -- sequence bookkeeping -------------------------------------------------
@@ -224,17 +224,18 @@ class ModelRunner:
         caches = [self._cache(s) for s in seq_ids]
         for cache, tokens, start, parents, exit_layer in zip(caches, new_tokens, region_starts, region_parents, exits):
             self._check_tree_row(cache, list(tokens), start, list(parents), exit_layer)
-        inputs = _tree_inputs(new_tokens, region_starts, region_parents)
-        slots = torch.tensor([c.slot for c in caches])
-        depth = max(exits)
-        on_device = lambda tensor: tensor.to(self._device)
-        logits = self._run_tree(self.store, *map(on_device, (inputs.ids, inputs.positions, inputs.writes, slots,
-                                                               torch.tensor(exits), torch.tensor(list(region_starts)),
-                                                               inputs.region_positions, inputs.visible)),
-                                inputs.key_length, depth)  # [B, T, V]
+        logits = self._call_tree(_tree_inputs(new_tokens, region_starts, region_parents), [c.slot for c in caches],
+                                 exits, list(region_starts))  # [B, T, V]
         for cache, tokens, exit_layer in zip(caches, new_tokens, exits):
             cache.extend(list(tokens), exit_layer)
         return [logits[i, : len(tokens)] for i, tokens in enumerate(new_tokens)]
+
+    def _call_tree(self, inputs: "_TreeInputs", slots: list[int], exits: list[int], starts: list[int]) -> torch.Tensor:
+        on_device = lambda tensor: tensor.to(self._device)
+        return self._run_tree(self.store, *map(on_device, (inputs.ids, inputs.positions, inputs.writes,
+                                                             torch.tensor(slots), torch.tensor(exits), torch.tensor(starts),
+                                                             inputs.region_positions, inputs.visible)),
+                              inputs.key_length, max(exits))
 
     def keep_path(self, seq_id: SeqId, region_start: int, path: list[int]) -> None:
         """Keep a sequence's cache before `region_start` and the region entries at offsets `path` (ascending),
@@ -311,9 +312,9 @@ class ModelRunner:
         return self._run(self.store, ids.to(device), positions.to(device), slots.to(device), exits.to(device),
                          keys, depth)
 
-    def warm_up(self, drafts: bool = False) -> float:
+    def warm_up(self, drafts: bool = False, trees: bool = False) -> float:
         """Compile the graphs of every exit the model declares (a dynamic-shape runner), with `drafts` also its
-        fused greedy drafts; returns the seconds it took.
+        fused greedy drafts, with `trees` its tree steps; returns the seconds it took.
 
         Another exit still works, at the cost of a compile the first time a request asks for it.
         """
@@ -332,7 +333,14 @@ class ModelRunner:
                 self._draft(self.store, on_device(0)[:, None], on_device(start)[:, None],
                             on_device(self.store.scratch_slot), on_device(depth), start + 1, depth, steps)
 
-        return warm_up(scratch_step, sorted(set(self.exit_layers)), scratch_draft if drafts else None)
+        def scratch_tree(batch: int, width: int, region: int, depth: int) -> None:
+            parents = [list(range(-1, region - 1))] * batch  # any tree will do: the graph depends on sizes only
+            with torch.inference_mode():
+                self._call_tree(_tree_inputs([[0] * width] * batch, [8] * batch, parents),
+                                [self.store.scratch_slot] * batch, [depth] * batch, [8] * batch)
+
+        return warm_up(scratch_step, sorted(set(self.exit_layers)), scratch_draft if drafts else None,
+                       scratch_tree if trees else None)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class RoundRecord:
     deferred: int = 0  # speculative cascades: judged draft positions that stood on the drafter's q
     target: str = ""  # target model name, when the engine was given one
     drafter: str = PLAIN  # drafter model name; PLAIN for k = 0
+    tree: str = ""  # the tree shape's label when the arm drafts token trees (k: its nodes); "" a chain
 
     @property
     def accepted(self) -> int:
@@ -111,7 +112,7 @@ class RoundBuffer:
         return records
 
 
-PairKey = tuple[str, str, int, int]  # (target, drafter, exit_layer or 0 for none, k)
+PairKey = tuple[str, str, int, int, str]  # (target, drafter, exit_layer or 0 for none, k, tree label or "")
 
 
 @dataclass
@@ -122,6 +123,7 @@ class PairTotals:
     drafter: str
     exit_layer: int  # 0: a drafter without exits, or plain decoding
     k: int
+    tree: str = ""  # tree shape label; "" a chain
     rounds: int = 0  # sequence-rounds: target forward rows
     drafted: int = 0
     accepted: int = 0
@@ -166,18 +168,18 @@ class PairTotals:
 
     def as_pair_stats(self) -> dict:
         """The fields of the `PairStats` proto message, e.g. `pb.PairStats(**totals.as_pair_stats())`."""
-        names = ("target", "drafter", "exit_layer", "k", "rounds", "drafted", "accepted", "emitted",
+        names = ("target", "drafter", "exit_layer", "k", "tree", "rounds", "drafted", "accepted", "emitted",
                  "acceptance_rate", "mean_accepted_length", "goodput_tokens_per_s", "mean_draft_ms", "mean_verify_ms",
                  "deferred")
         return {name: getattr(self, name) for name in names}
 
 
 def pair_key(record: RoundRecord) -> PairKey:
-    return record.target, record.drafter, record.exit_layer or 0, record.k
+    return record.target, record.drafter, record.exit_layer or 0, record.k, record.tree
 
 
 class TelemetryAggregator:
-    """Totals per (target, drafter, exit, k) over every record it was given."""
+    """Totals per (target, drafter, exit, k, tree) over every record it was given."""
 
     def __init__(self):
         self._pairs: dict[PairKey, PairTotals] = {}

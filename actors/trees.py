@@ -26,14 +26,17 @@ keys and values into place (`KVStore.move`) and drop the rest.
 """
 
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from actors.buckets import MAX_WIDTH
 from actors.sampling import SamplingParams, logits_to_probs
 
 MAX_TREE_DEPTH = 16
 MAX_TREE_WIDTH = 8
+MAX_TREE_NODES = MAX_WIDTH - 1  # with the pending token, a tree is verified in one step of the runner
 
 
 class TreeShape(BaseModel):
@@ -47,6 +50,12 @@ class TreeShape(BaseModel):
         False, description="Expand the most probable nodes of each level (EAGLE-2); False: only each level's first node."
     )
 
+    @model_validator(mode="after")
+    def _fits_one_step(self) -> "TreeShape":
+        if self.nodes > MAX_TREE_NODES:
+            raise ValueError(f"a tree of {self.nodes} nodes exceeds {MAX_TREE_NODES}, what one verify step holds")
+        return self
+
     @property
     def nodes(self) -> int:
         """Draft tokens per round: the verification budget less the pending token."""
@@ -58,12 +67,24 @@ class TreeShape(BaseModel):
 
     @classmethod
     def parse(cls, label: str) -> "TreeShape":
-        """The shape a label names: 'static-4x2' or 'dynamic-4x3'."""
+        """The shape a label names: 'static-4x2' or 'dynamic-4x3'; a ValueError that names the rule otherwise."""
         kind, _, size = label.partition("-")
         depth, _, width = size.partition("x")
         if kind not in ("static", "dynamic") or not depth.isdigit() or not width.isdigit():
-            raise ValueError(f"a tree shape reads 'static-DEPTHxWIDTH' or 'dynamic-DEPTHxWIDTH', got {label!r}")
-        return cls(depth=int(depth), width=int(width), dynamic=kind == "dynamic")
+            raise ValueError(f"a tree shape reads 'static-DEPTHxWIDTH' or 'dynamic-DEPTHxWIDTH', got {label[:32]!r}")
+        depth, width = int(depth), int(width)
+        if not (1 <= depth <= MAX_TREE_DEPTH and 1 <= width <= MAX_TREE_WIDTH and depth * width <= MAX_TREE_NODES):
+            raise ValueError(f"a tree has 1..{MAX_TREE_DEPTH} levels of 1..{MAX_TREE_WIDTH} nodes, at most "
+                             f"{MAX_TREE_NODES} in all; got {label[:32]!r}")
+        return cls(depth=depth, width=width, dynamic=kind == "dynamic")
+
+
+def _checked_label(label: str) -> str:
+    TreeShape.parse(label)
+    return label
+
+
+TreeLabel = Annotated[str, AfterValidator(_checked_label)]  # a config's tree shape: a label that parses
 
 
 def chain_parents(length: int) -> list[int]:

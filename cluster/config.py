@@ -15,6 +15,7 @@ from actors.cascades import CascadeParams
 from actors.speculation import MAX_DRAFT_LENGTH
 from actors.errors import SpecfleetError
 from actors.runner import RunnerSettings
+from actors.trees import TreeLabel, TreeShape
 from cluster.defaults import models_dir
 
 
@@ -79,6 +80,10 @@ class TargetConfig(ModelConfig):
     drafter: str | None = Field(None, description="Name of the drafter that serves this target; None decodes plainly.")
     exit_layer: int | None = Field(None, ge=1, description="Drafter exit to draft with; None uses its deepest exit.")
     k: int = Field(4, ge=1, le=MAX_DRAFT_LENGTH, description="Draft tokens per round.")
+    tree: TreeLabel | None = Field(
+        None, description="Draft token trees of this shape instead of chains of k ('static-DEPTHxWIDTH' or "
+        "'dynamic-DEPTHxWIDTH', actors/trees.py); None: chains. An adaptive controller may choose otherwise.",
+    )
     cascade: CascadeParams | None = Field(
         None, description="Default speculative cascade (deferral rule and lenience alpha) of this target's requests; "
         "None verifies losslessly. A request's own rule or alpha overrides it."
@@ -99,6 +104,10 @@ class TargetConfig(ModelConfig):
         description="Middle targets of a staged chain, innermost first: drafter -> via[0] -> ... -> this target. "
         "Each runs as a stage actor on that target's pool, drafting for the next with that target's k as its inner draft length.",
     )
+
+    @property
+    def tree_shape(self) -> TreeShape | None:
+        return None if self.tree is None else TreeShape.parse(self.tree)
 
 
 class TlsConfig(_Strict):
@@ -176,6 +185,10 @@ class ControllerConfig(_Strict):
     k_choices: list[Annotated[int, Field(ge=1, le=MAX_DRAFT_LENGTH)]] = Field(
         [2, 4, 6], min_length=1, description="Draft lengths the bandit chooses among (with every drafter exit)."
     )
+    tree_choices: list[TreeLabel] = Field(
+        default_factory=list, description="Token-tree shapes the bandit also chooses among, beside the chains (with "
+        "every drafter exit), e.g. ['dynamic-4x2']; empty: chains only. Replicas then compile tree steps at start-up.",
+    )
     rebalance_margin: float = Field(
         0.25, ge=0, le=1,
         description="Move a target replica to another drafter replica only when the busiest drafter replica's drafting "
@@ -191,6 +204,16 @@ class ClusterConfig(_Strict):
     targets: dict[str, TargetConfig] = Field(description="Target models clients can ask for, by name.", min_length=1)
     server: ServerConfig = Field(default_factory=ServerConfig, description="The gRPC front door.")
     controller: ControllerConfig = Field(default_factory=ControllerConfig, description="The fleet controller's steering.")
+
+    def uses_trees(self, target: str) -> bool:
+        """Whether a target's sequences may draft token trees: configured, or among its controller's choices."""
+        config = self.targets[target]
+        return config.drafter is not None and (config.tree is not None or
+                                               bool(self.controller.adaptive and self.controller.tree_choices))
+
+    def drafts_trees(self, drafter: str) -> bool:
+        """Whether a drafter may be asked for token trees by one of its targets."""
+        return any(t.drafter == drafter and self.uses_trees(name) for name, t in self.targets.items())
 
     @model_validator(mode="after")
     def _references_resolve(self) -> "ClusterConfig":

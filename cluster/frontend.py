@@ -222,7 +222,7 @@ class Frontend:
         )
         exit_layer, k = update.arm
         if k:
-            stats.drafter, stats.k = target.drafter, k
+            stats.drafter, stats.k, stats.tree = target.drafter, k, update.tree
             stats.exit_layer = exit_layer or 0  # the engine resolved the deepest exit; 0: a drafter without exits
         return stats
 

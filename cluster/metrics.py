@@ -17,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from actors.telemetry import RoundRecord
 
-PAIR_LABELS = ("target", "drafter", "exit", "k")
+PAIR_LABELS = ("target", "drafter", "exit", "k", "tree")  # tree: a tree shape label, "" for chains
 ACCEPTED_LENGTH_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)  # draft tokens; k is at most 64
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)  # seconds
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)  # seconds
@@ -55,7 +55,7 @@ class SpecfleetMetrics:
         return Histogram(name, doc, ("target",), buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def observe_round(self, record: RoundRecord) -> None:
-        labels = (record.target, record.drafter, str(record.exit_layer or 0), str(record.k))
+        labels = (record.target, record.drafter, str(record.exit_layer or 0), str(record.k), record.tree)
         self.draft_tokens.labels(*labels).inc(record.drafted)
         self.accepted_tokens.labels(*labels).inc(record.accepted)
         self.emitted_tokens.labels(*labels).inc(record.emitted)

@@ -133,7 +133,8 @@ def _read_pairing(fleet: Fleet, target: str, adopted: dict[int, object]) -> None
         if index is not None and target not in fleet.stages:
             fleet.pairing[(target, replica)] = index
         elif index is None:
-            ray.get(handle.set_drafter.remote(drafter_for(fleet, target, replica), config.k, config.exit_layer))
+            ray.get(handle.set_drafter.remote(drafter_for(fleet, target, replica), config.k, config.exit_layer,
+                                              config.tree_shape))
 
 
 def fleet_key(config: ClusterConfig) -> str:
@@ -150,7 +151,7 @@ def start_drafter(config: ClusterConfig, name: str, replica: int):
     """One replica of a drafter (not yet ready: its `info` call waits for the model)."""
     model = config.drafters[name]
     return _start(DrafterActor, config, actor_name(config, "drafter", name, replica), model, str(model.path),
-                  model.runner_settings())
+                  model.runner_settings(), config.drafts_trees(name))
 
 
 def start_target(config: ClusterConfig, name: str, replica: int, drafter_handle):
@@ -161,7 +162,7 @@ def start_target(config: ClusterConfig, name: str, replica: int, drafter_handle)
                   model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "",
                   model.overlap_rounds, model.max_waiting,
                   StreamPacing(config.server.stream_interval_s, config.server.max_stream_updates_per_s),
-                  config.server.direct_drafter_channel)
+                  config.server.direct_drafter_channel, model.tree_shape, config.uses_trees(name))
 
 
 def _adopt_or_start_stages(config: ClusterConfig, fleet: Fleet, found: dict) -> None:

@@ -6,6 +6,7 @@ from actors.cascades import CascadeParams, make_cascade_params
 from actors.errors import InvalidRequest
 from actors.sampling import SamplingParams, make_sampling_params
 from actors.speculation import FOLLOW_PLAN, MAX_DRAFT_LENGTH, NO_SPECULATION, SpeculationSpec
+from actors.trees import TreeShape
 from cluster.config import TargetConfig
 from specfleet.v1 import generation_pb2 as pb
 
@@ -96,9 +97,21 @@ def _draft_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[i
         raise InvalidRequest("this target has no drafter to speculate with; use AUTO or OFF")
     if speculation.drafter and speculation.drafter != target.drafter:
         raise InvalidRequest(f"this target is paired with drafter {target.drafter!r}, not {speculation.drafter!r}")
-    if not 1 <= speculation.k <= MAX_DRAFT_LENGTH:
-        raise InvalidRequest(f"FIXED speculation needs 1 <= k <= {MAX_DRAFT_LENGTH}, got {speculation.k}")
     exit_layer = speculation.exit_layer or None  # the wire's 0: the plan's exit
     if exit_layer is not None and exit_layer not in (exits or ()):
         raise InvalidRequest(f"exit {exit_layer} is not one of the exits the drafter was trained for: {exits}")
+    if speculation.tree:
+        return SpeculationSpec(tree=_tree_shape(speculation), exit_layer=exit_layer)
+    if not 1 <= speculation.k <= MAX_DRAFT_LENGTH:
+        raise InvalidRequest(f"FIXED speculation needs 1 <= k <= {MAX_DRAFT_LENGTH} (or a tree), got {speculation.k}")
     return SpeculationSpec(k=speculation.k, exit_layer=exit_layer)
+
+
+def _tree_shape(speculation: pb.Speculation) -> TreeShape:
+    """A FIXED request's tree shape: with no k beside it, and within the shape limits."""
+    if speculation.k:
+        raise InvalidRequest("FIXED speculation takes k or a tree, not both")
+    try:
+        return TreeShape.parse(speculation.tree)
+    except ValueError as err:
+        raise InvalidRequest(str(err)) from None

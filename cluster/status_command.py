@@ -27,15 +27,20 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _draft(plan_or_pair) -> str:
+    """How an arm drafts: its tree shape, else k (0: plain)."""
+    return plan_or_pair.tree or f"k {plan_or_pair.k}"
+
+
 def format_status(stats: pb.GetStatsResponse) -> str:
-    lines = ["plans", f"  {'target':<12} {'drafter':<10} {'exit':>4} {'k':>3} {'replicas':>8}  reason"]
+    lines = ["plans", f"  {'target':<12} {'drafter':<10} {'exit':>4} {'draft':>11} {'replicas':>8}  reason"]
     for p in stats.plans:
         exit_text = str(p.exit_layer or "deep") if p.k else "-"
-        lines.append(f"  {p.target:<12} {p.drafter or 'off':<10} {exit_text:>4} {p.k:>3} {p.replicas:>8}  {p.reason}")
+        lines.append(f"  {p.target:<12} {p.drafter or 'off':<10} {exit_text:>4} {_draft(p):>11} {p.replicas:>8}  {p.reason}")
     lines += ["", "acceptance per arm",
-              f"  {'target':<12} {'drafter':<10} {'exit':>4} {'k':>3} {'rounds':>8} {'accept':>7} {'MAL':>5} {'tok/s':>8}"]
+              f"  {'target':<12} {'drafter':<10} {'exit':>4} {'draft':>11} {'rounds':>8} {'accept':>7} {'MAL':>5} {'tok/s':>8}"]
     for p in stats.pairs:
-        lines.append(f"  {p.target:<12} {p.drafter or 'plain':<10} {p.exit_layer or '-':>4} {p.k:>3} {p.rounds:>8} "
+        lines.append(f"  {p.target:<12} {p.drafter or 'plain':<10} {p.exit_layer or '-':>4} {_draft(p):>11} {p.rounds:>8} "
                      f"{p.acceptance_rate:>7.2f} {p.mean_accepted_length:>5.2f} {p.goodput_tokens_per_s:>8.1f}")
     lines += ["", "actors", f"  {'model':<12} {'role':<8} {'replica':>7} {'live':>5}  state"]
     for r in stats.replicas:

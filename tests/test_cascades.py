@@ -15,6 +15,7 @@ from actors.runner import ModelRunner
 from actors.sampling import logits_to_probs, make_generator, make_sampling_params
 from actors.verification import RowToVerify, verify_round
 from actors.speculation import FOLLOW_PLAN, NO_SPECULATION, SpeculationSpec
+from actors.trees import TreeShape
 from cluster.config import InvalidConfig, TargetConfig, parse_config
 from cluster.requests import speculation_spec
 from specfleet.v1 import generation_pb2 as pb
@@ -278,6 +279,16 @@ def test_a_fixed_speculation_is_checked_against_the_drafters_exits_at_the_front_
     for untrained in (3, 5):
         with pytest.raises(InvalidRequest, match=rf"exit {untrained} is not one of the exits the drafter was trained for: \[1, 2, 4\]"):
             speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, k=3, exit_layer=untrained), target_config(), EXITS)
+
+
+def test_a_fixed_speculation_may_ask_for_a_tree_instead_of_k():
+    fixed = pb.Speculation(mode=pb.Speculation.FIXED, tree="dynamic-4x2", exit_layer=2)
+    assert speculation_spec(fixed, target_config(), EXITS) == SpeculationSpec(tree=TreeShape.parse("dynamic-4x2"), exit_layer=2)
+    for tree, problem in (("bushy", "a tree shape reads"), ("static-17x1", "1..16 levels"), ("static-8x8", "at most 63")):
+        with pytest.raises(InvalidRequest, match=problem):
+            speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, tree=tree), target_config(), EXITS)
+    with pytest.raises(InvalidRequest, match="k or a tree, not both"):
+        speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, tree="static-2x2", k=2), target_config(), EXITS)
 
 
 def test_enum_values_this_server_does_not_know_are_refused():

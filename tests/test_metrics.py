@@ -21,12 +21,12 @@ def labels(**values) -> frozenset:
     return frozenset(values.items())
 
 
-PAIR = labels(target="t", drafter="d", exit="2", k="3")
+PAIR = labels(target="t", drafter="d", exit="2", k="3", tree="")
 
 
-def record(accepted=(3, 1), emitted=6, k=3, exit_layer=2, drafter="d") -> RoundRecord:
+def record(accepted=(3, 1), emitted=6, k=3, exit_layer=2, drafter="d", tree="") -> RoundRecord:
     return RoundRecord(exit_layer, k, len(accepted), len(accepted), drafted=k * len(accepted), accepted_lengths=accepted,
-                       emitted=emitted, draft_s=0.01, verify_s=0.02, target="t", drafter=drafter)
+                       emitted=emitted, draft_s=0.01, verify_s=0.02, target="t", drafter=drafter, tree=tree)
 
 
 class Clock:
@@ -42,12 +42,14 @@ def test_rounds_feed_counters_and_the_accepted_length_histogram():
     metrics.observe_round(record(accepted=(3, 1), emitted=6))
     metrics.observe_round(record(accepted=(0,), emitted=1))
     metrics.observe_round(record(accepted=(0,), emitted=1, k=0, exit_layer=None, drafter=PLAIN))
+    metrics.observe_round(record(accepted=(2,), emitted=3, k=8, tree="dynamic-4x2"))
     samples = scrape(metrics)
+    assert samples[("specfleet_rounds_total", labels(target="t", drafter="d", exit="2", k="8", tree="dynamic-4x2"))] == 1
     assert samples[("specfleet_draft_tokens_total", PAIR)] == 9
     assert samples[("specfleet_accepted_tokens_total", PAIR)] == 4
     assert samples[("specfleet_emitted_tokens_total", PAIR)] == 7
     assert samples[("specfleet_rounds_total", PAIR)] == 3
-    assert samples[("specfleet_rounds_total", labels(target="t", drafter="", exit="0", k="0"))] == 1
+    assert samples[("specfleet_rounds_total", labels(target="t", drafter="", exit="0", k="0", tree=""))] == 1
     assert samples[("specfleet_accepted_length_per_round_count", PAIR)] == 3
     assert samples[("specfleet_accepted_length_per_round_sum", PAIR)] == 4
     assert samples[("specfleet_accepted_length_per_round_bucket", PAIR | {("le", "0.0")})] == 1
@@ -64,7 +66,7 @@ def test_a_real_engine_s_rounds_add_up_in_the_scrape(target, drafter_runner, pro
         final = engine.step()[0]
         for r in engine.drain_telemetry():
             metrics.observe_round(r)
-    pair = labels(target="t", drafter="d", exit="1", k="2")
+    pair = labels(target="t", drafter="d", exit="1", k="2", tree="")
     samples = scrape(metrics)
     assert samples[("specfleet_rounds_total", pair)] == final.stats.target_forwards
     assert samples[("specfleet_accepted_tokens_total", pair)] == final.stats.accepted

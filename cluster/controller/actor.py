@@ -39,7 +39,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from actors.ray_actors import actor_id
 from actors.telemetry import TelemetryAggregator
 from cluster.admission import DoorLoad, FleetLoad
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, TargetConfig
 from cluster.controller.pairing import DraftLoad, best_move
 from cluster.controller.policy import Plan, PolicyConfig, SpeculationPolicy
 from cluster.metrics import SpecfleetMetrics
@@ -62,7 +62,7 @@ class FleetController:
         self._collected_at = time.monotonic()
         self.metrics = SpecfleetMetrics()
         self.door_load = FleetLoad()
-        self.plans = {name: Plan(t.exit_layer, t.k if t.drafter else 0, "configured") for name, t in config.targets.items()}
+        self.plans = {name: _configured_plan(t) for name, t in config.targets.items()}
         self.policies = {name: self._policy(name) for name, t in config.targets.items()
                          if t.drafter and config.controller.adaptive}
         self._lock = threading.RLock()  # the control thread and the callers share the fleet
@@ -102,7 +102,7 @@ class FleetController:
             pairs = [pb.PairStats(**totals.as_pair_stats()) for totals in self.totals.pairs()]
             plans = [pb.TargetPlan(target=name, drafter=self.config.targets[name].drafter or "" if plan.k else "",
                                    exit_layer=plan.exit_layer or 0, k=plan.k, replicas=len(self.fleet.targets[name]),
-                                   reason=plan.reason)
+                                   reason=plan.reason, tree=plan.tree.label if plan.tree is not None else "")
                      for name, plan in self.plans.items()]
             replicas = list(self.replicas.values())
         return pb.GetStatsResponse(pairs=pairs, plans=plans, replicas=replicas)
@@ -347,11 +347,11 @@ class FleetController:
     def _attach(self, name: str, replica: int) -> None:
         plan = self.plans[name]
         drafter = drafter_for(self.fleet, name, replica)
-        ray.get(self.fleet.targets[name][replica].set_drafter.remote(drafter, plan.k, plan.exit_layer))
+        ray.get(self.fleet.targets[name][replica].set_drafter.remote(drafter, plan.k, plan.exit_layer, plan.tree))
 
     def _push_plan(self, name: str, handles: list) -> None:
         plan = self.plans[name]
-        for reply in [h.set_plan.remote(plan.k, plan.exit_layer) for h in handles]:
+        for reply in [h.set_plan.remote(plan.k, plan.exit_layer, plan.tree) for h in handles]:
             try:
                 ray.get(reply)
             except RayActorError:
@@ -370,7 +370,16 @@ class FleetController:
     def _policy(self, name: str) -> SpeculationPolicy:
         target = self.config.targets[name]
         exits = self.fleet.infos[target.drafter][0]["exit_layers"]
-        return SpeculationPolicy(PolicyConfig(exits=exits, ks=self.config.controller.k_choices))
+        return SpeculationPolicy(PolicyConfig(exits=exits, ks=self.config.controller.k_choices,
+                                              trees=self.config.controller.tree_choices))
+
+
+def _configured_plan(target: TargetConfig) -> Plan:
+    """A target's plan from its config: its tree or its k, from its exit; off without a drafter."""
+    if target.drafter is None:
+        return Plan(target.exit_layer, 0, "configured")
+    tree = target.tree_shape
+    return Plan(target.exit_layer, tree.nodes if tree is not None else target.k, "configured", tree)
 
 
 class Ping(enum.Enum):

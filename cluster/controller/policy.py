@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.telemetry import RoundRecord
+from actors.trees import TreeLabel, TreeShape
 from cluster.controller.bandit import BanditConfig, SlidingWindowUCB
 
-Arm = tuple[int | None, int]  # (drafter exit, k); OFF for plain decoding
+Arm = tuple[int | None, int | TreeShape]  # (drafter exit, k) or (drafter exit, tree shape); OFF for plain decoding
 OFF: Arm = (None, 0)
 
 
@@ -38,6 +39,8 @@ class PolicyConfig(BaseModel):
     exits: list[int] = Field([1, 2, 4], min_length=1, description="Drafter exits the policy may draft from.")
     ks: list[int] = Field(
         [1, 2, 4], min_length=1, description="Draft lengths the policy may use (each >= 1; 'off' is always an arm).")
+    trees: list[TreeLabel] = Field(
+        default_factory=list, description="Token-tree shapes the policy may use beside the chains (with every exit).")
     bandit: BanditConfig = Field(default_factory=BanditConfig, description="The bandit's window and exploration.")
 
     @field_validator("exits", "ks")
@@ -53,12 +56,22 @@ class Plan:
     """What a target's plan-following sequences should speculate with."""
 
     exit_layer: int | None  # None when off
-    k: int  # 0: speculation off, plain decoding
+    k: int  # 0: speculation off, plain decoding; a tree's nodes
     reason: str  # why, for humans (`specfleet status`)
+    tree: TreeShape | None = None  # draft token trees of this shape; None: chains of k
 
     @property
     def arm(self) -> Arm:
-        return (self.exit_layer, self.k) if self.k else OFF
+        if not self.k:
+            return OFF
+        return (self.exit_layer, self.tree if self.tree is not None else self.k)
+
+    @classmethod
+    def of(cls, arm: Arm, reason: str) -> "Plan":
+        exit_layer, draft = arm
+        if isinstance(draft, TreeShape):
+            return cls(exit_layer, draft.nodes, reason, draft)
+        return cls(exit_layer, draft, reason)
 
 
 class SpeculationPolicy:
@@ -66,7 +79,8 @@ class SpeculationPolicy:
 
     def __init__(self, config: PolicyConfig | None = None):
         self.config = config or PolicyConfig()
-        self.arms: list[Arm] = [OFF] + [(e, k) for e in self.config.exits for k in self.config.ks]
+        trees = [TreeShape.parse(label) for label in self.config.trees]
+        self.arms: list[Arm] = [OFF] + [(e, d) for e in self.config.exits for d in [*self.config.ks, *trees]]
         self.bandits: dict[int, SlidingWindowUCB] = {}  # batch bucket -> its bandit
         self.batch_bucket = 1  # of the latest round observed: the traffic the next plan is for
         self._known = set(self.arms)
@@ -83,7 +97,7 @@ class SpeculationPolicy:
         totals: dict[tuple[int, Arm], list] = {}  # (bucket, arm) -> [emitted, seconds, records]
         for record in records:
             self.batch_bucket = batch_bucket(record.round_sequences)
-            arm = (record.exit_layer, record.k) if record.k else OFF
+            arm = _arm_of(record)
             if record.whole_round and record.round_s > 0 and arm in self._known:
                 total = totals.setdefault((self.batch_bucket, arm), [0, 0.0, 0])
                 total[0] += record.emitted
@@ -95,8 +109,8 @@ class SpeculationPolicy:
 
     def plan(self) -> Plan:
         """The plan for the next period (for the latest batch size seen), with the evidence behind it."""
-        exit_layer, k = arm = self.bandit().select()
-        return Plan(exit_layer, k, self._reason(arm))
+        arm = self.bandit().select()
+        return Plan.of(arm, self._reason(arm))
 
     def _reason(self, arm: Arm) -> str:
         bandit, batch = self.bandit(), _bucket_name(self.batch_bucket)
@@ -112,7 +126,16 @@ class SpeculationPolicy:
 
     @staticmethod
     def _name(arm: Arm) -> str:
-        return "off" if arm == OFF else f"exit {arm[0]} k {arm[1]}"
+        if arm == OFF:
+            return "off"
+        exit_layer, draft = arm
+        return f"exit {exit_layer} tree {draft.label}" if isinstance(draft, TreeShape) else f"exit {exit_layer} k {draft}"
+
+
+def _arm_of(record: RoundRecord) -> Arm:
+    if not record.k:
+        return OFF
+    return (record.exit_layer, TreeShape.parse(record.tree) if record.tree else record.k)
 
 
 def batch_bucket(sequences: int) -> int:

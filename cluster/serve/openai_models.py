@@ -50,19 +50,22 @@ class SpeculationOptions(_Body):
     )
     drafter: str | None = Field(None, description="fixed: the drafter's name (must be the target's paired drafter).")
     exit_layer: int | None = Field(None, ge=1, lt=UINT32_END, description="fixed: drafter exit; unset: its deepest.")
-    k: int | None = Field(None, ge=1, lt=UINT32_END, description="fixed: draft tokens per round (required).")
+    k: int | None = Field(None, ge=1, lt=UINT32_END, description="fixed: draft tokens per round (this or tree required).")
+    tree: str | None = Field(
+        None, max_length=32, description="fixed: draft token trees of this shape instead of k tokens, "
+        "'static-DEPTHxWIDTH' or 'dynamic-DEPTHxWIDTH' (e.g. 'dynamic-4x2').")
     cascade: CascadeOptions | None = Field(None, description="Verify as a speculative cascade; unset: the target's configured default (none configured: lossless).")
 
     @model_validator(mode="after")
     def _fixed_fields_need_fixed_mode(self) -> "SpeculationOptions":
-        given = [name for name in ("drafter", "exit_layer", "k") if getattr(self, name) is not None]
+        given = [name for name in ("drafter", "exit_layer", "k", "tree") if getattr(self, name) is not None]
         if given and self.mode != "fixed":
-            raise ValueError(f"drafter, exit_layer and k apply only with mode 'fixed'; got {', '.join(given)} with mode {self.mode!r}")
+            raise ValueError(f"drafter, exit_layer, k and tree apply only with mode 'fixed'; got {', '.join(given)} with mode {self.mode!r}")
         return self
 
     def to_proto(self) -> pb.Speculation:
         speculation = pb.Speculation(mode=MODES[self.mode], drafter=self.drafter or "",
-                                     exit_layer=self.exit_layer or 0, k=self.k or 0)
+                                     exit_layer=self.exit_layer or 0, k=self.k or 0, tree=self.tree or "")
         if self.cascade is not None:
             speculation.cascade.CopyFrom(self.cascade.to_proto())
         return speculation

@@ -47,11 +47,12 @@ def test_status_shows_the_plan_and_the_arms_used(server):
     status = run("status", "--server", address, "--json")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
-    assert report["plans"] == [{"target": "small", "drafter": "sorted", "exit_layer": 0, "k": 3, "replicas": 1, "reason": "configured"}]
+    assert report["plans"] == [{"target": "small", "drafter": "sorted", "exit_layer": 0, "k": 3, "replicas": 1, "reason": "configured",
+                               "tree": ""}]
     arm = next(p for p in report["pairs"] if p["drafter"] == "sorted")
     assert int(arm["rounds"]) > 0 and int(arm["drafted"]) >= int(arm["accepted"])
     text = run("status", "--server", address).stdout
-    assert "acceptance per arm" in text
+    assert "acceptance per arm" in text and "k 3" in text
     assert [r["role"] for r in report["replicas"]] == ["drafter", "target"]  # each actor's ping: live sequences, answered
     assert all(r["answered"] and int(r["live_sequences"]) == 0 for r in report["replicas"]) and "actors" in text
 

@@ -10,6 +10,7 @@ from actors.engine import SpeculationEngine
 from actors.generator import SpeculativeGenerator
 from actors.sampling import make_sampling_params
 from actors.telemetry import RoundRecord
+from actors.trees import TreeShape
 from cluster.controller.policy import OFF, PolicyConfig, SpeculationPolicy, batch_bucket
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=20, ignore_eos=True)
@@ -17,9 +18,10 @@ GREEDY = make_sampling_params(temperature=0, max_tokens=20, ignore_eos=True)
 
 def rounds(arm, goodput: float, count: int = 1, sequences: int = 2, round_sequences: int = 2) -> list[RoundRecord]:
     """Records of `count` rounds of an arm that emitted `goodput` tokens per second of round time."""
-    exit_layer, k = arm
+    exit_layer, draft = arm
+    k, tree = (draft.nodes, draft.label) if isinstance(draft, TreeShape) else (draft, "")
     return [RoundRecord(exit_layer, k, sequences, round_sequences, drafted=k * sequences, accepted_lengths=(0,) * sequences,
-                        emitted=int(goodput / 10), draft_s=0.05, verify_s=0.05) for _ in range(count)]
+                        emitted=int(goodput / 10), draft_s=0.05, verify_s=0.05, tree=tree) for _ in range(count)]
 
 
 def test_the_arms_are_off_and_every_exit_k_pair():
@@ -27,7 +29,23 @@ def test_the_arms_are_off_and_every_exit_k_pair():
     assert policy.arms == [OFF, (1, 2), (1, 3), (4, 2), (4, 3)]
 
 
-@pytest.mark.parametrize("field, value", [("exits", []), ("ks", [0, 2]), ("exits", [2, 2]), ("bandit", {"window": 1})])
+def test_tree_shapes_are_arms_beside_the_chains_and_win_when_they_pay():
+    tree = TreeShape.parse("dynamic-4x2")
+    policy = SpeculationPolicy(PolicyConfig(exits=[2], ks=[4], trees=["dynamic-4x2"]))
+    assert policy.arms == [OFF, (2, 4), (2, tree)]
+    goodput = {OFF: 300, (2, 4): 330, (2, tree): 420}
+    rng = random.Random(1)
+    for _ in range(200):
+        plan = policy.plan()
+        policy.observe(rounds(plan.arm, rng.gauss(goodput[plan.arm], 20)))
+    plan = policy.plan()
+    assert (plan.arm, plan.tree, plan.k) == ((2, tree), tree, 8)
+    assert plan.reason.startswith("exit 2 tree dynamic-4x2: 4")
+    # a round of the same nodes drafted as a chain is another arm
+    assert policy.observe(rounds((2, 8), 900)) == 0
+
+
+@pytest.mark.parametrize("field, value", [("trees", ["bushy"]), ("exits", []), ("ks", [0, 2]), ("exits", [2, 2]), ("bandit", {"window": 1})])
 def test_bad_configs_are_refused(field, value):
     with pytest.raises(ValidationError):
         PolicyConfig(**{field: value})

@@ -213,6 +213,9 @@ def test_speculation_extension_turns_speculation_off_or_fixes_it(client, expecte
     fixed = client.post("/v1/completions", json=completion(speculation={"mode": "fixed", "exit_layer": 4, "k": 5})).json()
     assert fixed["choices"][0]["token_ids"] == expected
     assert (fixed["speculation"]["drafter"], fixed["speculation"]["exit_layer"], fixed["speculation"]["k"]) == ("sorted", 4, 5)
+    tree = client.post("/v1/completions", json=completion(speculation={"mode": "fixed", "tree": "dynamic-3x2"})).json()
+    assert tree["choices"][0]["token_ids"] == expected
+    assert (tree["speculation"]["tree"], tree["speculation"]["k"]) == ("dynamic-3x2", 6)
 
 
 def test_temperature_defaults_to_one_as_openai(client, tokenizer, target_path, expected):
@@ -280,6 +283,8 @@ BAD_COMPLETIONS = [
     ({"speculation": {"mode": "fixed", "k": 2, "exit_layer": 9}, "stream": True}, 400, "exit 9 is not one of the exits the drafter was trained for", None),
     ({"speculation": {"mode": "sideways"}}, 400, "speculation.mode", "speculation.mode"),
     ({"speculation": {"k": 2}}, 400, "only with mode 'fixed'", "speculation"),
+    ({"speculation": {"mode": "fixed", "tree": "dynamic-9x9"}}, 400, "a tree has 1..16 levels", None),
+    ({"speculation": {"mode": "fixed", "tree": "static-2x2", "k": 3}}, 400, "k or a tree, not both", None),
     ({"model": "solo", "speculation": {"mode": "fixed", "k": 2}}, 400, "no drafter", None),
 ]
 

@@ -24,51 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecfleet/v1/generation.proto\x12\x0cspecfleet.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xcf\x01\n\x0bSpeculation\x12,\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.specfleet.v1.Speculation.Mode\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\t\n\x01k\x18\x04 \x01(\r\x12&\n\x07\x63\x61scade\x18\x05 \x01(\x0b\x32\x15.specfleet.v1.Cascade\":\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x41UTO\x10\x01\x12\x07\n\x03OFF\x10\x02\x12\t\n\x05\x46IXED\x10\x03\"\x8c\x01\n\x07\x43\x61scade\x12(\n\x04rule\x18\x01 \x01(\x0e\x32\x1a.specfleet.v1.Cascade.Rule\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x02H\x00\x88\x01\x01\"9\n\x04Rule\x12\x14\n\x10RULE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x43HOW\x10\x01\x12\x08\n\x04\x44IFF\x10\x02\x12\x07\n\x03OPT\x10\x03\x42\x08\n\x06_alpha\"\xc1\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.specfleet.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12.\n\x0bspeculation\x18\t \x01(\x0b\x32\x19.specfleet.v1.Speculation\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xc7\x01\n\x10SpeculationStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x04\x12\x17\n\x0ftarget_forwards\x18\x03 \x01(\x04\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\x12\x0f\n\x07\x64rafter\x18\x06 \x01(\t\x12\x12\n\nexit_layer\x18\x07 \x01(\r\x12\t\n\x01k\x18\x08 \x01(\r\x12\x10\n\x08\x64\x65\x66\x65rred\x18\t \x01(\x04\"\xce\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specfleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specfleet.v1.Usage\x12\x33\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1e.specfleet.v1.SpeculationStats\"\xc5\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.specfleet.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.specfleet.v1.Usage\x12\x33\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1e.specfleet.v1.SpeculationStats\"\x13\n\x11ListModelsRequest\"\xa0\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x13\n\x0b\x65xit_layers\x18\x05 \x03(\r\x12\x0f\n\x07\x64rafter\x18\x06 \x01(\t\x12\x12\n\nexit_layer\x18\x07 \x01(\r\x12\t\n\x01k\x18\x08 \x01(\r\x12\x0b\n\x03via\x18\t \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.specfleet.v1.ModelInfo\"\x11\n\x0fGetStatsRequest\"\xa5\x02\n\tPairStats\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\t\n\x01k\x18\x04 \x01(\r\x12\x0e\n\x06rounds\x18\x05 \x01(\x04\x12\x0f\n\x07\x64rafted\x18\x06 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x01(\x04\x12\x0f\n\x07\x65mitted\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\t \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\n \x01(\x01\x12\x1c\n\x14goodput_tokens_per_s\x18\x0b \x01(\x01\x12\x15\n\rmean_draft_ms\x18\x0c \x01(\x01\x12\x16\n\x0emean_verify_ms\x18\r \x01(\x01\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x0e \x01(\x04\"n\n\nTargetPlan\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\t\n\x01k\x18\x04 \x01(\r\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\"f\n\x0cReplicaStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\r\x12\x16\n\x0elive_sequences\x18\x04 \x01(\r\x12\x10\n\x08\x61nswered\x18\x05 \x01(\x08\"\x91\x01\n\x10GetStatsResponse\x12&\n\x05pairs\x18\x01 \x03(\x0b\x32\x17.specfleet.v1.PairStats\x12\'\n\x05plans\x18\x02 \x03(\x0b\x32\x18.specfleet.v1.TargetPlan\x12,\n\x08replicas\x18\x03 \x03(\x0b\x32\x1a.specfleet.v1.ReplicaStats*C\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x32\xcc\x02\n\nGeneration\x12I\n\x08Generate\x12\x1d.specfleet.v1.GenerateRequest\x1a\x1e.specfleet.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.specfleet.v1.GenerateRequest\x1a$.specfleet.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.specfleet.v1.ListModelsRequest\x1a .specfleet.v1.ListModelsResponse\x12I\n\x08GetStats\x12\x1d.specfleet.v1.GetStatsRequest\x1a\x1e.specfleet.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dspecfleet/v1/generation.proto\x12\x0cspecfleet.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xdd\x01\n\x0bSpeculation\x12,\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.specfleet.v1.Speculation.Mode\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\t\n\x01k\x18\x04 \x01(\r\x12&\n\x07\x63\x61scade\x18\x05 \x01(\x0b\x32\x15.specfleet.v1.Cascade\x12\x0c\n\x04tree\x18\x06 \x01(\t\":\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x41UTO\x10\x01\x12\x07\n\x03OFF\x10\x02\x12\t\n\x05\x46IXED\x10\x03\"\x8c\x01\n\x07\x43\x61scade\x12(\n\x04rule\x18\x01 \x01(\x0e\x32\x1a.specfleet.v1.Cascade.Rule\x12\x12\n\x05\x61lpha\x18\x02 \x01(\x02H\x00\x88\x01\x01\"9\n\x04Rule\x12\x14\n\x10RULE_UNSPECIFIED\x10\x00\x12\x08\n\x04\x43HOW\x10\x01\x12\x08\n\x04\x44IFF\x10\x02\x12\x07\n\x03OPT\x10\x03\x42\x08\n\x06_alpha\"\xc1\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.specfleet.v1.TokenIdsH\x00\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x04\x88\x01\x01\x12.\n\x0bspeculation\x18\t \x01(\x0b\x32\x19.specfleet.v1.Speculation\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xd5\x01\n\x10SpeculationStats\x12\x0f\n\x07\x64rafted\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x04\x12\x17\n\x0ftarget_forwards\x18\x03 \x01(\x04\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x05 \x01(\x01\x12\x0f\n\x07\x64rafter\x18\x06 \x01(\t\x12\x12\n\nexit_layer\x18\x07 \x01(\r\x12\t\n\x01k\x18\x08 \x01(\r\x12\x10\n\x08\x64\x65\x66\x65rred\x18\t \x01(\x04\x12\x0c\n\x04tree\x18\n \x01(\t\"\xce\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.specfleet.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.specfleet.v1.Usage\x12\x33\n\x0bspeculation\x18\x06 \x01(\x0b\x32\x1e.specfleet.v1.SpeculationStats\"\xc5\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.specfleet.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.specfleet.v1.Usage\x12\x33\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1e.specfleet.v1.SpeculationStats\"\x13\n\x11ListModelsRequest\"\xa0\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bmax_context\x18\x03 \x01(\r\x12\x10\n\x08replicas\x18\x04 \x01(\r\x12\x13\n\x0b\x65xit_layers\x18\x05 \x03(\r\x12\x0f\n\x07\x64rafter\x18\x06 \x01(\t\x12\x12\n\nexit_layer\x18\x07 \x01(\r\x12\t\n\x01k\x18\x08 \x01(\r\x12\x0b\n\x03via\x18\t \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.specfleet.v1.ModelInfo\"\x11\n\x0fGetStatsRequest\"\xb3\x02\n\tPairStats\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\t\n\x01k\x18\x04 \x01(\r\x12\x0e\n\x06rounds\x18\x05 \x01(\x04\x12\x0f\n\x07\x64rafted\x18\x06 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x07 \x01(\x04\x12\x0f\n\x07\x65mitted\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\t \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\n \x01(\x01\x12\x1c\n\x14goodput_tokens_per_s\x18\x0b \x01(\x01\x12\x15\n\rmean_draft_ms\x18\x0c \x01(\x01\x12\x16\n\x0emean_verify_ms\x18\r \x01(\x01\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x0e \x01(\x04\x12\x0c\n\x04tree\x18\x0f \x01(\t\"|\n\nTargetPlan\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0f\n\x07\x64rafter\x18\x02 \x01(\t\x12\x12\n\nexit_layer\x18\x03 \x01(\r\x12\t\n\x01k\x18\x04 \x01(\r\x12\x10\n\x08replicas\x18\x05 \x01(\r\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0c\n\x04tree\x18\x07 \x01(\t\"f\n\x0cReplicaStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0f\n\x07replica\x18\x03 \x01(\r\x12\x16\n\x0elive_sequences\x18\x04 \x01(\r\x12\x10\n\x08\x61nswered\x18\x05 \x01(\x08\"\x91\x01\n\x10GetStatsResponse\x12&\n\x05pairs\x18\x01 \x03(\x0b\x32\x17.specfleet.v1.PairStats\x12\'\n\x05plans\x18\x02 \x03(\x0b\x32\x18.specfleet.v1.TargetPlan\x12,\n\x08replicas\x18\x03 \x03(\x0b\x32\x1a.specfleet.v1.ReplicaStats*C\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x08\n\x04STOP\x10\x01\x12\n\n\x06LENGTH\x10\x02\x32\xcc\x02\n\nGeneration\x12I\n\x08Generate\x12\x1d.specfleet.v1.GenerateRequest\x1a\x1e.specfleet.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.specfleet.v1.GenerateRequest\x1a$.specfleet.v1.GenerateStreamResponse0\x01\x12O\n\nListModels\x12\x1f.specfleet.v1.ListModelsRequest\x1a .specfleet.v1.ListModelsResponse\x12I\n\x08GetStats\x12\x1d.specfleet.v1.GetStatsRequest\x1a\x1e.specfleet.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specfleet.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2367
-  _globals['_FINISHREASON']._serialized_end=2434
+  _globals['_FINISHREASON']._serialized_start=2423
+  _globals['_FINISHREASON']._serialized_end=2490
   _globals['_TOKENIDS']._serialized_start=47
   _globals['_TOKENIDS']._serialized_end=70
   _globals['_SPECULATION']._serialized_start=73
-  _globals['_SPECULATION']._serialized_end=280
-  _globals['_SPECULATION_MODE']._serialized_start=222
-  _globals['_SPECULATION_MODE']._serialized_end=280
-  _globals['_CASCADE']._serialized_start=283
-  _globals['_CASCADE']._serialized_end=423
-  _globals['_CASCADE_RULE']._serialized_start=356
-  _globals['_CASCADE_RULE']._serialized_end=413
-  _globals['_GENERATEREQUEST']._serialized_start=426
-  _globals['_GENERATEREQUEST']._serialized_end=747
-  _globals['_USAGE']._serialized_start=749
-  _globals['_USAGE']._serialized_end=828
-  _globals['_SPECULATIONSTATS']._serialized_start=831
-  _globals['_SPECULATIONSTATS']._serialized_end=1030
-  _globals['_GENERATERESPONSE']._serialized_start=1033
-  _globals['_GENERATERESPONSE']._serialized_end=1239
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1242
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1439
-  _globals['_LISTMODELSREQUEST']._serialized_start=1441
-  _globals['_LISTMODELSREQUEST']._serialized_end=1460
-  _globals['_MODELINFO']._serialized_start=1463
-  _globals['_MODELINFO']._serialized_end=1623
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1625
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1686
-  _globals['_GETSTATSREQUEST']._serialized_start=1688
-  _globals['_GETSTATSREQUEST']._serialized_end=1705
-  _globals['_PAIRSTATS']._serialized_start=1708
-  _globals['_PAIRSTATS']._serialized_end=2001
-  _globals['_TARGETPLAN']._serialized_start=2003
-  _globals['_TARGETPLAN']._serialized_end=2113
-  _globals['_REPLICASTATS']._serialized_start=2115
-  _globals['_REPLICASTATS']._serialized_end=2217
-  _globals['_GETSTATSRESPONSE']._serialized_start=2220
-  _globals['_GETSTATSRESPONSE']._serialized_end=2365
-  _globals['_GENERATION']._serialized_start=2437
-  _globals['_GENERATION']._serialized_end=2769
+  _globals['_SPECULATION']._serialized_end=294
+  _globals['_SPECULATION_MODE']._serialized_start=236
+  _globals['_SPECULATION_MODE']._serialized_end=294
+  _globals['_CASCADE']._serialized_start=297
+  _globals['_CASCADE']._serialized_end=437
+  _globals['_CASCADE_RULE']._serialized_start=370
+  _globals['_CASCADE_RULE']._serialized_end=427
+  _globals['_GENERATEREQUEST']._serialized_start=440
+  _globals['_GENERATEREQUEST']._serialized_end=761
+  _globals['_USAGE']._serialized_start=763
+  _globals['_USAGE']._serialized_end=842
+  _globals['_SPECULATIONSTATS']._serialized_start=845
+  _globals['_SPECULATIONSTATS']._serialized_end=1058
+  _globals['_GENERATERESPONSE']._serialized_start=1061
+  _globals['_GENERATERESPONSE']._serialized_end=1267
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1270
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1467
+  _globals['_LISTMODELSREQUEST']._serialized_start=1469
+  _globals['_LISTMODELSREQUEST']._serialized_end=1488
+  _globals['_MODELINFO']._serialized_start=1491
+  _globals['_MODELINFO']._serialized_end=1651
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1653
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1714
+  _globals['_GETSTATSREQUEST']._serialized_start=1716
+  _globals['_GETSTATSREQUEST']._serialized_end=1733
+  _globals['_PAIRSTATS']._serialized_start=1736
+  _globals['_PAIRSTATS']._serialized_end=2043
+  _globals['_TARGETPLAN']._serialized_start=2045
+  _globals['_TARGETPLAN']._serialized_end=2169
+  _globals['_REPLICASTATS']._serialized_start=2171
+  _globals['_REPLICASTATS']._serialized_end=2273
+  _globals['_GETSTATSRESPONSE']._serialized_start=2276
+  _globals['_GETSTATSRESPONSE']._serialized_end=2421
+  _globals['_GENERATION']._serialized_start=2493
+  _globals['_GENERATION']._serialized_end=2825
 # @@protoc_insertion_point(module_scope)

@@ -23,7 +23,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Speculation(_message.Message):
-    __slots__ = ("mode", "drafter", "exit_layer", "k", "cascade")
+    __slots__ = ("mode", "drafter", "exit_layer", "k", "cascade", "tree")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MODE_UNSPECIFIED: _ClassVar[Speculation.Mode]
@@ -39,12 +39,14 @@ class Speculation(_message.Message):
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CASCADE_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     mode: Speculation.Mode
     drafter: str
     exit_layer: int
     k: int
     cascade: Cascade
-    def __init__(self, mode: _Optional[_Union[Speculation.Mode, str]] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., cascade: _Optional[_Union[Cascade, _Mapping]] = ...) -> None: ...
+    tree: str
+    def __init__(self, mode: _Optional[_Union[Speculation.Mode, str]] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., cascade: _Optional[_Union[Cascade, _Mapping]] = ..., tree: _Optional[str] = ...) -> None: ...
 
 class Cascade(_message.Message):
     __slots__ = ("rule", "alpha")
@@ -99,7 +101,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("drafted", "accepted", "target_forwards", "mean_accepted_length", "acceptance_rate", "drafter", "exit_layer", "k", "deferred")
+    __slots__ = ("drafted", "accepted", "target_forwards", "mean_accepted_length", "acceptance_rate", "drafter", "exit_layer", "k", "deferred", "tree")
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TARGET_FORWARDS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,7 @@ class SpeculationStats(_message.Message):
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     drafted: int
     accepted: int
     target_forwards: int
@@ -118,7 +121,8 @@ class SpeculationStats(_message.Message):
     exit_layer: int
     k: int
     deferred: int
-    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., target_forwards: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., deferred: _Optional[int] = ...) -> None: ...
+    tree: str
+    def __init__(self, drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., target_forwards: _Optional[int] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., deferred: _Optional[int] = ..., tree: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("model", "text", "token_ids", "finish_reason", "usage", "speculation")
@@ -187,7 +191,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PairStats(_message.Message):
-    __slots__ = ("target", "drafter", "exit_layer", "k", "rounds", "drafted", "accepted", "emitted", "acceptance_rate", "mean_accepted_length", "goodput_tokens_per_s", "mean_draft_ms", "mean_verify_ms", "deferred")
+    __slots__ = ("target", "drafter", "exit_layer", "k", "rounds", "drafted", "accepted", "emitted", "acceptance_rate", "mean_accepted_length", "goodput_tokens_per_s", "mean_draft_ms", "mean_verify_ms", "deferred", "tree")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +206,7 @@ class PairStats(_message.Message):
     MEAN_DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
     MEAN_VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
     DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     target: str
     drafter: str
     exit_layer: int
@@ -216,23 +221,26 @@ class PairStats(_message.Message):
     mean_draft_ms: float
     mean_verify_ms: float
     deferred: int
-    def __init__(self, target: _Optional[str] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., emitted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., mean_draft_ms: _Optional[float] = ..., mean_verify_ms: _Optional[float] = ..., deferred: _Optional[int] = ...) -> None: ...
+    tree: str
+    def __init__(self, target: _Optional[str] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., emitted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., goodput_tokens_per_s: _Optional[float] = ..., mean_draft_ms: _Optional[float] = ..., mean_verify_ms: _Optional[float] = ..., deferred: _Optional[int] = ..., tree: _Optional[str] = ...) -> None: ...
 
 class TargetPlan(_message.Message):
-    __slots__ = ("target", "drafter", "exit_layer", "k", "replicas", "reason")
+    __slots__ = ("target", "drafter", "exit_layer", "k", "replicas", "reason", "tree")
     TARGET_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     EXIT_LAYER_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    TREE_FIELD_NUMBER: _ClassVar[int]
     target: str
     drafter: str
     exit_layer: int
     k: int
     replicas: int
     reason: str
-    def __init__(self, target: _Optional[str] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    tree: str
+    def __init__(self, target: _Optional[str] = ..., drafter: _Optional[str] = ..., exit_layer: _Optional[int] = ..., k: _Optional[int] = ..., replicas: _Optional[int] = ..., reason: _Optional[str] = ..., tree: _Optional[str] = ...) -> None: ...
 
 class ReplicaStats(_message.Message):
     __slots__ = ("model", "role", "replica", "live_sequences", "answered")
