@@ -175,7 +175,7 @@ class _DraftRow:
 
 def _tree_draft(row: TreeDraftRow) -> Draft:
     """A tree's nodes in level order; q rows only when every node was drawn (a static tree of a sampled row)."""
-    nodes = row.nodes
+    nodes = row.draft_nodes()
     probs = torch.stack([n.q for n in nodes]) if nodes and all(n.q is not None for n in nodes) else None
     return Draft([n.token for n in nodes], probs, parents=[n.parent for n in nodes])
 
@@ -301,7 +301,9 @@ class ModelDrafter(SteppedDrafter):
         state = self._state(seq_id)
         if state.region is not None:  # keep the tree nodes the target accepted, moved into place
             region, state.region = state.region, None
-            self.runner.keep_path(seq_id, region.start, path_of(region.tokens, region.parents, emitted))
+            # never the last emitted token, even where a node left out of the draft spells it: the next
+            # proposal feeds it, and reads its first draft token off that feed
+            self.runner.keep_path(seq_id, region.start, path_of(region.tokens, region.parents, emitted[:-1]))
         committed = len(state.context)
         state.context.extend(emitted)
         self.runner.keep_common_prefix(seq_id, state.context, start=min(committed, self.runner.cached_length(seq_id)))

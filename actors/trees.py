@@ -179,6 +179,11 @@ class TreeDraftRow:
     root's children. After it, a static tree feeds its last level's first node (a chain
     step), a dynamic one its whole last level as tree tokens against the levels already
     cached, which form the cache's *region* from `region_start` on (node i at offset i).
+
+    A dynamic tree's levels are a beam (EAGLE-2): each holds the `width` best-scored
+    children of the level before; the candidates left out of it are kept (`spare`), and
+    the draft is the `depth * width` best-scored nodes of all (`draft_nodes`): deep where
+    the drafter is sure, wide where it is not.
     """
 
     seq_id: object
@@ -187,6 +192,7 @@ class TreeDraftRow:
     depth: int  # levels to draft: the shape's, cut to what the context allows; lowered to stop early
     levels: list[list[Candidate]] = field(default_factory=list)
     region_start: int | None = None  # a dynamic tree's first cached level: where its region begins
+    spare: list[tuple[int, Candidate]] = field(default_factory=list)  # (level, candidate) left out of a dynamic beam
 
     @property
     def drafting(self) -> bool:
@@ -226,7 +232,28 @@ class TreeDraftRow:
             first = len(self.nodes) - len(self.levels[-1])
             candidates = [child for j, node in enumerate(self.levels[-1])
                           for child in best_children(logits[j], first + j, node.score, width)]
-            self.levels.append(next_level(candidates, width))
+            beam = next_level(candidates, width)
+            self.spare += [(len(self.levels), c) for c in candidates if c not in beam]
+            self.levels.append(beam)
+
+    def draft_nodes(self) -> list[Candidate]:
+        """The draft, level order, each parent the index of a node before it (-1: the root).
+
+        Static: every node drafted. Dynamic: the best-scored `depth * width` of the beam and its
+        spare candidates. A child never outscores its parent (a score is a product of
+        probabilities) and ties go to the shallower node, so every chosen node's parent is chosen.
+        """
+        nodes = self.nodes
+        if not self.shape.dynamic:
+            return nodes
+        depths = [level for level, nodes_ in enumerate(self.levels) for _ in nodes_]
+        pool = [(depths[i], i, node) for i, node in enumerate(nodes)]  # beam nodes keep their index i
+        pool += [(level, None, node) for level, node in self.spare]
+        chosen = sorted(pool, key=lambda entry: (-entry[2].score, entry[0]))[: self.shape.nodes]
+        chosen.sort(key=lambda entry: entry[0])  # level order; stable, so parents stay before children
+        renumbered = {i: new for new, (_, i, _) in enumerate(chosen) if i is not None}
+        return [Candidate(node.token, -1 if node.parent < 0 else renumbered[node.parent], node.q, node.score)
+                for _, _, node in chosen]
 
     def _children(self, logits: torch.Tensor, parent: int, score: float, params: SamplingParams,
                   generator: torch.Generator) -> list[Candidate]:

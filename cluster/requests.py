@@ -103,7 +103,7 @@ def _draft_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[i
     if speculation.tree:
         return SpeculationSpec(tree=_tree_shape(speculation), exit_layer=exit_layer)
     if not 1 <= speculation.k <= MAX_DRAFT_LENGTH:
-        raise InvalidRequest(f"FIXED speculation needs 1 <= k <= {MAX_DRAFT_LENGTH} (or a tree), got {speculation.k}")
+        raise InvalidRequest(f"FIXED speculation needs 1 <= k <= {MAX_DRAFT_LENGTH}, got {speculation.k} (or a tree instead of k)")
     return SpeculationSpec(k=speculation.k, exit_layer=exit_layer)
 
 

@@ -51,8 +51,25 @@ def test_a_dynamic_trees_drafter_cache_after_a_commit_equals_a_fresh_one(drafter
         path.append(children[path[-1]][0])
     emitted = [draft.tokens[n] for n in path] + [7]
     used.commit("s", emitted)
+    assert_drafts_as_fresh(used, drafter_path, prompts[3] + emitted, shape)
+
+
+def test_a_commit_ending_on_a_node_the_drafter_cached_still_drafts_as_a_fresh_drafter(drafter_path, prompts):
+    """The target's next token may spell a beam node the draft left out: the drafter must still feed it."""
+    shape = TreeShape(depth=3, width=2, dynamic=True)
+    used = ModelDrafter(ModelRunner.from_pretrained(drafter_path))
+    used.start("s", prompts[3], GREEDY)
+    used.propose([DraftRequest("s", shape.nodes, 2, tree=shape)])
+    region = used._states["s"].region  # the beam levels the drafter fed: levels 1 and 2
+    child = region.parents.index(0)  # a level-2 node under the first level-1 node
+    emitted = [region.tokens[0], region.tokens[child]]
+    used.commit("s", emitted)
+    assert_drafts_as_fresh(used, drafter_path, prompts[3] + emitted, shape)
+
+
+def assert_drafts_as_fresh(used: ModelDrafter, drafter_path, context: list[int], shape: TreeShape) -> None:
     fresh = ModelDrafter(ModelRunner.from_pretrained(drafter_path))
-    fresh.start("s", prompts[3] + emitted, GREEDY)
+    fresh.start("s", context, GREEDY)
     request = [DraftRequest("s", shape.nodes, 2, tree=shape)]
     again, expected = used.propose(request)[0], fresh.propose(request)[0]
     assert (again.tokens, again.parents) == (expected.tokens, expected.parents)
