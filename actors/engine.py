@@ -369,7 +369,10 @@ class SpeculationEngine:
             return None
         room = self.target.max_context - self.target.cached_length(seq.seq_id) - 1  # the pending token goes first
         depth = min(tree.depth, seq.params.max_tokens - len(seq.tokens) - 1, room // tree.width)
-        return tree.model_copy(update={"depth": depth}) if depth >= 1 else None
+        if depth < 1:
+            return None
+        budget = None if tree.budget is None else min(tree.budget, room)
+        return tree.model_copy(update={"depth": depth, "budget": budget})
 
     def _draft_length(self, seq: _Live) -> int:
         """k, cut so the round cannot emit past max_tokens (it emits at most k + 1; a deferring cascade, k)."""

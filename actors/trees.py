@@ -5,8 +5,9 @@ each a token with the index of its parent node (-1: a child of the root, the
 sequence's last emitted token). A chain of k tokens is the tree whose node i
 has parent i - 1.
 
-Two shapes, both `depth` levels of `width` nodes (so every round of a shape
-has the same number of nodes, `depth * width`, and the same forward shapes):
+Two shapes, both drafted as `depth` levels of `width` nodes; every round of a
+shape verifies the same number of nodes (`TreeShape.nodes`), so its forwards
+keep their shapes:
 
 - **static**: the nodes of each level are the `width` best children of the
   previous level's first node (level 1: of the root). Level by level the
@@ -15,9 +16,11 @@ has the same number of nodes, `depth * width`, and the same forward shapes):
   token fed per level.
 - **dynamic** (after EAGLE-2): each node of a level proposes its `width` most
   probable children, scored by the product of the drafter's probabilities
-  along the path, and the `width` best-scored candidates form the next level.
-  Drafting feeds a whole level (`width` tokens) per step, nearly free where a
-  forward's cost is per-op overhead.
+  along the path, and the `width` best-scored candidates form the next level
+  (a beam). Drafting feeds a whole level (`width` tokens) per step, nearly
+  free where a forward's cost is per-op overhead. The draft is the `budget`
+  best-scored nodes of everything drafted (default `depth * width`): deep
+  where the drafter is sure, wide where it is not.
 
 Verification feeds `[pending] + nodes` with positions prefix + depth and an
 ancestor-only attention mask (`visibility`), then keeps the longest path the
@@ -40,7 +43,7 @@ MAX_TREE_NODES = MAX_WIDTH - 1  # with the pending token, a tree is verified in 
 
 
 class TreeShape(BaseModel):
-    """How a tree draft branches: `depth` levels of `width` nodes."""
+    """How a tree draft branches: `depth` levels of `width` nodes, of which `budget` are verified (dynamic)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -49,34 +52,56 @@ class TreeShape(BaseModel):
     dynamic: bool = Field(
         False, description="Expand the most probable nodes of each level (EAGLE-2); False: only each level's first node."
     )
+    budget: int | None = Field(
+        None, ge=1, le=MAX_TREE_NODES,
+        description="Dynamic trees: nodes verified, the best-scored of all drafted; None: depth * width.",
+    )
 
     @model_validator(mode="after")
     def _fits_one_step(self) -> "TreeShape":
-        if self.nodes > MAX_TREE_NODES:
-            raise ValueError(f"a tree of {self.nodes} nodes exceeds {MAX_TREE_NODES}, what one verify step holds")
+        problem = _shape_problem(self.depth, self.width, self.dynamic, self.budget)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
     def nodes(self) -> int:
-        """Draft tokens per round: the verification budget less the pending token."""
-        return self.depth * self.width
+        """Draft tokens verified per round: the verification budget less the pending token."""
+        return self.budget or self.depth * self.width
 
     @property
     def label(self) -> str:
-        return f"{'dynamic' if self.dynamic else 'static'}-{self.depth}x{self.width}"
+        budget = f":{self.budget}" if self.budget is not None else ""
+        return f"{'dynamic' if self.dynamic else 'static'}-{self.depth}x{self.width}{budget}"
 
     @classmethod
     def parse(cls, label: str) -> "TreeShape":
-        """The shape a label names: 'static-4x2' or 'dynamic-4x3'; a ValueError that names the rule otherwise."""
+        """The shape a label names: 'static-4x2', 'dynamic-4x3' or 'dynamic-8x2:16' (a budget of 16 nodes);
+        a ValueError that names the rule otherwise."""
         kind, _, size = label.partition("-")
+        size, colon, budget = size.partition(":")
         depth, _, width = size.partition("x")
-        if kind not in ("static", "dynamic") or not depth.isdigit() or not width.isdigit():
-            raise ValueError(f"a tree shape reads 'static-DEPTHxWIDTH' or 'dynamic-DEPTHxWIDTH', got {label[:32]!r}")
-        depth, width = int(depth), int(width)
-        if not (1 <= depth <= MAX_TREE_DEPTH and 1 <= width <= MAX_TREE_WIDTH and depth * width <= MAX_TREE_NODES):
-            raise ValueError(f"a tree has 1..{MAX_TREE_DEPTH} levels of 1..{MAX_TREE_WIDTH} nodes, at most "
-                             f"{MAX_TREE_NODES} in all; got {label[:32]!r}")
-        return cls(depth=depth, width=width, dynamic=kind == "dynamic")
+        numbers = [depth, width] + ([budget] if colon else [])
+        if kind not in ("static", "dynamic") or not all(n.isdigit() and len(n) < 4 for n in numbers):
+            raise ValueError("a tree shape reads 'static-DEPTHxWIDTH' or 'dynamic-DEPTHxWIDTH[:BUDGET]', "
+                             f"got {label[:32]!r}")
+        shape = (int(depth), int(width), kind == "dynamic", int(budget) if colon else None)
+        problem = _shape_problem(*shape)
+        if problem:
+            raise ValueError(f"{problem}; got {label[:32]!r}")
+        return cls(depth=shape[0], width=shape[1], dynamic=shape[2], budget=shape[3])
+
+
+def _shape_problem(depth: int, width: int, dynamic: bool, budget: int | None) -> str | None:
+    """What is wrong with a tree shape, or None: the one place of its limits."""
+    if not (1 <= depth <= MAX_TREE_DEPTH and 1 <= width <= MAX_TREE_WIDTH):
+        return f"a tree has 1..{MAX_TREE_DEPTH} levels of 1..{MAX_TREE_WIDTH} nodes"
+    if budget is not None and not dynamic:
+        return "only a dynamic tree takes a budget (a static tree verifies every node it drafts)"
+    drafted = width + (depth - 1) * width * width if dynamic else depth * width
+    if not 1 <= (budget or depth * width) <= min(MAX_TREE_NODES, drafted):
+        return f"a tree verifies at most {MAX_TREE_NODES} nodes, and no more than it drafts ({drafted})"
+    return None
 
 
 def _checked_label(label: str) -> str:
@@ -182,8 +207,7 @@ class TreeDraftRow:
 
     A dynamic tree's levels are a beam (EAGLE-2): each holds the `width` best-scored
     children of the level before; the candidates left out of it are kept (`spare`), and
-    the draft is the `depth * width` best-scored nodes of all (`draft_nodes`): deep where
-    the drafter is sure, wide where it is not.
+    the draft is the shape's `nodes` best-scored of all (`draft_nodes`).
     """
 
     seq_id: object
@@ -239,7 +263,7 @@ class TreeDraftRow:
     def draft_nodes(self) -> list[Candidate]:
         """The draft, level order, each parent the index of a node before it (-1: the root).
 
-        Static: every node drafted. Dynamic: the best-scored `depth * width` of the beam and its
+        Static: every node drafted. Dynamic: the shape's `nodes` best-scored of the beam and its
         spare candidates. A child never outscores its parent (a score is a product of
         probabilities) and ties go to the shallower node, so every chosen node's parent is chosen.
         """

@@ -14,6 +14,7 @@ from test_generator import chi_square_excess, first_two_token_distributions
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=24, ignore_eos=True)
 SHAPES = [TreeShape(depth=d, width=w, dynamic=dynamic) for dynamic in (False, True) for d, w in ((1, 3), (3, 2), (4, 3))]
+SHAPES.append(TreeShape.parse("dynamic-5x3:6"))  # a budget below depth x width: deep where the drafter is sure
 
 
 @pytest.fixture
