@@ -5,11 +5,14 @@ import torch
 from transformers import LlamaForCausalLM
 
 from actors.drafters import DraftRequest, ModelDrafter
+from actors.engine import SpeculationEngine
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import SamplingParams, make_generator, make_sampling_params
+from actors.speculation import FOLLOW_PLAN, NO_SPECULATION, SpeculationSpec
 from actors.tree_verification import TreeToVerify, verify_tree
 from actors.trees import Candidate, TreeShape, children_of, sampled_children
+from engine_runs import run_with_arms
 from test_generator import chi_square_excess, first_two_token_distributions
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=24, ignore_eos=True)
@@ -154,3 +157,15 @@ def test_sampled_dynamic_tree_speculation_follows_the_target_distribution(target
         counts = torch.bincount(tokens[:, position], minlength=target.vocab_size).float()
         assert chi_square_excess(counts, exact[position]) < 5, f"position {position}"
         assert chi_square_excess(counts, peaked[position]) > 20, f"position {position}"
+
+
+def test_chains_and_trees_of_several_shapes_share_rounds_exactly(target, drafter_runner, prompts, plain_greedy):
+    """Sequences of one engine asking for different drafts: one drafter batch and one target forward per round."""
+    engine = SpeculationEngine(target, ModelDrafter(drafter_runner), k=3, exit_layer=2,
+                               tree=TreeShape.parse("dynamic-3x2"))
+    specs = [FOLLOW_PLAN, SpeculationSpec(k=2), SpeculationSpec(tree=TreeShape.parse("static-2x3")),
+             SpeculationSpec(tree=TreeShape.parse("dynamic-4x3:5"), exit_layer=1), NO_SPECULATION]
+    ids = [engine.add(prompt, GREEDY, spec=specs[i % len(specs)]) for i, prompt in enumerate(prompts)]
+    tokens, arms = run_with_arms(engine)
+    assert [tokens[i] for i in ids] == plain_greedy
+    assert {arm for i in ids[:5] for arm in arms[i]} >= {(2, 6), (2, 2), (1, 5), (None, 0)}  # trees: k is their nodes
