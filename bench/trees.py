@@ -1,7 +1,7 @@
 """Token trees against chains at the same verification budget, in one process, side by side.
 
 Run: python -m bench.trees [--target PATH] [--drafter PATH] [--zoo DIR] [--exits L,L] [--compile MODE]
-                           [--prompts N] [--repeats N] [--max-tokens N]
+                           [--prompts N] [--repeats N] [--max-tokens N] [--cluster]
 
 The budget of an arm is the tokens one target forward scores per sequence: k + 1
 for a chain of k, nodes + 1 for a tree. Each repeat decodes every held-out code
@@ -10,7 +10,8 @@ load from elsewhere falls on all arms alike): the target alone, and for each
 drafter exit chains and static and dynamic trees of matching budgets. Reports per arm the median
 tokens/s of a request, the pooled MAL (tokens per target forward, bonus
 included) and whether its output equals the target's own; plots MAL and
-tokens/s against budget. Writes bench/reports/trees.{json,md,png}.
+tokens/s against budget. With --cluster, a subset of the arms again through a
+fleet behind gRPC (`bench.trees_cluster`). Writes bench/reports/trees.{json,md,png}.
 """
 
 import argparse
@@ -30,6 +31,7 @@ from actors.sampling import make_sampling_params
 from actors.trees import TreeShape
 from bench.machine import describe_machine
 from bench.prompts import heldout_code_prompts
+from bench.trees_cluster import measure_cluster
 from cluster.defaults import models_dir
 
 REPORTS = Path(__file__).parent / "reports"
@@ -66,7 +68,7 @@ def measure(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     target = ModelRunner.serving(args.target, RunnerSettings(compile=args.compile), trees=True)
     drafter = ModelRunner.serving(args.drafter, RunnerSettings(compile=args.drafter_compile), drafts=True, trees=True)
-    prompts = heldout_code_prompts(args.prompts, args.prompt_tokens, Path(args.zoo))
+    prompts = prompts_of(args)
     params = make_sampling_params(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     all_arms = arms(target, drafter, [int(e) for e in args.exits.split(",")])
     for arm in all_arms:  # a first pass compiles what warm-up left (other widths) and is not timed
@@ -93,20 +95,31 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def prompts_of(args: argparse.Namespace) -> list[list[int]]:
+    return heldout_code_prompts(args.prompts, args.prompt_tokens, Path(args.zoo))
+
+
+def speed_goal(arms_: list[dict]) -> tuple[str, str, float]:
+    """(best tree, best chain, its tokens/s over the best chain's)."""
+    best = lambda family: max((a for a in arms_ if family(a["family"])), key=lambda a: a["median_tokens_per_s"])
+    tree, chain = best(lambda f: f.endswith("tree")), best(lambda f: f == "chain")
+    return tree["name"], chain["name"], tree["median_tokens_per_s"] / chain["median_tokens_per_s"]
+
+
 def goals(result: dict) -> dict:
     """Tree MAL over the chain's of the same exit and budget, and the best tree's tokens/s over the best chain's
     (any exit)."""
     chains = {(a["exit"], a["budget"]): a for a in result["arms"] if a["family"] == "chain"}
     trees = [a for a in result["arms"] if a["family"].endswith("tree")]
     chain_of = lambda tree: chains.get((tree["exit"], tree["budget"]))
-    best = lambda arms_: max(arms_, key=lambda a: a["median_tokens_per_s"])
-    best_tree, best_chain = best(trees), best(chains.values())
-    return {
-        "mal_ratio_at_budget": {f"{t['name']} / {chain_of(t)['name']}": t["mal"] / chain_of(t)["mal"]
-                                for t in trees if chain_of(t) is not None},
-        "best_tree": best_tree["name"], "best_chain": best_chain["name"],
-        "speed_ratio": best_tree["median_tokens_per_s"] / best_chain["median_tokens_per_s"],
-    }
+    best_tree, best_chain, ratio = speed_goal(result["arms"])
+    met = {"mal_ratio_at_budget": {f"{t['name']} / {chain_of(t)['name']}": t["mal"] / chain_of(t)["mal"]
+                                   for t in trees if chain_of(t) is not None},
+           "best_tree": best_tree, "best_chain": best_chain, "speed_ratio": ratio}
+    if "cluster" in result:
+        met["cluster_best_tree"], met["cluster_best_chain"], met["cluster_speed_ratio"] = speed_goal(
+            result["cluster"]["arms"])
+    return met
 
 
 def render(result: dict) -> str:
@@ -130,9 +143,26 @@ def render(result: dict) -> str:
         f"## Goals (#18): tree MAL >= {MAL_GOAL}x the chain's at the same budget; best tree >= {SPEED_GOAL}x the "
         "best chain's tokens/s", "",
         "| tree / chain at the same budget | MAL ratio | goal |", "| --- | ---: | --- |", *mal_rows, "",
-        f"Best tree {met['best_tree']} against best chain {met['best_chain']}: {met['speed_ratio']:.2f}x tokens/s "
-        f"({'met' if met['speed_ratio'] >= SPEED_GOAL else 'not met'}).", "",
-        "![MAL and tokens/s against budget](trees.png)", ""])
+        f"In process: best tree {met['best_tree']} against best chain {met['best_chain']}: "
+        f"{met['speed_ratio']:.2f}x tokens/s ({'met' if met['speed_ratio'] >= SPEED_GOAL else 'not met'}).", "",
+        *_cluster_section(result), "![MAL and tokens/s against budget](trees.png)", ""])
+
+
+def _cluster_section(result: dict) -> list[str]:
+    if "cluster" not in result:
+        return []
+    arms_, met = result["cluster"]["arms"], result["goals"]
+    plain = next(a for a in arms_ if a["family"] == "plain")["median_tokens_per_s"]
+    rows = [f"| {a['name']} | {a['mal']:.2f} | {a['median_tokens_per_s']:.0f} | {a['median_tokens_per_s'] / plain:.2f}x | "
+            f"{a['greedy_identical']} |" for a in arms_]
+    ratio = met["cluster_speed_ratio"]
+    return ["## Through the cluster (gRPC, drafter and target actors on two simulated nodes)", "",
+            f"Same prompts, FIXED speculation per request; load average at the end "
+            f"{result['cluster']['load_average_at_end']}.", "",
+            "| arm | MAL | tokens/s (median) | over the target alone | output = target's |",
+            "| --- | ---: | ---: | ---: | --- |", *rows, "",
+            f"Best tree {met['cluster_best_tree']} against best chain {met['cluster_best_chain']}: {ratio:.2f}x "
+            f"tokens/s ({'met' if ratio >= SPEED_GOAL else 'not met'}).", ""]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -173,9 +203,12 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--cluster", action="store_true", help="also measure a subset of the arms through a fleet")
     args = parser.parse_args()
     machine = describe_machine()
     result = measure(args) | {"machine": machine}
+    if args.cluster:
+        result["cluster"] = measure_cluster(args, prompts_of(args))
     result["goals"] = goals(result)
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / "trees.json").write_text(json.dumps(result, indent=1))
