@@ -163,11 +163,13 @@ class Candidate:
     score: float  # product of the drafter's temperature-1 probabilities along its path
 
 
-def best_children(logits: torch.Tensor, parent: int, parent_score: float, width: int) -> list[Candidate]:
-    """The `width` most probable children of a node from its logits [V], as point masses."""
-    probs = torch.softmax(logits.float(), dim=-1)  # [V]
-    top = torch.topk(probs, width)
-    return [Candidate(int(t), parent, None, parent_score * float(p)) for p, t in zip(top.values, top.indices)]
+def best_children(logits: torch.Tensor, parents: list[int], parent_scores: list[float], width: int) -> list[Candidate]:
+    """The `width` most probable children of each of several nodes, from their logits [n, V], as point masses:
+    one softmax and one top-k for all of them."""
+    top = torch.topk(torch.softmax(logits.float(), dim=-1), width)  # values, indices: each [n, width]
+    return [Candidate(token, parent, None, score * prob)
+            for parent, score, probs, tokens in zip(parents, parent_scores, top.values.tolist(), top.indices.tolist())
+            for prob, token in zip(probs, tokens)]
 
 
 def sampled_children(logits: torch.Tensor, parent: int, width: int, params: SamplingParams,
@@ -254,8 +256,9 @@ class TreeDraftRow:
             self.levels.append(self._children(logits[-1], parent, 1.0, params, generator))
         else:
             first = len(self.nodes) - len(self.levels[-1])
-            candidates = [child for j, node in enumerate(self.levels[-1])
-                          for child in best_children(logits[j], first + j, node.score, width)]
+            level = self.levels[-1]
+            candidates = best_children(logits[: len(level)], list(range(first, first + len(level))),
+                                       [node.score for node in level], width)
             beam = next_level(candidates, width)
             self.spare += [(len(self.levels), c) for c in candidates if c not in beam]
             self.levels.append(beam)
@@ -283,5 +286,5 @@ class TreeDraftRow:
                   generator: torch.Generator) -> list[Candidate]:
         """A static tree's sampled rows draw their children (carrying q); every other row chooses the best."""
         if params.greedy or self.shape.dynamic:
-            return best_children(logits, parent, score, self.shape.width)
+            return best_children(logits[None], [parent], [score], self.shape.width)
         return sampled_children(logits, parent, self.shape.width, params, generator)
