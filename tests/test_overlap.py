@@ -19,6 +19,7 @@ from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from actors.speculation import SpeculationSpec
+from actors.trees import TreeShape
 
 from engine_runs import run_to_end
 
@@ -209,3 +210,12 @@ def test_replacing_the_drafter_with_a_draft_in_flight_stays_exact(target, drafte
     assert in_order(tokens, len(prompts)) == plain
     new.settle()
     assert new.proposals > 0 and new_runner.num_sequences == 0 and target.num_sequences == 0
+
+
+def test_overlapped_rounds_of_token_trees_are_exact(target, drafter_runner, prompts, plain):
+    engine = OverlappedEngine(target, BackgroundDrafter(drafter_runner), k=3, tree=TreeShape.parse("dynamic-3x2:5"))
+    for index, prompt in enumerate(prompts):
+        engine.add(prompt, GREEDY, seq_id=index)
+    tokens = run_to_end(engine)
+    assert [tokens[i] for i in range(len(prompts))] == plain
+    assert {r.tree for r in engine.drain_telemetry() if r.drafted} == {"dynamic-3x2:5"}
