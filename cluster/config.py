@@ -269,12 +269,12 @@ def parse_config(raw: object, source: str = "cluster config") -> ClusterConfig:
 
 
 def default_config() -> ClusterConfig:
-    """The embedded default: the zoo's sorted drafter serving its three targets, on two pools."""
+    """The embedded default: the zoo's sorted drafter serving its four targets, on two pools."""
     zoo = models_dir()
     pools = {"draft": PoolConfig(resources={"draft": 1}), "target": PoolConfig(resources={"target": 1})}
     targets = {
         name: TargetConfig(path=zoo / name, pool="target", drafter="drafter", k=4)
-        for name in ("target-s", "target-m", "target-l")
+        for name in ("target-s", "target-m", "target-l", "target-xl")
     }
     return ClusterConfig(pools=pools, drafters={"drafter": DrafterConfig(path=zoo / "drafter", pool="draft")}, targets=targets)
 

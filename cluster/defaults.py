@@ -13,7 +13,7 @@ def models_dir() -> Path:
 
 
 def default_target() -> Path:
-    return models_dir() / "target-l"  # the zoo's largest (best) target
+    return models_dir() / "target-xl"  # the zoo's largest (best) target
 
 
 def default_drafter() -> Path:

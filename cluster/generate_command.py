@@ -16,7 +16,7 @@ def add_generate_command(subparsers) -> None:
     parser.add_argument("prompt", help="the text to complete")
     parser.add_argument("--target", type=Path, default=None, help="target checkpoint folder (default: the zoo's largest target)")
     parser.add_argument("--server", help="call a running `specfleet up` at HOST:PORT instead of loading models here")
-    parser.add_argument("--model", default="target-l", help="with --server: the target model's name")
+    parser.add_argument("--model", default="target-xl", help="with --server: the target model's name")
     parser.add_argument("--exit", type=int, default=None, help="with --server and --k: the drafter exit to use")
     parser.add_argument("--timeout", type=float, default=300.0, help="with --server: deadline of the call in seconds")
     add_credential_arguments(parser)

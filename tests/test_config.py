@@ -66,7 +66,7 @@ def test_a_missing_file_is_a_clear_error(tmp_path):
 
 def test_the_default_serves_the_zoo_targets_from_its_drafter():
     config = default_config()
-    assert set(config.targets) == {"target-s", "target-m", "target-l"}
+    assert set(config.targets) == {"target-s", "target-m", "target-l", "target-xl"}
     assert all(t.drafter == "drafter" and t.path.parent == models_dir() for t in config.targets.values())
 
 

@@ -19,7 +19,7 @@ GREEDY = make_sampling_params(temperature=0, max_tokens=16, ignore_eos=True)
 
 
 def test_the_zoo_is_complete_and_within_budget():
-    assert {"target-s", "target-m", "target-l", "drafter"} <= set(SHIPPED)
+    assert {"target-s", "target-m", "target-l", "target-xl", "drafter"} <= set(SHIPPED)
     assert len([name for name in SHIPPED if name.startswith("drafter-exit-")]) >= 3
     total = sum((ZOO / name / "model.safetensors").stat().st_size for name in SHIPPED)
     assert total <= 64 * 2**20
@@ -59,6 +59,6 @@ def test_the_evaluation_shipped_with_the_zoo_ranks_sizes_and_exits():
     """models/eval.json is `specfleet zoo eval` on held-out files: bigger targets and deeper exits are better."""
     report = json.loads((ZOO / "eval.json").read_text())
     loss = {m["name"]: m["loss"] for m in report["models"]}
-    assert loss["target-s"] > loss["target-m"] > loss["target-l"]
+    assert loss["target-s"] > loss["target-m"] > loss["target-l"] > loss["target-xl"]
     exits = sorted((int(n.rsplit("-", 1)[1]), v) for n, v in loss.items() if n.startswith("drafter-exit-"))
     assert [v for _, v in exits] == sorted((v for _, v in exits), reverse=True) and len(exits) >= 3

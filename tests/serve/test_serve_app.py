@@ -130,7 +130,7 @@ def test_chat_streaming_and_not_agree(client):
 
 
 def test_models_and_errors(client):
-    assert {m.id for m in client.models.list()} == {"target-s", "target-m", "target-l"}
+    assert {m.id for m in client.models.list()} == {"target-s", "target-m", "target-l", "target-xl"}
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=4)
     with pytest.raises(openai.BadRequestError):
