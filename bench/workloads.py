@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.compiled import CompileSetting
 from bench.categories import CATEGORIES
-from cluster.defaults import models_dir
+from cluster.defaults import default_target, models_dir
 
 SYSTEMS = ("specfleet", "specfleet-grpc", "specfleet-http", "vllm", "hf")
 System = Literal["specfleet", "specfleet-grpc", "specfleet-http", "vllm", "hf"]
@@ -37,13 +37,14 @@ class BenchConfig(BaseModel):
     categories: list[Category] = Field(list(CATEGORIES), min_length=1, description="Prompt categories.")
     prompts_per_category: int = Field(4, ge=1, description="Distinct prompts per category.")
     prompt_tokens: int = Field(48, ge=1, description="Prompt length of the short categories, in tokens.")
-    long_prompt_tokens: int = Field(176, ge=1, description="Prompt length of the long_context category, in tokens.")
+    long_prompt_tokens: int = Field(
+        640, ge=1, description="Prompt length of the long_context category, in tokens (a file's head and a function).")
     max_tokens: int = Field(32, ge=2, description="Completion tokens per request (end-of-sequence ignored).")
     temperatures: list[Temperature] = Field([0.0, 1.0], min_length=1, description="Sampling temperatures; 0 is greedy.")
     concurrency: list[Streams] = Field([1, 4, 16, 64], min_length=1, description="Requests in flight at once.")
     min_requests: int = Field(4, ge=1, description="Requests per cell at low concurrency (a cell sends max(this, concurrency)).")
     hf_max_concurrency: int = Field(1, ge=1, description="HF assisted generation decodes one sequence at a time; cells above this are skipped for hf.")
-    target: Path = Field(default_factory=lambda: models_dir() / "target-l", description="Target checkpoint folder.")
+    target: Path = Field(default_factory=default_target, description="Target checkpoint folder (default: the zoo's largest).")
     drafter: Path = Field(default_factory=lambda: models_dir() / "drafter", description="specfleet's (multi-exit) drafter checkpoint.")
     drafter_export: Path | None = Field(
         None, description="Single-exit checkpoint of the same drafter exit for vLLM and HF; default: <drafter>-exit-<exit>."

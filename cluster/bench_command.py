@@ -29,7 +29,7 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--temperatures", help="comma list, e.g. 0,1")
     parser.add_argument("--prompts", dest="prompts_per_category", type=int, help="prompts per category")
     parser.add_argument("--max-tokens", type=int, help="completion tokens per request")
-    parser.add_argument("--target", type=Path, help="target checkpoint (default: the zoo's target-l)")
+    parser.add_argument("--target", type=Path, help="target checkpoint (default: the zoo's largest target)")
     parser.add_argument("--drafter", type=Path, help="specfleet's multi-exit drafter (default: the zoo's drafter)")
     parser.add_argument("--corpus-manifest", type=Path, help="manifest whose test split the prompts come from "
                         "(default: the zoo's; give the target's own zoo's when benchmarking another zoo)")
