@@ -23,7 +23,7 @@ def nothing_runs(monkeypatch):
     (["--concurrency", "1,0"], "concurrency.1: input should be greater than or equal to 1"),
     (["--temperatures", "-1"], "temperatures.0: input should be greater than or equal to 0"),
     (["--quick", "--max-tokens", "1"], "max_tokens: input should be greater than or equal to 2"),
-    (["--quick", "--max-tokens", "250"], "exceed the target's context"),
+    (["--quick", "--max-tokens", "1000"], "exceed the target's context"),  # 48-token prompts + 1,000 + k + 1 > 1,024
 ])
 def test_bad_options_end_with_one_line_and_status_2(argv, message, nothing_runs, capsys, tmp_path):
     assert main(["bench", *argv, "--out", str(tmp_path)]) == 2

@@ -37,15 +37,20 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def fleet(ray_cluster, target_path, drafter_path):
     target = {"path": str(target_path), "pool": "target", "drafter": "sorted", "exit_layer": 2, "k": 3}
-    config = parse_config({
-        "pools": {"draft": {"resources": {"draft": 1}}, "target": {"resources": {"target": 1}}},
-        "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft"}},
-        "targets": {"overlapped": {**target, "overlap_rounds": True}, "sequential": target},
-        "server": {"drafter_timeout_s": 5},
-    })
-    fleet = start_fleet(config)
+    fleet = start_fleet(two_pool_config(drafter_path, {"overlapped": {**target, "overlap_rounds": True},
+                                                       "sequential": target}))
     yield fleet
     stop_fleet(fleet)
+
+
+def two_pool_config(drafter_path, targets: dict):
+    """The drafter `sorted` on the `draft` pool, these targets on the `target` pool."""
+    return parse_config({
+        "pools": {"draft": {"resources": {"draft": 1}}, "target": {"resources": {"target": 1}}},
+        "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft"}},
+        "targets": targets,
+        "server": {"drafter_timeout_s": 5},
+    })
 
 
 @pytest.fixture(scope="module")

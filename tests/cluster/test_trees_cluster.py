@@ -8,10 +8,9 @@ from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from actors.speculation import SpeculationSpec
 from actors.trees import TreeShape
-from cluster.config import parse_config
 from cluster.placement import start_fleet, stop_fleet
 from cluster.simulated import simulated_cluster
-from test_overlap_cluster import concurrent_streams
+from test_overlap_cluster import concurrent_streams, two_pool_config
 
 GREEDY = make_sampling_params(temperature=0, max_tokens=32, ignore_eos=True)
 STREAMS = 4
@@ -22,13 +21,8 @@ def fleet(target_path, drafter_path):
     with simulated_cluster({"num_cpus": 1}, draft={"num_cpus": 4, "resources": {"draft": 8}},
                            target={"num_cpus": 4, "resources": {"target": 8}}):
         target = {"path": str(target_path), "pool": "target", "drafter": "sorted", "exit_layer": 2}
-        config = parse_config({
-            "pools": {"draft": {"resources": {"draft": 1}}, "target": {"resources": {"target": 1}}},
-            "drafters": {"sorted": {"path": str(drafter_path), "pool": "draft"}},
-            "targets": {"static": {**target, "tree": "static-3x2"}, "dynamic": {**target, "tree": "dynamic-3x2"}},
-            "server": {"drafter_timeout_s": 5},
-        })
-        fleet = start_fleet(config)
+        fleet = start_fleet(two_pool_config(drafter_path, {"static": {**target, "tree": "static-3x2"},
+                                                           "dynamic": {**target, "tree": "dynamic-3x2"}}))
         yield fleet
         stop_fleet(fleet)
 
