@@ -101,7 +101,7 @@ class Frontend:
         params = sampling_params(request, self.config.server.default_max_tokens, len(prompt), limits)
         target = self.config.targets[request.model]
         exits = self.fleet.infos[target.drafter][0]["exit_layers"] if target.drafter else None
-        speculation = speculation_spec(request.speculation, target, exits)
+        speculation = speculation_spec(request.speculation, target, exits, self.config.uses_trees(request.model))
         handle = self._least_busy(self.fleet.targets[request.model])
         return Admitted(request.model, handle, uuid.uuid4().hex, tokenizer, prompt, params, speculation, key)
 

@@ -55,14 +55,16 @@ def sampling_params(request: pb.GenerateRequest, default_max_tokens: int, prompt
 CASCADE_RULES = {pb.Cascade.CHOW: "chow", pb.Cascade.DIFF: "diff", pb.Cascade.OPT: "opt"}
 
 
-def speculation_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[int] | None) -> SpeculationSpec:
+def speculation_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[int] | None,
+                     trees: bool = False) -> SpeculationSpec:
     """The request's speculation, validated: AUTO follows the target's plan, OFF decodes plainly.
 
-    `exits` are the exits the target's drafter was trained for (None: it has no drafter). A
-    speculative cascade (the request's, else the target's default) rides along. Enum values
-    this server does not know are refused, not read as a default.
+    `exits` are the exits the target's drafter was trained for (None: it has no drafter); `trees`,
+    whether the target's replicas serve token trees (`ClusterConfig.uses_trees`). A speculative
+    cascade (the request's, else the target's default) rides along. Enum values this server does
+    not know are refused, not read as a default.
     """
-    spec = _draft_spec(speculation, target, exits)
+    spec = _draft_spec(speculation, target, exits, trees)
     cascade = None if spec.k == 0 else cascade_override(speculation, target)
     return spec if cascade is None else spec.model_copy(update={"cascade": cascade})
 
@@ -84,7 +86,8 @@ def cascade_override(speculation: pb.Speculation, target: TargetConfig) -> Casca
     return make_cascade_params(rule=rule, alpha=alpha)
 
 
-def _draft_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[int] | None) -> SpeculationSpec:
+def _draft_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[int] | None,
+                trees: bool) -> SpeculationSpec:
     mode = speculation.mode
     if mode not in pb.Speculation.Mode.values():
         known = [name for name in pb.Speculation.Mode.keys() if name != "MODE_UNSPECIFIED"]
@@ -101,6 +104,9 @@ def _draft_spec(speculation: pb.Speculation, target: TargetConfig, exits: list[i
     if exit_layer is not None and exit_layer not in (exits or ()):
         raise InvalidRequest(f"exit {exit_layer} is not one of the exits the drafter was trained for: {exits}")
     if speculation.tree:
+        if not trees:  # its replicas compiled no tree step: a first one would stall the drafter for every target
+            raise InvalidRequest("this target does not serve token trees (its config sets no tree and the controller "
+                                 "has no tree_choices); use k")
         return SpeculationSpec(tree=_tree_shape(speculation), exit_layer=exit_layer)
     if not 1 <= speculation.k <= MAX_DRAFT_LENGTH:
         raise InvalidRequest(f"FIXED speculation needs 1 <= k <= {MAX_DRAFT_LENGTH}, got {speculation.k} (or a tree instead of k)")

@@ -283,12 +283,16 @@ def test_a_fixed_speculation_is_checked_against_the_drafters_exits_at_the_front_
 
 def test_a_fixed_speculation_may_ask_for_a_tree_instead_of_k():
     fixed = pb.Speculation(mode=pb.Speculation.FIXED, tree="dynamic-4x2", exit_layer=2)
-    assert speculation_spec(fixed, target_config(), EXITS) == SpeculationSpec(tree=TreeShape.parse("dynamic-4x2"), exit_layer=2)
+    assert speculation_spec(fixed, target_config(), EXITS, trees=True) == SpeculationSpec(
+        tree=TreeShape.parse("dynamic-4x2"), exit_layer=2)
     for tree, problem in (("bushy", "a tree shape reads"), ("static-17x1", "1..16 levels"), ("static-8x8", "at most 63")):
         with pytest.raises(InvalidRequest, match=problem):
-            speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, tree=tree), target_config(), EXITS)
+            speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, tree=tree), target_config(), EXITS, trees=True)
     with pytest.raises(InvalidRequest, match="k or a tree, not both"):
-        speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, tree="static-2x2", k=2), target_config(), EXITS)
+        speculation_spec(pb.Speculation(mode=pb.Speculation.FIXED, tree="static-2x2", k=2), target_config(), EXITS,
+                         trees=True)
+    with pytest.raises(InvalidRequest, match="does not serve token trees"):  # its replicas compiled no tree step
+        speculation_spec(fixed, target_config(), EXITS, trees=False)
 
 
 def test_enum_values_this_server_does_not_know_are_refused():

@@ -67,6 +67,7 @@ def fleet(target_path, drafter_path):
         "targets": {"small": {"path": str(target_path), "pool": "target", "drafter": "sorted", "exit_layer": 2, "k": 3},
                     "solo": {"path": str(target_path), "pool": "target"}},
         "server": {"drafter_timeout_s": 5},
+        "controller": {"tree_choices": ["dynamic-3x2"]},  # its replicas serve token trees too
     })
     fleet = start_fleet(config)
     yield fleet
