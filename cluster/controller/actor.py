@@ -34,8 +34,9 @@ import time
 import uuid
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.errors import InvalidRequest
 from actors.ray_actors import actor_id
 from actors.telemetry import TelemetryAggregator
 from cluster.admission import DoorLoad, FleetLoad
@@ -356,6 +357,10 @@ class FleetController:
                 ray.get(reply)
             except RayActorError:
                 pass  # a dead replica's replacement gets the plan when it is installed
+            except RayTaskError as err:
+                if not isinstance(err.cause, InvalidRequest):
+                    raise
+                # a replica that lost its drafter takes only plain decoding: the next heal re-attaches one, with the plan
 
     def _changed(self) -> None:
         """The fleet's handles changed: refresh infos, claim new actors and let front doors know."""
