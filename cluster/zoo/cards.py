@@ -12,7 +12,7 @@ from cluster.zoo.train import TrainResult
 
 def training_section(settings: TrainSettings, result: TrainResult, objective: str) -> str:
     epochs = result.tokens_seen / result.train_tokens
-    return (
+    return _earlier_stages(result) + (
         f"Objective: {objective}. AdamW (betas 0.9/0.95, weight decay {settings.weight_decay} on matrices), "
         f"peak lr {settings.lr} with {settings.warmup_steps} warm-up steps and cosine decay to {settings.min_lr_ratio} x, "
         f"gradient clipping {settings.grad_clip}, seed {settings.seed}"
@@ -21,6 +21,19 @@ def training_section(settings: TrainSettings, result: TrainResult, objective: st
         f"Kept checkpoint: step {result.best_step}, valid loss {result.best_valid_loss:.4f} "
         f"(perplexity {math.exp(result.best_valid_loss):.2f}). Training took {result.seconds:.0f} s "
         f"({result.tokens_per_second:.0f} tokens/s)."
+    )
+
+
+def _earlier_stages(result: TrainResult) -> str:
+    """A paragraph on the stages this run continued from ('' for a run from scratch)."""
+    if result.earlier is None:
+        return ""
+    earlier = result.earlier
+    return (
+        f"Trained in stages. Before this stage's schedule: {earlier.total_tokens_seen():,} tokens over "
+        f"{earlier.steps} steps (kept checkpoint valid loss {earlier.best_valid_loss:.4f}), from which these weights "
+        f"started; this stage then saw the training windows that followed. In all {result.total_tokens_seen():,} tokens "
+        f"({result.total_tokens_seen() / result.train_tokens:.2f} epochs).\n\nThis stage: "
     )
 
 

@@ -85,6 +85,12 @@ class DrafterSpec(_Strict):
     distill_weight: float = Field(
         0.5, description="Weight of the KL(teacher || exit) term; the data cross-entropy gets 1 - distill_weight.", ge=0, le=1
     )
+    continue_from: Path | None = Field(
+        None,
+        description="A trained drafter directory (same shape, exits and training seed) whose weights start this run "
+        "instead of a random initialisation: a further stage with its own schedule, fresh optimizer, and the training "
+        "windows that follow those the earlier stage consumed. None trains from scratch.",
+    )
 
     @model_validator(mode="after")
     def _exits_nested(self) -> "DrafterSpec":

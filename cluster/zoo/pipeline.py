@@ -120,6 +120,7 @@ def _train_drafter(config: ZooConfig, data: _Data) -> TrainResult:
     exits = spec.exit_layers
     model = build_model(spec.shape, config.tokenizer.vocab_size, config.context, data.tokenizer.eos_token_id, spec.train.seed)
     model.config.exit_layers = exits
+    earlier = _continue_from(model, spec.continue_from) if spec.continue_from is not None else None
     teacher = _teacher(config.out_dir, spec.distill_from)
 
     def train_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -131,7 +132,16 @@ def _train_drafter(config: ZooConfig, data: _Data) -> TrainResult:
         return sorted_loss(model, inputs, targets, exits)[0]
 
     return _fit(config, data, DRAFTER_NAME, model, _drafter_role(config), _drafter_objective(config), spec.train,
-                train_loss, valid_loss)
+                train_loss, valid_loss, earlier)
+
+
+def _continue_from(model: LlamaForCausalLM, path: Path) -> TrainResult:
+    """Load the trained drafter in `path` into `model` (same shape and exits); return its training record."""
+    trained = load_model(path)
+    if getattr(trained.config, "exit_layers", None) != model.config.exit_layers:
+        raise ValueError(f"{path} has exits {getattr(trained.config, 'exit_layers', None)}, not {model.config.exit_layers}")
+    model.load_state_dict(trained.state_dict())  # raises on another shape
+    return TrainResult.model_validate_json((path / TRAINING_FILE).read_text())
 
 
 def _teacher(out_dir: Path, name: str | None) -> LlamaForCausalLM | None:
@@ -152,6 +162,7 @@ def _fit(
     settings: TrainSettings,
     train_loss: LossFn,
     valid_loss: LossFn,
+    earlier: TrainResult | None = None,
 ) -> TrainResult:
     """Train, saving each new best checkpoint; finally record the whole run in the card and training.json."""
     path = config.out_dir / name
@@ -166,7 +177,7 @@ def _fit(
     path.mkdir(parents=True, exist_ok=True)
     result = train_model(
         model, train_loss, valid_loss, data.train_tokens, data.valid_windows, settings, config.context,
-        config.eval_batch_size, save, path / STATE_FILE,
+        config.eval_batch_size, save, path / STATE_FILE, earlier,
     )
     (path / "README.md").write_text(card(result))
     (path / TRAINING_FILE).write_text(result.model_dump_json(indent=1))

@@ -42,6 +42,11 @@ class TrainResult(BaseModel):
     seconds: float = Field(description="Wall time of the loop, evaluations included.")
     tokens_per_second: float = Field(description="Training tokens per second of wall time.")
     history: list[EvalPoint] = Field(description="Every evaluation, in order.")
+    earlier: "TrainResult | None" = Field(None, description="The record of the stage whose weights this run started from.")
+
+    def total_tokens_seen(self) -> int:
+        """Training tokens over this stage and every earlier one."""
+        return self.tokens_seen + (self.earlier.total_tokens_seen() if self.earlier else 0)
 
 
 def build_model(shape: ModelShape, vocab_size: int, context: int, eos_id: int, seed: int) -> LlamaForCausalLM:
@@ -189,16 +194,20 @@ def train_model(
     eval_batch_size: int,
     on_best: Callable[[TrainResult], None],
     state_path: Path | None = None,
+    earlier: TrainResult | None = None,
 ) -> TrainResult:
     """Train in place; call on_best(result so far) whenever the valid loss improves.
 
     With `state_path`, the run saves its state there at every evaluation and resumes from it.
+    `earlier`: the record of the stage that trained `model` before (same seed); this run skips the
+    windows it consumed, so that it sees fresh ones.
     """
     optimizer = _optimizer(model, settings)
     progress = _load_state(state_path, model, optimizer, settings)
     batches = training_batches(train_tokens, context, settings.batch_size, settings.seed)
-    for _ in range(progress.step):
-        next(batches)  # the batches an uninterrupted run would have consumed
+    consumed = earlier.total_tokens_seen() // (settings.batch_size * context) if earlier else 0
+    for _ in range(consumed + progress.step):
+        next(batches)  # the batches earlier stages, and an uninterrupted run of this one, would have consumed
     history, best = list(progress.history), progress.best()
     start, running = time.perf_counter() - progress.seconds, 0.0
     for step in range(progress.step + 1, settings.steps + 1):
@@ -223,15 +232,16 @@ def train_model(
         log.info("step %d/%d train %.4f valid %.4f", step, settings.steps, point.train_loss, point.valid_loss)
         if point.valid_loss < best.valid_loss:
             best = point
-            on_best(_result(settings, step, context, len(train_tokens), best, start, history))
+            on_best(_result(settings, step, context, len(train_tokens), best, start, history, earlier))
         if state_path is not None:
             progress = _Progress(step=step, seconds=time.perf_counter() - start, history=history, settings=settings)
             _save_state(state_path, model, optimizer, progress)
-    return _result(settings, settings.steps, context, len(train_tokens), best, start, history)
+    return _result(settings, settings.steps, context, len(train_tokens), best, start, history, earlier)
 
 
 def _result(
-    settings: TrainSettings, step: int, context: int, train_tokens: int, best: EvalPoint, start: float, history: list[EvalPoint]
+    settings: TrainSettings, step: int, context: int, train_tokens: int, best: EvalPoint, start: float, history: list[EvalPoint],
+    earlier: TrainResult | None,
 ) -> TrainResult:
     seconds = time.perf_counter() - start
     seen = step * settings.batch_size * context
@@ -244,4 +254,5 @@ def _result(
         seconds=seconds,
         tokens_per_second=seen / seconds,
         history=list(history),
+        earlier=earlier,
     )

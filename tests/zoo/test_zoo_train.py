@@ -223,3 +223,39 @@ def test_a_card_names_the_packages_its_corpus_holds_and_their_licences() -> None
     assert "ray 2.55.0, torch 2.13.0 (2 of the files)" in text and "2 files (30 bytes) for training" in text
     assert "package's own licence" in text
     assert "package" not in data_section(with_packages.model_copy(update={"packages": {}, "files": files[:1]}))
+
+
+def test_a_drafter_stage_continues_from_trained_weights_on_fresh_windows(smoke_zoo: Path, tmp_path: Path) -> None:
+    copy = copy_zoo(smoke_zoo, tmp_path)
+    shutil.rmtree(copy / "drafter")
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["drafter"]["continue_from"] = str(smoke_zoo / "drafter")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert run_cli(["zoo", "train", "--config", str(tmp_path / "config.json"), "--models", "drafter"]) == 0
+
+    first = TrainResult.model_validate_json((smoke_zoo / "drafter" / TRAINING_FILE).read_text())
+    second = TrainResult.model_validate_json((copy / "drafter" / TRAINING_FILE).read_text())
+    assert second.earlier == first and second.total_tokens_seen() == 2 * first.tokens_seen
+    # started from the trained weights, not from a random initialisation (whose loss is about log V)
+    assert second.history[0].valid_loss < first.history[0].valid_loss
+    assert f"In all {second.total_tokens_seen():,} tokens" in (copy / "drafter" / "README.md").read_text()
+
+
+def test_a_continued_stage_skips_the_windows_the_earlier_one_consumed() -> None:
+    settings = TrainSettings(steps=2, batch_size=2, lr=1e-3, warmup_steps=1, eval_every=2, seed=0)
+    shape = ModelShape(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, intermediate_size=32)
+    tokens = torch.arange(400) % 50  # [N]
+    valid = heldout_windows(tokens[:100], 16, 64)  # [W, 17]
+    seen: list[torch.Tensor] = []
+    model = build_model(shape, 50, 16, 0, seed=1)
+
+    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if model.training:
+            seen.append(inputs[:, 0])
+        return lm_loss(model(inputs).logits, targets)
+
+    first = train_model(model, loss, loss, tokens, valid, settings, 16, 4, lambda _: None)
+    train_model(model, loss, loss, tokens, valid, settings, 16, 4, lambda _: None, earlier=first)
+    batches = training_batches(tokens, 16, 2, 0)
+    expected = [next(batches)[:, 0] for _ in range(4)]  # one uninterrupted run of four steps
+    assert all(torch.equal(a, b) for a, b in zip(seen, expected)) and len(seen) == 4
