@@ -223,8 +223,9 @@ class ModelDrafter(SteppedDrafter):
             if row.seq_id not in self._states:
                 row.stop()  # finished (cancelled) while drafting: stop here
         rows = [row for row in rows if row.drafting]
-        growing = [row for row in rows if isinstance(row, TreeDraftRow) and row.feeds_tree]
-        stepping = [row for row in rows if row not in growing]
+        growing, stepping = [], []
+        for row in rows:
+            (growing if isinstance(row, TreeDraftRow) and row.feeds_tree else stepping).append(row)
         if growing:
             self._grow_trees(growing)
         if stepping:

@@ -71,7 +71,6 @@ class KVStore:
         rows = self.keys[layer][slots, :key_length], self.values[layer][slots, :key_length]  # each [B, K, Hkv, D]
         return rows[0].transpose(1, 2), rows[1].transpose(1, 2)
 
-
     def move(self, slot: int, sources: list[int], destinations: list[int]) -> None:
         """Copy one slot's keys/values from positions `sources` to `destinations`, every layer (tree compaction).
 
@@ -117,7 +116,7 @@ class SequenceCache:
         up to follow it; forget the rest. Returns the (from, to) positions whose keys/values must move."""
         region = len(self.tokens) - region_start
         if region < 0 or path != sorted(set(path)) or any(not 0 <= offset < region for offset in path):
-            raise ValueError(f"path {path} does not lie in a region of {len(self.tokens) - region_start} entries")
+            raise ValueError(f"path {path} does not lie in a region of {region} entries")
         moves = [(region_start + offset, region_start + i) for i, offset in enumerate(path) if offset != i]
         kept = [self.tokens[region_start + offset] for offset in path]
         self.tokens[region_start:] = kept

@@ -193,9 +193,10 @@ def sampled_children(logits: torch.Tensor, parent: int, width: int, params: Samp
     return children
 
 
-def next_level(candidates: list[Candidate], width: int) -> list[Candidate]:
-    """The `width` best-scored candidates, in score order (a dynamic tree's next level)."""
-    return sorted(candidates, key=lambda c: -c.score)[:width]
+def next_level(candidates: list[Candidate], width: int) -> tuple[list[Candidate], list[Candidate]]:
+    """The `width` best-scored candidates in score order (a dynamic tree's next level), and the rest."""
+    ranked = sorted(candidates, key=lambda c: -c.score)
+    return ranked[:width], ranked[width:]
 
 
 @dataclass
@@ -259,8 +260,8 @@ class TreeDraftRow:
             level = self.levels[-1]
             candidates = best_children(logits[: len(level)], list(range(first, first + len(level))),
                                        [node.score for node in level], width)
-            beam = next_level(candidates, width)
-            self.spare += [(len(self.levels), c) for c in candidates if c not in beam]
+            beam, left_out = next_level(candidates, width)
+            self.spare += [(len(self.levels), c) for c in left_out]
             self.levels.append(beam)
 
     def draft_nodes(self) -> list[Candidate]:
