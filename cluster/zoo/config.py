@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 EOS_TOKEN = "<|endoftext|>"
 DRAFTER_NAME = "drafter"
+FOREIGN_DRAFTER_NAME = "drafter-8k"  # the drafter with a vocabulary of its own (8,192 tokens)
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -117,6 +118,19 @@ class TokenizerSettings(_Strict):
     min_frequency: int = Field(2, description="Minimum pair count for a BPE merge.", ge=1)
 
 
+class ForeignDrafterSpec(DrafterSpec):
+    """A second sorted drafter with its own tokenizer: speculation across vocabularies (issue 20)."""
+
+    name: str = Field(description="Directory name of the drafter; its exits are exported as '<name>-exit-L'.")
+    tokenizer: TokenizerSettings = Field(description="Its own byte-level BPE vocabulary, trained on the same training split.")
+
+    @model_validator(mode="after")
+    def _no_teacher(self) -> "ForeignDrafterSpec":
+        if self.distill_from is not None:
+            raise ValueError("a drafter of another vocabulary cannot distil from a target: their logits index other tokens")
+        return self
+
+
 class ZooConfig(_Strict):
     preset: str = Field(description="Name of the preset this config came from, recorded in model cards.")
     out_dir: Path = Field(description="Where the tokenizer, models, manifest and reports are written.")
@@ -130,6 +144,9 @@ class ZooConfig(_Strict):
     context: int = Field(description="Training sequence length in tokens (also max_position_embeddings).", gt=1)
     targets: list[TargetSpec] = Field(description="Targets in increasing size.", min_length=1)
     drafter: DrafterSpec = Field(description="The sorted multi-exit drafter.")
+    foreign_drafter: ForeignDrafterSpec | None = Field(
+        None, description="A sorted drafter with a vocabulary of its own (trained on data only); None: none."
+    )
     save_dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of the saved safetensors weights.")
     budget_mib: float = Field(64.0, description="Upper bound on all shipped weights together (MiB), checked before training.", gt=0)
     valid_tokens: int = Field(description="Tokens of the valid split scored at each evaluation during training.", gt=0)
@@ -140,15 +157,19 @@ class ZooConfig(_Strict):
 
     @model_validator(mode="after")
     def _names_consistent(self) -> "ZooConfig":
-        names = [t.name for t in self.targets]
+        names = [t.name for t in self.targets] + ([self.foreign_drafter.name] if self.foreign_drafter else [])
         if len(set(names)) != len(names) or {DRAFTER_NAME, TOKENIZER_DIR} & set(names):
             raise ValueError(f"target names must be unique and not {DRAFTER_NAME!r}/{TOKENIZER_DIR!r}: {names}")
         if self.drafter.distill_from not in (None, *names):
             raise ValueError(f"distill_from {self.drafter.distill_from!r} is not a target")
         return self
 
-    def exit_dir_name(self, exit_layer: int) -> str:
-        return f"{DRAFTER_NAME}-exit-{exit_layer}"
+    def exit_dir_name(self, exit_layer: int, drafter: str = DRAFTER_NAME) -> str:
+        return f"{drafter}-exit-{exit_layer}"
+
+    def foreign_tokenizer_dir(self) -> Path:
+        """Where the foreign drafter's tokenizer is kept between runs (trained once, before the drafter)."""
+        return self.out_dir / f"{self.foreign_drafter.name}-{TOKENIZER_DIR}"
 
 
 def count_parameters(shape: ModelShape, vocab_size: int) -> int:
@@ -162,10 +183,14 @@ def shipped_bytes(config: ZooConfig) -> dict[str, int]:
     """Bytes of weights each shipped model will hold: targets, the drafter and one export per exit."""
     vocab = config.tokenizer.vocab_size
     sizes = {t.name: count_parameters(t.shape, vocab) for t in config.targets}
-    sizes[DRAFTER_NAME] = count_parameters(config.drafter.shape, vocab)
-    for layers in config.drafter.exit_layers:
-        shape = config.drafter.shape.model_copy(update={"num_layers": layers})
-        sizes[config.exit_dir_name(layers)] = count_parameters(shape, vocab)
+    drafters = [(DRAFTER_NAME, config.drafter, vocab)]
+    if config.foreign_drafter is not None:
+        drafters.append((config.foreign_drafter.name, config.foreign_drafter, config.foreign_drafter.tokenizer.vocab_size))
+    for name, spec, drafter_vocab in drafters:
+        sizes[name] = count_parameters(spec.shape, drafter_vocab)
+        for layers in spec.exit_layers:
+            shape = spec.shape.model_copy(update={"num_layers": layers})
+            sizes[config.exit_dir_name(layers, name)] = count_parameters(shape, drafter_vocab)
     return {name: params * 2 for name, params in sizes.items()}  # fp16 and bf16: 2 bytes
 
 
@@ -198,6 +223,8 @@ def _smoke(out_dir: Path) -> ZooConfig:
             TargetSpec(name="target-l", shape=_shape(48, 2, 2, 96), train=train(3)),
         ],
         drafter=DrafterSpec(shape=_shape(32, 3, 2, 64), exit_layers=[1, 2, 3], train=train(4), distill_from="target-l"),
+        foreign_drafter=ForeignDrafterSpec(name="drafter-300", tokenizer=TokenizerSettings(vocab_size=300),
+                                           shape=_shape(32, 3, 2, 64), exit_layers=[1, 2, 3], train=train(5)),
         valid_tokens=512,
         eval_tokens=1024,
         eval_batch_size=4,
@@ -243,6 +270,9 @@ def _zoo(
         ],
         drafter=DrafterSpec(shape=_shape(160, 4, 5, 432), exit_layers=[1, 2, 4], train=train(DRAFTER_NAME, 1.5e-3, 4),
                             distill_from="target-xl", distill_weight=0.8),
+        foreign_drafter=ForeignDrafterSpec(name=FOREIGN_DRAFTER_NAME, tokenizer=TokenizerSettings(vocab_size=8192),
+                                           shape=_shape(160, 4, 5, 432), exit_layers=[1, 2, 4],
+                                           train=train(FOREIGN_DRAFTER_NAME, 1.5e-3, 6)),
         valid_tokens=32768,
         eval_tokens=131072,
         threads=threads,
@@ -262,13 +292,15 @@ def _cpu(out_dir: Path) -> ZooConfig:
     target-l train 3,000 steps: at 1,500 they were no better than target-s
     (bench/reports/zoo_v2_third_run.md).
     """
-    steps = {"target-s": 2000, "target-m": 3000, "target-l": 3000, "target-xl": 4000, DRAFTER_NAME: 4000}
+    steps = {"target-s": 2000, "target-m": 3000, "target-l": 3000, "target-xl": 4000, DRAFTER_NAME: 4000,
+             FOREIGN_DRAFTER_NAME: 2000}
     return _zoo("cpu", out_dir, steps, batch_size=2, threads=2, bf16_autocast=True)
 
 
 def _full(out_dir: Path) -> ZooConfig:
     """A longer run for a GPU's budget (25-50M tokens per model; fp32 there, as autocast here is the CPU's)."""
-    steps = {"target-s": 1500, "target-m": 1500, "target-l": 2000, "target-xl": 3200, DRAFTER_NAME: 2000}
+    steps = {"target-s": 1500, "target-m": 1500, "target-l": 2000, "target-xl": 3200, DRAFTER_NAME: 2000,
+             FOREIGN_DRAFTER_NAME: 2000}
     return _zoo("full", out_dir, steps, batch_size=16, threads=None, bf16_autocast=False)
 
 

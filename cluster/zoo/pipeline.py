@@ -41,7 +41,8 @@ class _Data:
 
 
 def model_names(config: ZooConfig) -> list[str]:
-    return [t.name for t in config.targets] + [DRAFTER_NAME]
+    foreign = [config.foreign_drafter.name] if config.foreign_drafter is not None else []
+    return [t.name for t in config.targets] + [DRAFTER_NAME] + foreign
 
 
 def train_zoo(config: ZooConfig, only: list[str] | None = None) -> dict[str, int]:
@@ -60,7 +61,13 @@ def train_zoo(config: ZooConfig, only: list[str] | None = None) -> dict[str, int
         if _to_train(config, DRAFTER_NAME, config.drafter.train, only):
             _train_drafter(config, data)
         if only is None or DRAFTER_NAME in only:
-            _export_exits(config, data)
+            _export_exits(config, data, DRAFTER_NAME, config.drafter.exit_layers)
+        foreign = config.foreign_drafter
+        if foreign is not None and (only is None or foreign.name in only):
+            foreign_data = _foreign_data(config, data.manifest)
+            if _to_train(config, foreign.name, foreign.train, only):
+                _train_foreign_drafter(config, foreign_data)
+            _export_exits(config, foreign_data, foreign.name, foreign.exit_layers)
     return weight_bytes(config.out_dir)
 
 
@@ -144,6 +151,35 @@ def _continue_from(model: LlamaForCausalLM, path: Path) -> TrainResult:
     return TrainResult.model_validate_json((path / TRAINING_FILE).read_text())
 
 
+def _foreign_data(config: ZooConfig, manifest: Manifest) -> _Data:
+    """The same splits encoded with the foreign drafter's own tokenizer (trained at the first run, then reused)."""
+    tokenizer_dir = config.foreign_tokenizer_dir()
+    train_texts = read_split(manifest, "train")
+    if (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = train_tokenizer(train_texts, config.foreign_drafter.tokenizer)
+        tokenizer.save_pretrained(tokenizer_dir)
+    train_tokens = encode_documents(tokenizer, train_texts)
+    valid_tokens = encode_documents(tokenizer, read_split(manifest, "valid"))
+    log.info("foreign vocabulary: %d training tokens, %d valid tokens", len(train_tokens), len(valid_tokens))
+    return _Data(manifest, tokenizer, train_tokens, heldout_windows(valid_tokens, config.context, config.valid_tokens))
+
+
+def _train_foreign_drafter(config: ZooConfig, data: _Data) -> TrainResult:
+    """The SortedNet loss on data only: no target shares its token ids to distil from."""
+    spec = config.foreign_drafter
+    model = build_model(spec.shape, spec.tokenizer.vocab_size, config.context, data.tokenizer.eos_token_id, spec.train.seed)
+    model.config.exit_layers = spec.exit_layers
+    earlier = _continue_from(model, spec.continue_from) if spec.continue_from is not None else None
+
+    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return sorted_loss(model, inputs, targets, spec.exit_layers)[0]
+
+    return _fit(config, data, spec.name, model, _foreign_drafter_role(config), _foreign_drafter_objective(config),
+                spec.train, loss, loss, earlier)
+
+
 def _teacher(out_dir: Path, name: str | None) -> LlamaForCausalLM | None:
     if name is None:
         return None
@@ -199,12 +235,12 @@ def _to_train(config: ZooConfig, name: str, settings: TrainSettings, only: list[
     return not finished
 
 
-def _export_exits(config: ZooConfig, data: _Data) -> None:
-    drafter = load_model(config.out_dir / DRAFTER_NAME)
-    for layer in config.drafter.exit_layers:
-        name = config.exit_dir_name(layer)
+def _export_exits(config: ZooConfig, data: _Data, drafter_name: str, exit_layers: list[int]) -> None:
+    drafter = load_model(config.out_dir / drafter_name)
+    for layer in exit_layers:
+        name = config.exit_dir_name(layer, drafter_name)
         model = export_exit(drafter, layer)
-        card = model_card(name, _exit_role(layer), model, config, data.manifest, EXIT_TRAINING)
+        card = model_card(name, _exit_role(layer, drafter_name), model, config, data.manifest, _exit_training(drafter_name))
         save_checkpoint(model, data.tokenizer, config.out_dir / name, config.save_dtype, card)
 
 
@@ -217,16 +253,23 @@ def write_cards(config: ZooConfig) -> list[str]:
     written = []
     trained = [(t.name, t.train, _target_role(config, t.name), TARGET_OBJECTIVE) for t in config.targets]
     trained.append((DRAFTER_NAME, config.drafter.train, _drafter_role(config), _drafter_objective(config)))
+    drafters = [(DRAFTER_NAME, config.drafter.exit_layers)]
+    if config.foreign_drafter is not None:
+        foreign = config.foreign_drafter
+        trained.append((foreign.name, foreign.train, _foreign_drafter_role(config), _foreign_drafter_objective(config)))
+        drafters.append((foreign.name, foreign.exit_layers))
     for name, settings, role, objective in trained:
         record = config.out_dir / name / TRAINING_FILE
         if record.exists():
             training = training_section(settings, TrainResult.model_validate_json(record.read_text()), objective)
             _rewrite_card(config, manifest, name, role, training)
             written.append(name)
-    for layer in config.drafter.exit_layers:
-        if (config.out_dir / config.exit_dir_name(layer) / WEIGHTS_FILE).exists():
-            _rewrite_card(config, manifest, config.exit_dir_name(layer), _exit_role(layer), EXIT_TRAINING)
-            written.append(config.exit_dir_name(layer))
+    for drafter_name, exit_layers in drafters:
+        for layer in exit_layers:
+            name = config.exit_dir_name(layer, drafter_name)
+            if (config.out_dir / name / WEIGHTS_FILE).exists():
+                _rewrite_card(config, manifest, name, _exit_role(layer, drafter_name), _exit_training(drafter_name))
+                written.append(name)
     return written
 
 
@@ -236,7 +279,10 @@ def _rewrite_card(config: ZooConfig, manifest: Manifest, name: str, role: str, t
 
 
 TARGET_OBJECTIVE = "next-token cross-entropy"
-EXIT_TRAINING = f"Not trained separately; see `../{DRAFTER_NAME}/README.md`."
+
+
+def _exit_training(drafter_name: str) -> str:
+    return f"Not trained separately; see `../{drafter_name}/README.md`."
 
 
 def _target_role(config: ZooConfig, name: str) -> str:
@@ -264,9 +310,24 @@ def _drafter_objective(config: ZooConfig) -> str:
     return objective + " (the valid loss is the mean exit cross-entropy)"
 
 
-def _exit_role(layer: int) -> str:
+def _foreign_drafter_role(config: ZooConfig) -> str:
+    spec = config.foreign_drafter
     return (
-        f"Exit {layer} of the sorted drafter `{DRAFTER_NAME}`, exported as an ordinary Llama: the drafter's first "
+        f"A second sorted (S2D) multi-exit drafter of the specfleet zoo, with a byte-level BPE vocabulary of its own "
+        f"({spec.tokenizer.vocab_size} tokens; the targets have {config.tokenizer.vocab_size}), trained on the same "
+        f"files: specfleet drafts with it for the zoo's targets across vocabularies (docs/ARCHITECTURE.md). Exits "
+        f"`config.exit_layers` = {spec.exit_layers}, each also exported as a standalone model in `{spec.name}-exit-L`."
+    )
+
+
+def _foreign_drafter_objective(config: ZooConfig) -> str:
+    return (f"SortedNet (S2D): the mean over exits {config.foreign_drafter.exit_layers} of each exit's next-token "
+            "cross-entropy, on data only (no target reads its token ids, so none can be distilled from)")
+
+
+def _exit_role(layer: int, drafter_name: str) -> str:
+    return (
+        f"Exit {layer} of the sorted drafter `{drafter_name}`, exported as an ordinary Llama: the drafter's first "
         f"{layer} decoder layers, its final norm, embeddings and lm_head, copied unchanged, so its logits equal "
         f"the drafter's exit {layer}."
     )

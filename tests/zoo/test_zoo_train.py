@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from cluster.zoo.cards import data_section
-from cluster.zoo.config import ModelShape, TrainSettings, ZooConfig, check_budget, preset, shipped_bytes
+from cluster.zoo.config import ForeignDrafterSpec, ModelShape, TrainSettings, ZooConfig, check_budget, preset, shipped_bytes
 from cluster.zoo.corpus import FileEntry, Manifest
 from cluster.zoo.exits import exit_logits
 from cluster.zoo.pipeline import CONFIG_FILE, TRAINING_FILE, model_names, weight_bytes
@@ -17,7 +17,8 @@ from cluster.zoo.train import TrainResult, build_model, heldout_windows, lm_loss
 
 from zoo_helpers import run_cli
 
-SMOKE_DIRS = ["target-s", "target-m", "target-l", "drafter", "drafter-exit-1", "drafter-exit-2", "drafter-exit-3"]
+SMOKE_DIRS = ["target-s", "target-m", "target-l", "drafter", "drafter-exit-1", "drafter-exit-2", "drafter-exit-3",
+              "drafter-300", "drafter-300-exit-1", "drafter-300-exit-2", "drafter-300-exit-3"]
 
 
 @pytest.mark.parametrize("name", ["cpu", "full"])
@@ -210,7 +211,7 @@ def test_rendering_the_cards_again_reproduces_those_written_at_training(smoke_zo
     assert run_cli(["zoo", "cards", "--out", str(zoo)]) == 0
     assert {p.parent.name: p.read_text() for p in zoo.glob("*/README.md")} == cards
     assert set(cards) == set(model_names(ZooConfig.model_validate_json((zoo / CONFIG_FILE).read_text()))) | {
-        p.parent.name for p in zoo.glob("drafter-exit-*/model.safetensors")}
+        p.parent.name for p in zoo.glob("drafter*-exit-*/model.safetensors")}
 
 
 def test_a_card_names_the_packages_its_corpus_holds_and_their_licences() -> None:
@@ -259,3 +260,20 @@ def test_a_continued_stage_skips_the_windows_the_earlier_one_consumed() -> None:
     batches = training_batches(tokens, 16, 2, 0)
     expected = [next(batches)[:, 0] for _ in range(4)]  # one uninterrupted run of four steps
     assert all(torch.equal(a, b) for a, b in zip(seen, expected)) and len(seen) == 4
+
+
+def test_the_foreign_drafter_reads_a_vocabulary_of_its_own(smoke_zoo: Path) -> None:
+    config = ZooConfig.model_validate_json((smoke_zoo / CONFIG_FILE).read_text())
+    foreign = config.foreign_drafter
+    tokenizer, shared = AutoTokenizer.from_pretrained(smoke_zoo / foreign.name), AutoTokenizer.from_pretrained(smoke_zoo / "tokenizer")
+    assert len(tokenizer) == foreign.tokenizer.vocab_size != len(shared)
+    assert tokenizer.get_vocab() != shared.get_vocab() and tokenizer.decode(tokenizer.encode("def f(x):")) == "def f(x):"
+    drafter = AutoModelForCausalLM.from_pretrained(smoke_zoo / foreign.name)
+    assert drafter.config.vocab_size == foreign.tokenizer.vocab_size and drafter.config.exit_layers == foreign.exit_layers
+    assert "on data only" in (smoke_zoo / foreign.name / "README.md").read_text()
+
+
+def test_a_foreign_drafter_cannot_distil_from_a_target(tmp_path: Path) -> None:
+    spec = preset("smoke", tmp_path).foreign_drafter
+    with pytest.raises(ValueError, match="cannot distil"):
+        ForeignDrafterSpec.model_validate({**spec.model_dump(), "distill_from": "target-l"})
