@@ -61,9 +61,9 @@ class DraftBatcher:
         with self._state_lock:
             self.drafter.start(seq_id, prompt, params)
 
-    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
+    def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
         with self._state_lock:
-            self.drafter.commit(seq_id, emitted)
+            self.drafter.commit(seq_id, emitted, rewind)
 
     def finish(self, seq_id: SeqId) -> None:
         with self._state_lock:

@@ -298,14 +298,18 @@ class ModelDrafter(SteppedDrafter):
         probs.append(q[0])
         return int(sample(q, state.generator))
 
-    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
+    def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
+        """`rewind`: first drop the context's last ids (a foreign-vocabulary bridge re-tokenising a split word)."""
         state = self._state(seq_id)
-        if state.region is not None:  # keep the tree nodes the target accepted, moved into place
-            region, state.region = state.region, None
+        if not 0 <= rewind <= len(state.context):
+            raise InvalidRequest(f"cannot rewind {rewind} of a context of {len(state.context)} tokens")
+        if state.region is not None and not rewind:  # keep the tree nodes the target accepted, moved into place
             # never the last emitted token, even where a node left out of the draft spells it: the next
             # proposal feeds it, and reads its first draft token off that feed
-            self.runner.keep_path(seq_id, region.start, path_of(region.tokens, region.parents, emitted[:-1]))
-        committed = len(state.context)
+            self.runner.keep_path(seq_id, state.region.start, path_of(state.region.tokens, state.region.parents, emitted[:-1]))
+        state.region = None
+        committed = len(state.context) - rewind
+        del state.context[committed:]
         state.context.extend(emitted)
         self.runner.keep_common_prefix(seq_id, state.context, start=min(committed, self.runner.cached_length(seq_id)))
 
@@ -327,8 +331,15 @@ class ModelDrafter(SteppedDrafter):
         return max(0, min(request.k, room))
 
     def _pending(self, seq_id: SeqId) -> list[int]:
-        """Context tokens the drafter's cache has not seen yet (the whole prompt at first)."""
-        return self._state(seq_id).context[self.runner.cached_length(seq_id) :]
+        """Context tokens the drafter's cache has not seen yet (the whole prompt at first), at least the last one.
+
+        A commit may end on ids the cache holds already (a foreign-vocabulary bridge re-tokenising the
+        text to what was drafted); the last is then fed again, for the logits the next draft starts from.
+        """
+        context = self._state(seq_id).context
+        if self.runner.cached_length(seq_id) >= len(context):
+            self.runner.rollback(seq_id, len(context) - 1)
+        return context[self.runner.cached_length(seq_id) :]
 
 class NgramDrafter(Drafter):
     """Prompt lookup: propose what followed the last earlier occurrence of the context's tail.

@@ -91,10 +91,11 @@ class DraftService(FleetMember):
         self.batcher.start(seq_id, prompt, params)
         self._owners[seq_id] = owner
 
-    def propose(self, commits: list[tuple[SeqId, list[int]]], requests: Sequence[DraftRequest]) -> list[Draft]:
-        """Apply the caller's pending commits, then draft (batched with other callers)."""
-        for seq_id, emitted in commits:
-            self.batcher.commit(seq_id, emitted)
+    def propose(self, commits: list[tuple[SeqId, list[int], int]], requests: Sequence[DraftRequest]) -> list[Draft]:
+        """Apply the caller's pending commits (sequence, emitted ids, ids to rewind first), then draft (batched with
+        other callers)."""
+        for seq_id, emitted, rewind in commits:
+            self.batcher.commit(seq_id, emitted, rewind)
         return self.batcher.propose(requests)
 
     def finish(self, seq_ids: list[SeqId]) -> None:
@@ -195,7 +196,7 @@ class RemoteDrafter(Drafter):
         self.vocab_size = info["vocab_size"]
         self.exit_layers, self.max_exit = info["exit_layers"], info["max_exit"]
         self.default_exit = max(self.exit_layers)
-        self._commits: list[tuple[SeqId, list[int]]] = []
+        self._commits: list[tuple[SeqId, list[int], int]] = []
         self._in_flight: tuple[object, set[SeqId]] | None = None  # the last proposal's reply and whom it names
         self._finishing: dict[SeqId, object] = {}  # replies of finishes sent, not yet seen done
 
@@ -217,7 +218,7 @@ class RemoteDrafter(Drafter):
         self._settle()
         commits, self._commits = self._commits, []
         reply = self.calls.call("propose", commits, list(requests))
-        self._in_flight = (reply, {r.seq_id for r in requests} | {seq_id for seq_id, _ in commits})
+        self._in_flight = (reply, {r.seq_id for r in requests} | {commit[0] for commit in commits})
         return RemoteDrafts(self, reply)
 
     def fetch(self, reply) -> list[Draft]:
@@ -228,8 +229,8 @@ class RemoteDrafter(Drafter):
             if self._in_flight is not None and self._in_flight[0] is reply:
                 self._in_flight = None
 
-    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
-        self._commits.append((seq_id, emitted))
+    def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
+        self._commits.append((seq_id, emitted, rewind))
 
     def finish(self, seq_id: SeqId) -> None:
         self._commits = [c for c in self._commits if c[0] != seq_id]

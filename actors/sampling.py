@@ -6,8 +6,10 @@ verifier compares like with like. Temperature 0 means greedy: the distribution
 is a point mass on the argmax.
 """
 
+import functools
+
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.errors import InvalidRequest
 
@@ -29,6 +31,18 @@ class SamplingParams(BaseModel):
     )
     max_tokens: int = Field(64, ge=1, description="Most tokens to generate, the stopping token included.")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token.")
+    allowed_token_ids: tuple[int, ...] | None = Field(
+        None,
+        description="Sample only among these ids (sampled rows; the distribution is renormalised over them); "
+        "None allows every id. Set by specfleet, not by clients: a foreign-vocabulary drafter samples only "
+        "tokens its target also has (actors/vocabulary_bridge.py).",
+    )
+
+    @model_validator(mode="after")
+    def _restricts_only_sampling(self) -> "SamplingParams":
+        if self.allowed_token_ids is not None and (self.greedy or not self.allowed_token_ids):
+            raise ValueError("allowed_token_ids restricts a sampled distribution: give a temperature > 0 and some ids")
+        return self
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +80,9 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     logits = logits.float()
     if params.greedy:
         return _point_mass(logits.argmax(dim=-1), logits.shape[-1])
+    if params.allowed_token_ids is not None:
+        logits = logits.masked_fill(~_allowed_mask(params.allowed_token_ids, logits.shape[-1]).to(logits.device),
+                                    float("-inf"))
     logits = logits / params.temperature
     if params.top_k:
         logits = _keep_top_k(logits, params.top_k)
@@ -78,6 +95,14 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Draw one token per row of probs [N, V] -> [N] (long)."""
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _allowed_mask(allowed: tuple[int, ...], vocab_size: int) -> torch.Tensor:
+    """[V] bool: True at the allowed ids (cached: a sequence samples with the same ids every step)."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[list(allowed)] = True
+    return mask
 
 
 def _point_mass(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from actors.runner import ModelRunner
 # Fleets in tests run their models eagerly: compiling every graph of every replica at each fleet start would
 # take minutes. The compiled step has tests of its own (tests/test_compiled.py) that ask for it explicitly.
 os.environ.setdefault(AUTO_ENV, "eager")
-from tiny_models import build_llama, build_tokenizer
+from tiny_models import FOREIGN_TOKENIZER_TEXT, build_llama, build_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +41,13 @@ def other_vocab_path(tiny_dir) -> Path:
     """A model whose tokenizer and vocabulary differ from the others'."""
     other_tokenizer = build_tokenizer(tiny_dir / "other_tokenizer", vocab_size=300)
     return build_llama(tiny_dir / "other_vocab", other_tokenizer, seed=3)
+
+
+@pytest.fixture(scope="session")
+def foreign_drafter_path(tiny_dir) -> Path:
+    """A multi-exit drafter (exits 1, 2, 4) whose byte-level vocabulary overlaps the target's only in part."""
+    foreign_tokenizer = build_tokenizer(tiny_dir / "foreign_tokenizer", vocab_size=340, texts=FOREIGN_TOKENIZER_TEXT)
+    return build_llama(tiny_dir / "foreign_drafter", foreign_tokenizer, seed=5, exit_layers=[1, 2, 4])
 
 
 @pytest.fixture

@@ -15,7 +15,17 @@ TOKENIZER_TEXT = [
 ]
 
 
-def build_tokenizer(folder: Path, vocab_size: int = 320) -> PreTrainedTokenizerFast:
+# What a tokenizer of another vocabulary learns from: some lines shared with TOKENIZER_TEXT, some not, so that
+# the two vocabularies overlap without either containing the other.
+FOREIGN_TOKENIZER_TEXT = [
+    "def add(a, b):\n    return a + b\n",
+    "while True:\n    total += step\n    if total > limit:\n        break\n",
+    "print('hello, world')\nvalues = [x * x for x in range(100)]\n",
+    "import os\nfrom pathlib import Path\n",
+]
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 320, texts: list[str] = TOKENIZER_TEXT) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on a few lines of Python, saved in HF format."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -26,7 +36,7 @@ def build_tokenizer(folder: Path, vocab_size: int = 320) -> PreTrainedTokenizerF
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(TOKENIZER_TEXT * 20, trainer)
+    tokenizer.train_from_iterator(texts * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
     fast.save_pretrained(folder)
     return fast
