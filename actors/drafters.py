@@ -65,6 +65,9 @@ class Drafter(ABC):
         """Reject an exit this drafter cannot draft from."""
         raise InvalidRequest(f"{type(self).__name__} has no exits to choose from (asked for exit {exit_layer})")
 
+    def check_drafts(self, tree: bool, cascade: bool) -> None:
+        """Reject a sequence that would ask this drafter for token trees or a cascade's confidences it cannot give."""
+
     @abstractmethod
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None: ...
 

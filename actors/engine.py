@@ -152,8 +152,10 @@ class SpeculationEngine:
         plainly) and verify it against a speculative cascade (see `actors.cascades`).
         """
         self._check_prompt(prompt, params)
-        if spec.exit_layer is not None and self.drafter is not None:
-            self.drafter.check_exit(spec.exit_layer)
+        if self.drafter is not None:
+            if spec.exit_layer is not None:
+                self.drafter.check_exit(spec.exit_layer)
+            self.drafter.check_drafts(spec.tree is not None, spec.cascade is not None)
         seq_id = next(self._ids) if seq_id is None else seq_id
         if seq_id in self._live or seq_id in self._waiting:
             raise InvalidRequest(f"sequence {seq_id!r} is already being generated")

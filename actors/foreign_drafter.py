@@ -25,11 +25,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from transformers import PreTrainedTokenizerBase
+
 from actors.drafters import Draft, DraftRequest, Drafter, PendingDrafts
 from actors.errors import IncompatibleModels, InvalidRequest
 from actors.runner import SeqId
 from actors.sampling import SamplingParams
-from actors.vocabulary_bridge import BridgedContext, VocabularyBridge
+from actors.vocabulary_bridge import BridgedContext, Vocabulary, VocabularyBridge
+
+
+CHAINS_ONLY = "a drafter of another vocabulary drafts chains only (no token trees, no cascades)"
 
 
 class RewindableDrafter(Protocol):
@@ -68,6 +73,10 @@ class ForeignVocabularyDrafter(Drafter):
     def check_exit(self, exit_layer: int) -> None:
         self.inner.check_exit(exit_layer)
 
+    def check_drafts(self, tree: bool, cascade: bool) -> None:
+        if tree or cascade:
+            raise InvalidRequest(CHAINS_ONLY)
+
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
         context = BridgedContext(self.bridge)
         _, ids = context.append(prompt)
@@ -82,7 +91,7 @@ class ForeignVocabularyDrafter(Drafter):
     def propose_async(self, requests: Sequence[DraftRequest]) -> "_TranslatedDrafts":
         for request in requests:
             if request.tree is not None or request.confidence:
-                raise InvalidRequest("a drafter of another vocabulary drafts chains only (no token trees, no cascades)")
+                raise InvalidRequest(CHAINS_ONLY)
         sequences = [self._sequence(r.seq_id) for r in requests]
         return _TranslatedDrafts(self, self.inner.propose_async(requests), requests, sequences)
 
@@ -121,3 +130,16 @@ class _TranslatedDrafts:
     def result(self) -> list[Draft]:
         return [self._drafter.translate(draft, request.k, sequence)
                 for draft, request, sequence in zip(self._pending.result(), self._requests, self._sequences)]
+
+
+def pair_drafter(drafter: RewindableDrafter, target_tokenizer: PreTrainedTokenizerBase,
+                 drafter_tokenizer: PreTrainedTokenizerBase, target_vocab_size: int) -> Drafter:
+    """The drafter as its target's engine takes it: itself where both read ids alike, else drafting across
+    the vocabularies (`IncompatibleModels` where no bridge can be built)."""
+    if target_tokenizer.get_vocab() == drafter_tokenizer.get_vocab():
+        return drafter
+    return ForeignVocabularyDrafter(drafter, bridge_of(target_tokenizer, drafter_tokenizer), target_vocab_size)
+
+
+def bridge_of(target_tokenizer: PreTrainedTokenizerBase, drafter_tokenizer: PreTrainedTokenizerBase) -> VocabularyBridge:
+    return VocabularyBridge(Vocabulary(target_tokenizer), Vocabulary(drafter_tokenizer))

@@ -21,6 +21,8 @@ from actors.drafters import Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
 from actors.engine_loop import EngineLoop, StreamPacing
 from actors.errors import CapacityExhausted, DrafterUnavailable, InvalidRequest
+from actors.foreign_drafter import pair_drafter
+from actors.loading import load_tokenizer
 from actors.overlap import OverlappedEngine
 from actors.runner import ModelRunner, RunnerSettings, SeqId
 from actors.sampling import SamplingParams
@@ -80,7 +82,8 @@ class DraftService(FleetMember):
         return self._channel.address
 
     def info(self) -> dict:
-        return {"vocab_size": self.runner.vocab_size, "exit_layers": self.exit_layers, "max_exit": self.max_exit,
+        return {"vocab_size": self.runner.vocab_size, "path": self.runner.name, "exit_layers": self.exit_layers,
+                "max_exit": self.max_exit,
                 "max_context": self.runner.max_context, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), **runner_info(self.runner)}
 
@@ -193,7 +196,7 @@ class RemoteDrafter(Drafter):
         """`owner`: the caller's actor id, recorded with each sequence it starts (see `DraftService.drop_owner`)."""
         self.timeout_s, self.owner = timeout_s, owner
         self.calls = calls or RayCalls(handle)
-        self.vocab_size = info["vocab_size"]
+        self.vocab_size, self.path = info["vocab_size"], info["path"]  # the path of the model whose ids it reads
         self.exit_layers, self.max_exit = info["exit_layers"], info["max_exit"]
         self.default_exit = max(self.exit_layers)
         self._commits: list[tuple[SeqId, list[int], int]] = []
@@ -289,7 +292,7 @@ class TargetActor(FleetMember):
         `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`);
         `tree`: the plan drafts token trees of this shape; `trees`: sequences may draft trees (compiled at start-up)."""
         runner = ModelRunner.serving(path, settings, trees=trees)
-        self.timeout_s, self.direct_drafter = timeout_s, direct_drafter
+        self.timeout_s, self.direct_drafter, self.path, self.vocab_size = timeout_s, direct_drafter, path, runner.vocab_size
         self.drafter_handle = drafter_handle
         drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
@@ -354,7 +357,9 @@ class TargetActor(FleetMember):
         """The `RoundRecord`s of the rounds since the last drain."""
         return self.loop.engine.drain_telemetry()
 
-    def _remote_drafter(self, drafter_handle) -> "RemoteDrafter | None":
+    def _remote_drafter(self, drafter_handle) -> Drafter | None:
+        """The drafter actor as this target's engine takes it: drafting across vocabularies where its ids differ."""
         if drafter_handle is None:
             return None
-        return connect_drafter(drafter_handle, self.timeout_s, self.direct_drafter)
+        remote = connect_drafter(drafter_handle, self.timeout_s, self.direct_drafter)
+        return pair_drafter(remote, load_tokenizer(self.path), load_tokenizer(remote.path), self.vocab_size)

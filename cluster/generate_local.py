@@ -6,7 +6,8 @@ from pathlib import Path
 from actors.drafters import Drafter, ModelDrafter, NgramDrafter
 from actors.errors import InvalidRequest
 from actors.generator import SpeculativeGenerator
-from actors.loading import check_same_vocabulary, load_tokenizer
+from actors.foreign_drafter import pair_drafter
+from actors.loading import load_tokenizer
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from cluster.defaults import default_drafter, default_target
@@ -24,7 +25,7 @@ def run_local(args: argparse.Namespace) -> tuple[str, list[int], str, dict]:
     if not prompt:
         raise InvalidRequest("prompt is empty: give some text to complete")
     target = ModelRunner.from_pretrained(target_path, args.dtype, args.device)
-    drafter, exit_layer, drafter_name = _build_drafter(args, tokenizer)
+    drafter, exit_layer, drafter_name = _build_drafter(args, tokenizer, target.vocab_size)
     generator = SpeculativeGenerator(target, drafter, k=4 if args.k is None else args.k, exit_layer=exit_layer)
     result = generator.generate([prompt], params)[0]
     stats = result.stats
@@ -33,14 +34,15 @@ def run_local(args: argparse.Namespace) -> tuple[str, list[int], str, dict]:
     return tokenizer.decode(result.tokens), result.tokens, result.finish_reason, summary
 
 
-def _build_drafter(args, target_tokenizer) -> tuple[Drafter | None, int | None, str]:
+def _build_drafter(args, target_tokenizer, target_vocab_size: int) -> tuple[Drafter | None, int | None, str]:
+    """The drafter the options name; one of another vocabulary drafts across it (`actors.foreign_drafter`)."""
     if args.no_spec:
         return None, None, "none"
     if args.ngram:
         return NgramDrafter(), None, "ngram"
     path, exit_layer = parse_drafter_spec(args.drafter) if args.drafter else (default_drafter(), None)
-    check_same_vocabulary(target_tokenizer, load_tokenizer(path))
-    drafter = ModelDrafter(ModelRunner.from_pretrained(path, args.dtype, args.device))
+    runner = ModelRunner.from_pretrained(path, args.dtype, args.device)
+    drafter = pair_drafter(ModelDrafter(runner), target_tokenizer, load_tokenizer(path), target_vocab_size)
     return drafter, exit_layer or drafter.default_exit, str(path)
 
 

@@ -16,6 +16,7 @@ from ray.exceptions import RayActorError
 
 from actors.engine_loop import StreamPacing
 from actors.errors import IncompatibleModels
+from actors.foreign_drafter import CHAINS_ONLY, bridge_of
 from actors.loading import check_same_vocabulary, load_tokenizer
 from actors.ray_actors import DrafterActor, TargetActor, actor_id
 from actors.stage_actor import StageActor
@@ -76,16 +77,33 @@ def start_fleet(config: ClusterConfig, adopt: bool = False) -> Fleet:
 
 
 def check_vocabularies(config: ClusterConfig) -> None:
-    """Refuse, before any actor starts, a target whose drafter or middle stages read token ids another way."""
+    """Refuse, before any actor starts, a chain (via middle targets) whose models read token ids another way, or
+    a target whose drafter does and cannot draft across vocabularies (no byte-level bridge, or token trees or a
+    cascade asked of it)."""
     for name, target in config.targets.items():
-        drafting = [config.drafters[target.drafter].path] if target.drafter else []
-        drafting += [config.targets[middle].path for middle in target.via]
-        vocabulary = load_tokenizer(target.path) if drafting else None
-        for path in drafting:
+        if not target.drafter:
+            continue
+        vocabulary = load_tokenizer(target.path)
+        if not target.via:
+            _check_foreign_drafter(config, name, vocabulary, load_tokenizer(config.drafters[target.drafter].path))
+            continue
+        for path in [config.drafters[target.drafter].path] + [config.targets[middle].path for middle in target.via]:
             try:
                 check_same_vocabulary(vocabulary, load_tokenizer(path))
             except IncompatibleModels as err:
                 raise IncompatibleModels(f"target {name!r} and {path}: {err}") from None
+
+
+def _check_foreign_drafter(config: ClusterConfig, name: str, vocabulary, drafter_vocabulary) -> None:
+    if vocabulary.get_vocab() == drafter_vocabulary.get_vocab():
+        return
+    path = config.drafters[config.targets[name].drafter].path
+    try:
+        bridge_of(vocabulary, drafter_vocabulary)
+    except IncompatibleModels as err:
+        raise IncompatibleModels(f"target {name!r} and {path}: {err}") from None
+    if config.uses_trees(name) or config.targets[name].cascade is not None:
+        raise IncompatibleModels(f"target {name!r} and {path}: {CHAINS_ONLY}; configure no tree, tree choices or cascade")
 
 
 def running_actors(config: ClusterConfig) -> dict[tuple[str, str, int], object]:

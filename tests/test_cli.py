@@ -56,12 +56,12 @@ def test_bad_options_fail_with_a_message(capsys, target_path, drafter_path, extr
     assert err.startswith("specfleet: error:") and message in err
 
 
-def test_empty_prompt_unknown_path_and_foreign_vocabulary(capsys, target_path, other_vocab_path, tmp_path):
+def test_empty_prompt_unknown_path_and_a_drafter_of_another_vocabulary(capsys, target_path, other_vocab_path, tmp_path):
     assert run_cli(capsys, "--target", target_path, "--no-spec", "")[2].endswith("prompt is empty: give some text to complete\n")
     assert "is not a directory" in run_cli(capsys, "--target", tmp_path / "missing", "hi")[2]
     assert "no config.json" in run_cli(capsys, "--target", tmp_path, "hi")[2]
-    code, _, err = run_cli(capsys, "--target", target_path, "--drafter", other_vocab_path, "hi")
-    assert code == 2 and "tokenizers differ" in err
+    code, out, _ = run_cli(capsys, "--target", target_path, "--drafter", other_vocab_path, "--max-tokens", "8", "hi")
+    assert code == 0 and out  # a drafter of another vocabulary drafts across it
 
 
 def test_errors_never_show_a_traceback(target_path):

@@ -82,11 +82,18 @@ def test_the_example_config_is_the_default():
             assert mine[name].model_dump(exclude={"path"}) == theirs[name].model_dump(exclude={"path"})
 
 
-def test_a_drafter_with_another_vocabulary_is_refused_before_any_actor_starts(target_path, drafter_path, other_vocab_path):
-    def config(drafter):
+def test_a_drafter_of_another_vocabulary_drafts_chains_across_it_and_is_refused_anything_else(
+        target_path, drafter_path, other_vocab_path):
+    def config(drafter, **target):
+        targets = {"t": {"path": str(target_path), "pool": "cpu", "drafter": "d", **target},
+                   "m": {"path": str(target_path), "pool": "cpu"}}
         return parse_config({"pools": {"cpu": {}}, "drafters": {"d": {"path": str(drafter), "pool": "cpu"}},
-                             "targets": {"t": {"path": str(target_path), "pool": "cpu", "drafter": "d"}}})
+                             "targets": targets})
 
-    check_vocabularies(config(drafter_path))  # the same tokenizer: fine
+    check_vocabularies(config(drafter_path))  # the same tokenizer
+    check_vocabularies(config(other_vocab_path))  # another byte-level vocabulary: bridged
+    for refused in ({"tree": "static-2x2"}, {"cascade": {"rule": "chow", "alpha": 0.5}}):
+        with pytest.raises(IncompatibleModels, match="target 't' and .*other_vocab: .*chains only"):
+            check_vocabularies(config(other_vocab_path, **refused))
     with pytest.raises(IncompatibleModels, match="target 't' and .*other_vocab: drafter and target tokenizers differ"):
-        check_vocabularies(config(other_vocab_path))
+        check_vocabularies(config(other_vocab_path, via=["m"]))  # the stages of a chain share one vocabulary

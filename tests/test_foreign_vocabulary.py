@@ -7,12 +7,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from actors.cascades import CascadeParams
 from actors.drafters import DraftRequest, ModelDrafter
+from actors.engine import SpeculationEngine
 from actors.errors import IncompatibleModels, InvalidRequest
 from actors.foreign_drafter import ForeignVocabularyDrafter
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
+from actors.speculation import SpeculationSpec
 from actors.trees import TreeShape
 from actors.vocabulary_bridge import BridgedContext, Vocabulary, VocabularyBridge
 from cluster.defaults import models_dir
@@ -194,3 +197,11 @@ def test_a_tokenizer_that_is_not_byte_level_cannot_bridge():
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(IncompatibleModels, match="byte-level"):
         Vocabulary(PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]"))
+
+
+def test_a_cascade_or_tree_request_is_refused_at_admission(target, foreign_runner, bridge, prompts):
+    engine = SpeculationEngine(target, foreign(foreign_runner, bridge, target), k=3)
+    for spec in (SpeculationSpec(cascade=CascadeParams(rule="chow", alpha=0.5)), SpeculationSpec(tree=TreeShape(depth=2, width=2))):
+        with pytest.raises(InvalidRequest, match="chains only"):
+            engine.add(prompts[0], GREEDY, spec=spec)
+    assert engine.num_live == 0

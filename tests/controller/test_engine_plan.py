@@ -80,7 +80,8 @@ def test_a_remote_drafter_catches_up_on_commits_buffered_while_off(target, draft
     monkeypatch.setattr("actors.ray_actors.ray.get", lambda value, timeout=None: value)
     monkeypatch.setattr("actors.ray_actors.ray.wait", lambda values, num_returns=1, timeout=None: (list(values), []))
     actor = DrafterActor(str(drafter_path), RunnerSettings())
-    remote = RemoteDrafter(InProcessHandle(actor), {"vocab_size": target.vocab_size, "exit_layers": [1, 2, 4], "max_exit": 4}, 5.0)
+    remote = RemoteDrafter(InProcessHandle(actor), {"vocab_size": target.vocab_size, "path": drafter_path, "exit_layers": [1, 2, 4],
+                                                    "max_exit": 4}, 5.0)
     engine = SpeculationEngine(target, remote, k=3, exit_layer=2)
     assert run_switching_plans(engine, prompts[:4]) == plain[:4]
 
