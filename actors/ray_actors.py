@@ -83,9 +83,8 @@ class DraftService(FleetMember):
 
     def info(self) -> dict:
         return {"vocab_size": self.runner.vocab_size, "path": self.runner.name, "exit_layers": self.exit_layers,
-                "max_exit": self.max_exit,
-                "max_context": self.runner.max_context, "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), **runner_info(self.runner)}
+                "max_exit": self.max_exit, "max_context": self.runner.max_context,
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(self.runner)}
 
     def __init__(self):
         self._owners: dict[SeqId, str] = {}  # sequence -> actor id of the target or stage that started it
