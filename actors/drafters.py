@@ -156,6 +156,8 @@ class _DraftRow:
     length: int  # tokens to draft (k, cut to the context window)
     exit_layer: int
     wants_confidence: bool
+    cutoff: float = 0.0  # a greedy chain stops before the token that takes `reach` below this
+    reach: float = 1.0  # the product of the drafted greedy tokens' probabilities under the drafter
     tokens: list[int] = field(default_factory=list)
     probs: list[torch.Tensor] = field(default_factory=list)  # q rows [V] of sampled tokens (greedy: none)
     confidences: list[torch.Tensor] = field(default_factory=list)  # temperature-1 rows [V], when asked for
@@ -167,6 +169,15 @@ class _DraftRow:
     def stop(self) -> None:
         """End the proposal with the tokens drafted so far."""
         self.length = len(self.tokens)
+
+    def extend_greedy(self, tokens: list[int], probabilities: list[float]) -> None:
+        """Add greedy tokens up to the first that takes the draft's reach below the cut-off (then stop), at most length."""
+        for token, probability in zip(tokens[: self.length - len(self.tokens)], probabilities):
+            if self.reach * probability < self.cutoff:
+                self.stop()
+                return
+            self.reach *= probability
+            self.tokens.append(token)
 
     def draft(self) -> Draft:
         """Greedy drafts travel as point masses (probs None): one-hot rows would only grow the payload."""
@@ -198,8 +209,13 @@ class _ModelDraftJob:
 class ModelDrafter(SteppedDrafter):
     """Drafts with any exit of a (multi-exit) model; rows with different exits share one forward."""
 
-    def __init__(self, runner: ModelRunner):
-        self.runner = runner
+    def __init__(self, runner: ModelRunner, greedy_cutoff: float = 0.0):
+        """`greedy_cutoff`: a greedy chain (not a cascade's) stops before the token at which the product of its
+        tokens' probabilities under the drafter, an estimate of how likely the target accepts the draft that far,
+        falls below it: positions unlikely to be reached cost the target's forward a token each (0: draft all k)."""
+        if not 0.0 <= greedy_cutoff < 1.0:
+            raise InvalidRequest(f"the greedy cut-off must lie in [0, 1), got {greedy_cutoff}")
+        self.runner, self.greedy_cutoff = runner, greedy_cutoff
         self.vocab_size = runner.vocab_size
         self._states: dict[SeqId, _ModelDraftState] = {}
 
@@ -216,9 +232,12 @@ class ModelDrafter(SteppedDrafter):
         self._states[seq_id] = _ModelDraftState(list(prompt), params, make_generator(seed))
 
     def begin(self, requests: Sequence[DraftRequest]) -> _ModelDraftJob:
-        return _ModelDraftJob([self._tree_row(r) if r.tree is not None else
-                               _DraftRow(r.seq_id, self._affordable_k(r), r.exit_layer or self.default_exit, r.confidence)
-                               for r in requests])
+        return _ModelDraftJob([self._tree_row(r) if r.tree is not None else self._chain_row(r) for r in requests])
+
+    def _chain_row(self, request: DraftRequest) -> _DraftRow:
+        cut = not request.confidence and self._state(request.seq_id).params.greedy
+        return _DraftRow(request.seq_id, self._affordable_k(request), request.exit_layer or self.default_exit,
+                         request.confidence, self.greedy_cutoff if cut else 0.0)
 
     def advance(self, jobs: Sequence[_ModelDraftJob]) -> None:
         rows = [row for job in jobs for row in job.rows if row.drafting]
@@ -239,16 +258,19 @@ class ModelDrafter(SteppedDrafter):
         feeds = [self._chain_feed(row) for row in rows]
         steps = self._fused_steps(rows, feeds)
         if steps > 1:
-            drafted = self.runner.draft_greedy([r.seq_id for r in rows], [f[0] for f in feeds],
-                                               [r.exit_layer for r in rows], steps)
-            for row, tokens in zip(rows, drafted):
-                row.tokens.extend(tokens)
+            drafted, probabilities = self.runner.draft_greedy([r.seq_id for r in rows], [f[0] for f in feeds],
+                                                              [r.exit_layer for r in rows], steps)
+            for row, tokens, row_probabilities in zip(rows, drafted, probabilities):
+                row.extend_greedy(tokens, row_probabilities)
             return
         logits = self.runner.forward([r.seq_id for r in rows], feeds, [r.exit_layer for r in rows], last_only=True)
         for row, row_logits in zip(rows, logits):  # row_logits [1, V]
             if isinstance(row, TreeDraftRow):
                 state = self._state(row.seq_id)
                 row.grow(row_logits, state.params, state.generator)
+                continue
+            if row.cutoff:
+                row.extend_greedy([int(row_logits[0].argmax())], [float(torch.softmax(row_logits[0].float(), -1).max())])
                 continue
             row.tokens.append(self._next_token(row.seq_id, row_logits, row.probs))
             if row.wants_confidence:

@@ -187,8 +187,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def draft_greedy(self, seq_ids: Sequence[SeqId], tokens: Sequence[int], exits: Sequence[int],
-                     steps: int) -> list[list[int]]:
+                     steps: int) -> tuple[list[list[int]], list[list[float]]]:
         """`steps` greedy tokens per sequence in one call: row i feeds `tokens[i]`, its one uncached token.
+        Returns the tokens of each row and their probabilities under the drafter.
 
         Each cache must already reach its row's exit (no re-prefill here). Afterwards the
         caches hold what `steps` single-token forwards would leave: the fed token and every
@@ -201,13 +202,13 @@ class ModelRunner:
                 raise InvalidRequest(f"exit {exit_layer} is deeper than a cache of {self.name} reaches: draft a step first")
         starts = [len(c) for c in caches]
         on_device = lambda values: torch.tensor(values).to(self._device)
-        drafted = self._draft(self.store, on_device(tokens)[:, None], on_device(starts)[:, None],
-                              on_device([c.slot for c in caches]), on_device(exits), max(starts) + 1, max(exits),
-                              steps)  # [B, steps]
+        drafted, top = self._draft(self.store, on_device(tokens)[:, None], on_device(starts)[:, None],
+                                   on_device([c.slot for c in caches]), on_device(exits), max(starts) + 1, max(exits),
+                                   steps)  # each [B, steps]
         rows = drafted.tolist()
         for cache, token, exit_layer, row in zip(caches, tokens, exits, rows):
             cache.extend([token] + row[:-1], exit_layer)
-        return rows
+        return rows, top.tolist()
 
     @torch.inference_mode()
     def forward_tree(self, seq_ids: Sequence[SeqId], new_tokens: Sequence[Sequence[int]], region_starts: Sequence[int],

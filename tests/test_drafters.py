@@ -1,8 +1,10 @@
 """ModelDrafter's drafts: greedy rows by argmax, q rows only when sampled, confidences only when asked for."""
 
+import pytest
 import torch
 
-from actors.drafters import DraftRequest, ModelDrafter
+from actors.drafters import DraftRequest, ModelDrafter, _DraftRow
+from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
 from draft_runs import draft_rounds
@@ -58,3 +60,37 @@ def test_fused_greedy_drafts_equal_one_step_at_a_time(drafter_runner, drafter_pa
     fused = draft_rounds(ModelDrafter(drafter_runner), prompts[:4], [1, 2, 4], ks)
     assert fused == draft_rounds(ModelDrafter(stepped), prompts[:4], [1, 2, 4], ks)
     assert set(fused_calls) == {4, 2}
+
+
+def test_a_greedy_chain_stops_before_the_token_that_takes_its_reach_below_the_cutoff():
+    row = _DraftRow("s", length=4, exit_layer=1, wants_confidence=False, cutoff=0.3)
+    row.extend_greedy([7, 8, 9], [0.9, 0.5, 0.9])  # reach 0.9, 0.45, 0.405
+    assert row.tokens == [7, 8, 9] and row.drafting
+    row.extend_greedy([10], [0.5])  # 0.2025 < 0.3
+    assert row.tokens == [7, 8, 9] and not row.drafting
+    uncut = _DraftRow("s", length=2, exit_layer=1, wants_confidence=False)
+    uncut.extend_greedy([1, 2, 3], [0.01, 0.01, 0.01])
+    assert uncut.tokens == [1, 2] and not uncut.drafting  # no cut-off: k tokens, however unlikely
+
+
+@pytest.mark.parametrize("cutoff", [0.2, 0.6])
+def test_a_cut_off_drafts_fewer_tokens_and_speculation_stays_exact(target, drafter_runner, prompts, cutoff):
+    plain = [r.tokens for r in SpeculativeGenerator(target).generate(prompts, GREEDY)]
+    full = SpeculativeGenerator(target, ModelDrafter(drafter_runner), k=4, exit_layer=2).generate(prompts, GREEDY)
+    cut = SpeculativeGenerator(target, ModelDrafter(drafter_runner, greedy_cutoff=cutoff), k=4, exit_layer=2).generate(
+        prompts, GREEDY)
+    assert [r.tokens for r in cut] == [r.tokens for r in full] == plain
+    assert sum(r.stats.drafted for r in cut) < sum(r.stats.drafted for r in full)
+
+
+def test_a_fused_cut_equals_a_stepwise_one(drafter_runner, drafter_path, prompts):
+    """The fused greedy call reports each token's probability; the cut lands where single steps put it."""
+    stepped = ModelRunner.from_pretrained(drafter_path)
+    stepped.fused_draft_steps = ()
+    fused_calls = []
+    draft_greedy = drafter_runner.draft_greedy
+    drafter_runner.draft_greedy = lambda *args: fused_calls.append(args[3]) or draft_greedy(*args)
+    ks = [4, 4, 6, 3, 2, 1, 5, 4]
+    fused = draft_rounds(ModelDrafter(drafter_runner, greedy_cutoff=0.05), prompts[:4], [1, 2, 4], ks)
+    assert fused == draft_rounds(ModelDrafter(stepped, greedy_cutoff=0.05), prompts[:4], [1, 2, 4], ks)
+    assert fused_calls and any(len(draft) < k for (drafts, _), k in zip(fused, ks) for draft in drafts)
