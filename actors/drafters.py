@@ -20,6 +20,7 @@ from actors.sampling import SamplingParams, logits_to_probs, make_generator, sam
 from actors.trees import TreeDraftRow, TreeShape, path_of
 
 DRAFT_SEED_OFFSET = 0x5EED  # the drafter's random stream is seeded apart from the verifier's
+GREEDY_CUTOFF = 0.0  # ModelDrafter's default: whole greedy chains (bench/reports/draft_cutoff.md)
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ class _ModelDraftJob:
 class ModelDrafter(SteppedDrafter):
     """Drafts with any exit of a (multi-exit) model; rows with different exits share one forward."""
 
-    def __init__(self, runner: ModelRunner, greedy_cutoff: float = 0.0):
+    def __init__(self, runner: ModelRunner, greedy_cutoff: float = GREEDY_CUTOFF):
         """`greedy_cutoff`: a greedy chain (not a cascade's) stops before the token at which the product of its
         tokens' probabilities under the drafter, an estimate of how likely the target accepts the draft that far,
         falls below it: positions unlikely to be reached cost the target's forward a token each (0: draft all k)."""

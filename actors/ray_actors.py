@@ -17,7 +17,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.draft_batcher import DraftBatcher
 from actors.draft_channel import ChannelAddress, ChannelClient, ChannelServer
-from actors.drafters import Draft, DraftRequest, Drafter, ModelDrafter
+from actors.drafters import GREEDY_CUTOFF, Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
 from actors.engine_loop import EngineLoop, StreamPacing
 from actors.errors import CapacityExhausted, DrafterUnavailable, InvalidRequest
@@ -122,12 +122,13 @@ class DraftService(FleetMember):
 class DrafterActor(DraftService):
     """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
 
-    def __init__(self, path: str, settings: RunnerSettings, trees: bool = False):
-        """`trees`: some target may ask for token trees (their steps are compiled at start-up too)."""
+    def __init__(self, path: str, settings: RunnerSettings, trees: bool = False, greedy_cutoff: float = GREEDY_CUTOFF):
+        """`trees`: some target may ask for token trees (their steps are compiled at start-up too);
+        `greedy_cutoff`: see `ModelDrafter`."""
         super().__init__()
         self.runner = ModelRunner.serving(path, settings, drafts=True, trees=trees)
         self.exit_layers, self.max_exit = self.runner.exit_layers, self.runner.num_layers
-        self.batcher = DraftBatcher(ModelDrafter(self.runner))
+        self.batcher = DraftBatcher(ModelDrafter(self.runner, greedy_cutoff))
 
 
 def _take(item):

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.cascades import CascadeParams
+from actors.drafters import GREEDY_CUTOFF
 from actors.speculation import MAX_DRAFT_LENGTH
 from actors.errors import SpecfleetError
 from actors.runner import RunnerSettings
@@ -73,6 +74,11 @@ class DrafterConfig(ModelConfig):
     max_sequences: int = Field(
         256, ge=1, le=4096,
         description="KV-store slots of each replica: sequences it drafts for at once, over all its targets.",
+    )
+    greedy_cutoff: float = Field(
+        GREEDY_CUTOFF, ge=0, lt=1,
+        description="A greedy chain stops before the token at which the product of its tokens' probabilities under "
+        "the drafter falls below this (0: whole chains of k; bench/reports/draft_cutoff.md).",
     )
 
 
