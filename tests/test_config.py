@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from actors.errors import IncompatibleModels
+from actors.loading import load_tokenizer
 from cluster.config import InvalidConfig, default_config, load_config, parse_config
 from cluster.defaults import models_dir
 from cluster.placement import actor_options, check_vocabularies
@@ -97,3 +98,11 @@ def test_a_drafter_of_another_vocabulary_drafts_chains_across_it_and_is_refused_
             check_vocabularies(config(other_vocab_path, **refused))
     with pytest.raises(IncompatibleModels, match="target 't' and .*other_vocab: drafter and target tokenizers differ"):
         check_vocabularies(config(other_vocab_path, via=["m"]))  # the stages of a chain share one vocabulary
+
+
+def test_the_foreign_vocabulary_example_pairs_the_zoos_drafter_8k_across_vocabularies():
+    config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "configs" / "foreign_vocabulary.yaml")
+    check_vocabularies(config)  # bridged, not refused
+    xl, drafter = config.targets["target-xl"], config.drafters[config.targets["target-xl"].drafter]
+    assert drafter.path == models_dir() / "drafter-8k" and xl.path == models_dir() / "target-xl"
+    assert len(load_tokenizer(drafter.path)) != len(load_tokenizer(xl.path))
