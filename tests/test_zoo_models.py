@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.drafters import ModelDrafter
+from actors.foreign_drafter import pair_drafter
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
@@ -62,3 +63,21 @@ def test_the_evaluation_shipped_with_the_zoo_ranks_sizes_and_exits():
     assert loss["target-s"] > loss["target-m"] > loss["target-l"] > loss["target-xl"]
     exits = sorted((int(n.rsplit("-", 1)[1]), v) for n, v in loss.items() if n.startswith("drafter-exit-"))
     assert [v for _, v in exits] == sorted((v for _, v in exits), reverse=True) and len(exits) >= 3
+
+
+def test_the_zoos_foreign_vocabulary_drafter_drafts_for_target_xl_losslessly_and_is_accepted():
+    """drafter-8k (its own 8,192-token vocabulary) drafting for target-xl on held-out-like prompts, greedy and sampled."""
+    target_tokenizer, foreign_tokenizer = (AutoTokenizer.from_pretrained(ZOO / n) for n in ("target-xl", "drafter-8k"))
+    assert len(foreign_tokenizer) == 8192 != len(target_tokenizer)
+    prompts = [target_tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    target = ModelRunner.from_pretrained(ZOO / "target-xl")
+    drafter = pair_drafter(ModelDrafter(ModelRunner.from_pretrained(ZOO / "drafter-8k")), target_tokenizer,
+                           foreign_tokenizer, target.vocab_size)
+    expected = [r.tokens for r in SpeculativeGenerator(target).generate(prompts, GREEDY)]
+    for exit_layer in (1, 4):
+        results = SpeculativeGenerator(target, drafter, k=4, exit_layer=exit_layer).generate(prompts, GREEDY)
+        assert [r.tokens for r in results] == expected, f"exit {exit_layer}"
+        assert sum(r.stats.accepted for r in results) / sum(r.stats.drafted for r in results) > 0.3
+    sampled = make_sampling_params(temperature=1.0, seed=0, max_tokens=16, ignore_eos=True)
+    results = SpeculativeGenerator(target, drafter, k=4, exit_layer=4).generate(prompts, sampled)
+    assert sum(r.stats.accepted for r in results) > 0 and all(len(r.tokens) == 16 for r in results)
