@@ -227,13 +227,13 @@ WHAT_WAS_DONE = [
     "- **forwards**: one preallocated KV store per replica (slots written by position, no per-layer gather), a "
     "fused step (q/k/v and gate/up in one matmul each, weights pre-transposed) compiled by inductor at start-up "
     "(`RunnerSettings.compile`), every live sequence of a target in one step.",
-    "- **what is left**: on a CPU a step streams its weights from cache each time, and how much a wider verify "
-    "costs depends on the CPU's BLAS: on an Intel Xeon a 5-token verify of target-l cost about 1.1-1.3x a 1-token "
-    "step, on an AMD EPYC (MKL's few-row GEMMs are slow there) about 2.4-2.9x, 1.7-1.9x with `compile-tuned`. "
-    "A 4-token fused draft of the 2-layer exit costs about half a target step. At this zoo's greedy acceptance "
-    "(about 0.26, MAL near 2) a k = 4 round cannot emit enough tokens to pay for the draft and the wider verify: "
-    "the break-even lines above are that arithmetic. A drafter that agrees more (zoo v2, issue 17: MAL 3.1-3.7 "
-    "at k = 4) and a GPU are what would move it.",
+    "- **what is left**: the round is now almost all model forwards, so the speedup is their arithmetic: "
+    "on a CPU a step streams its weights from cache each time, and a wider verify costs more than on a GPU (on "
+    "an AMD EPYC, target-xl's 5-token verify costs about 1.7x its 1-token step compiled; on an Intel Xeon "
+    "target-l's cost 1.1-1.3x); drafting k tokens with the deepest exit costs most of another target step. The "
+    "zoo's drafter agrees with target-xl 0.73 of the time greedily (exit 4; MAL about 3 at k = 4 on code), "
+    "which covers that cost with little to spare; a cheaper verify (a GPU, or tuned GEMMs: `compile-tuned`) "
+    "and a drafter that agrees more are what would move it.",
     "",
 ]
 
