@@ -11,7 +11,6 @@ whether the output equals the target's own. Writes bench/reports/draft_cutoff.{j
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from actors.engine import SpeculationStats
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
-from bench.machine import describe_machine, load_average
+from bench.machine import measure_and_report
 from bench.prompts import heldout_code_prompts
 from cluster.defaults import models_dir
 
@@ -109,13 +108,7 @@ def main() -> None:
     args.exit_list = [int(e) for e in args.exits.split(",")]
     args.k_list = [int(k) for k in args.ks.split(",")]
     args.cutoff_list = [float(c) for c in args.cutoffs.split(",")]
-    machine = describe_machine()
-    result = measure(args)
-    result["machine"], result["load_average_at_end"] = machine, load_average()
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(render(result))
-    print(render(result))
+    measure_and_report(lambda: measure(args), render, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ output equals the target's own. Writes bench/reports/foreign_vocabulary.{json,md
 """
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from actors.foreign_drafter import pair_drafter
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
-from bench.machine import describe_machine, load_average
+from bench.machine import measure_and_report
 from bench.prompts import heldout_code_prompts
 from cluster.defaults import models_dir
 
@@ -203,13 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     args.exit_layers = [int(e) for e in args.exits.split(",")]
     args.temperature_list = [float(t) for t in args.temperatures.split(",")]
-    machine = describe_machine()
-    result = measure(args)
-    result["machine"], result["load_average_at_end"] = machine, load_average()
-    out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(render(result))
-    print(render(result))
+    measure_and_report(lambda: measure(args), render, Path(args.out))
 
 
 if __name__ == "__main__":

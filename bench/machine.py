@@ -1,8 +1,10 @@
 """A description of the machine a benchmark ran on, for the report."""
 
+import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,3 +61,13 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def measure_and_report(measure: Callable[[], dict], render: Callable[[dict], str], out: Path) -> None:
+    """Run `measure` with the machine described around it; write out.json and out.md (by `render`) and print it."""
+    machine = describe_machine()
+    result = measure()
+    result["machine"], result["load_average_at_end"] = machine, load_average()
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(render(result))
+    print(render(result))

@@ -49,17 +49,20 @@ def test_sampled_drafts_carry_the_rows_they_were_sampled_from(drafter_runner, pr
     assert all(draft.probs[i, token] > 0 for i, token in enumerate(draft.tokens))
 
 
-def test_fused_greedy_drafts_equal_one_step_at_a_time(drafter_runner, drafter_path, prompts):
-    """Fused calls (several steps each) draft and cache exactly what single steps do, for any k and exit."""
+@pytest.mark.parametrize("cutoff", [0.0, 0.05])
+def test_fused_greedy_drafts_equal_one_step_at_a_time(drafter_runner, drafter_path, prompts, cutoff):
+    """Fused calls (several steps each) draft and cache exactly what single steps do, for any k and exit, and
+    cut greedy chains where single steps do (the fused call reports each token's probability)."""
     stepped = ModelRunner.from_pretrained(drafter_path)
     stepped.fused_draft_steps = ()
     fused_calls = []
     draft_greedy = drafter_runner.draft_greedy
     drafter_runner.draft_greedy = lambda *args: fused_calls.append(args[3]) or draft_greedy(*args)
     ks = [4, 4, 6, 3, 2, 1, 5, 4]
-    fused = draft_rounds(ModelDrafter(drafter_runner), prompts[:4], [1, 2, 4], ks)
-    assert fused == draft_rounds(ModelDrafter(stepped), prompts[:4], [1, 2, 4], ks)
-    assert set(fused_calls) == {4, 2}
+    fused = draft_rounds(ModelDrafter(drafter_runner, cutoff), prompts[:4], [1, 2, 4], ks)
+    assert fused == draft_rounds(ModelDrafter(stepped, cutoff), prompts[:4], [1, 2, 4], ks)
+    cut = any(len(draft) < k for (drafts, _), k in zip(fused, ks) for draft in drafts)
+    assert set(fused_calls) == {4, 2} and cut == (cutoff > 0)
 
 
 def test_a_greedy_chain_stops_before_the_token_that_takes_its_reach_below_the_cutoff():
@@ -81,16 +84,3 @@ def test_a_cut_off_drafts_fewer_tokens_and_speculation_stays_exact(target, draft
         prompts, GREEDY)
     assert [r.tokens for r in cut] == [r.tokens for r in full] == plain
     assert sum(r.stats.drafted for r in cut) < sum(r.stats.drafted for r in full)
-
-
-def test_a_fused_cut_equals_a_stepwise_one(drafter_runner, drafter_path, prompts):
-    """The fused greedy call reports each token's probability; the cut lands where single steps put it."""
-    stepped = ModelRunner.from_pretrained(drafter_path)
-    stepped.fused_draft_steps = ()
-    fused_calls = []
-    draft_greedy = drafter_runner.draft_greedy
-    drafter_runner.draft_greedy = lambda *args: fused_calls.append(args[3]) or draft_greedy(*args)
-    ks = [4, 4, 6, 3, 2, 1, 5, 4]
-    fused = draft_rounds(ModelDrafter(drafter_runner, greedy_cutoff=0.05), prompts[:4], [1, 2, 4], ks)
-    assert fused == draft_rounds(ModelDrafter(stepped, greedy_cutoff=0.05), prompts[:4], [1, 2, 4], ks)
-    assert fused_calls and any(len(draft) < k for (drafts, _), k in zip(fused, ks) for draft in drafts)
