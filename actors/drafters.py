@@ -88,11 +88,17 @@ class Drafter(ABC):
         return ReadyDrafts(self.propose(requests))
 
     @abstractmethod
-    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
-        """Append the tokens the verifier emitted this round (accepted + recovered/bonus)."""
+    def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
+        """Append the tokens the verifier emitted this round (accepted + recovered/bonus), after dropping the
+        context's last `rewind` ids (a foreign-vocabulary bridge re-tokenising a word split across rounds)."""
 
     @abstractmethod
     def finish(self, seq_id: SeqId) -> None: ...
+
+
+def check_rewind(rewind: int, context: list[int]) -> None:
+    if not 0 <= rewind <= len(context):
+        raise InvalidRequest(f"cannot rewind {rewind} of a context of {len(context)} tokens")
 
 
 class DraftJob(Protocol):
@@ -325,10 +331,8 @@ class ModelDrafter(SteppedDrafter):
         return int(sample(q, state.generator))
 
     def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
-        """`rewind`: first drop the context's last ids (a foreign-vocabulary bridge re-tokenising a split word)."""
         state = self._state(seq_id)
-        if not 0 <= rewind <= len(state.context):
-            raise InvalidRequest(f"cannot rewind {rewind} of a context of {len(state.context)} tokens")
+        check_rewind(rewind, state.context)
         if state.region is not None and not rewind:  # keep the tree nodes the target accepted, moved into place
             # never the last emitted token, even where a node left out of the draft spells it: the next
             # proposal feeds it, and reads its first draft token off that feed
@@ -385,8 +389,10 @@ class NgramDrafter(Drafter):
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         return [Draft(self._lookup(self._contexts[r.seq_id], r.k), None) for r in requests]
 
-    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
-        self._contexts[seq_id].extend(emitted)
+    def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
+        context = self._contexts[seq_id]
+        check_rewind(rewind, context)
+        context[len(context) - rewind :] = emitted
 
     def finish(self, seq_id: SeqId) -> None:
         self._contexts.pop(seq_id, None)

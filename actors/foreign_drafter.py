@@ -23,7 +23,6 @@ Decoding Algorithms for Heterogeneous Vocabularies"):
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from transformers import PreTrainedTokenizerBase
 
@@ -33,24 +32,7 @@ from actors.runner import SeqId
 from actors.sampling import SamplingParams
 from actors.vocabulary_bridge import BridgedContext, Vocabulary, VocabularyBridge
 
-
 CHAINS_ONLY = "a drafter of another vocabulary drafts chains only (no token trees, no cascades)"
-
-
-class RewindableDrafter(Protocol):
-    """A drafter whose commit can first drop the context's last ids (the bridge re-tokenises a word split across rounds)."""
-
-    default_exit: int | None
-
-    def check_exit(self, exit_layer: int) -> None: ...
-
-    def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None: ...
-
-    def propose_async(self, requests: Sequence[DraftRequest]) -> PendingDrafts: ...
-
-    def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None: ...
-
-    def finish(self, seq_id: SeqId) -> None: ...
 
 
 @dataclass
@@ -62,7 +44,7 @@ class _Sequence:
 class ForeignVocabularyDrafter(Drafter):
     """Drafts for a target of another vocabulary with `inner`, which speaks the drafter's ids."""
 
-    def __init__(self, inner: RewindableDrafter, bridge: VocabularyBridge, target_vocab_size: int):
+    def __init__(self, inner: Drafter, bridge: VocabularyBridge, target_vocab_size: int):
         if bridge.target.size > target_vocab_size:
             raise IncompatibleModels(f"the target's tokenizer has {bridge.target.size} ids, its model {target_vocab_size}")
         self.inner, self.bridge = inner, bridge
@@ -105,7 +87,9 @@ class ForeignVocabularyDrafter(Drafter):
         probs = self.bridge.target_probs(draft.probs)  # [m, V_target]
         return Draft(tokens, probs)
 
-    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
+    def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
+        if rewind:  # only a bridge rewinds, and bridges are not stacked
+            raise InvalidRequest("a foreign-vocabulary drafter takes commits in target ids, without a rewind")
         rewind, ids = self._sequence(seq_id).context.append(emitted)
         self.inner.commit(seq_id, ids, rewind)
 
@@ -132,7 +116,7 @@ class _TranslatedDrafts:
                 for draft, request, sequence in zip(self._pending.result(), self._requests, self._sequences)]
 
 
-def pair_drafter(drafter: RewindableDrafter, target_tokenizer: PreTrainedTokenizerBase,
+def pair_drafter(drafter: Drafter, target_tokenizer: PreTrainedTokenizerBase,
                  drafter_tokenizer: PreTrainedTokenizerBase, target_vocab_size: int) -> Drafter:
     """The drafter as its target's engine takes it: itself where both read ids alike, else drafting across
     the vocabularies (`IncompatibleModels` where no bridge can be built)."""

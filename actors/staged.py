@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.cascades import confidence
-from actors.drafters import Draft, DraftRequest, Drafter, SteppedDrafter
+from actors.drafters import Draft, DraftRequest, Drafter, SteppedDrafter, check_rewind
 from actors.engine import SpeculationStats
 from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
@@ -139,10 +139,11 @@ class StagedDrafter(SteppedDrafter):
         if rows:
             self._inner_round(rows, staging)
 
-    def commit(self, seq_id: SeqId, emitted: list[int]) -> None:
+    def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
         state = self._state(seq_id)
-        committed = len(state.context)
-        state.context.extend(emitted)
+        check_rewind(rewind, state.context)
+        committed = len(state.context) - rewind
+        state.context[committed:] = emitted
         state.staged = []
         self.middle.keep_common_prefix(seq_id, state.context, start=min(committed, self.middle.cached_length(seq_id)))
         self._sync_inner(state)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import RayActorError
+from transformers import PreTrainedTokenizerBase
 
 from actors.engine_loop import StreamPacing
 from actors.errors import IncompatibleModels
@@ -94,7 +95,8 @@ def check_vocabularies(config: ClusterConfig) -> None:
                 raise IncompatibleModels(f"target {name!r} and {path}: {err}") from None
 
 
-def _check_foreign_drafter(config: ClusterConfig, name: str, vocabulary, drafter_vocabulary) -> None:
+def _check_foreign_drafter(config: ClusterConfig, name: str, vocabulary: PreTrainedTokenizerBase,
+                           drafter_vocabulary: PreTrainedTokenizerBase) -> None:
     if vocabulary.get_vocab() == drafter_vocabulary.get_vocab():
         return
     path = config.drafters[config.targets[name].drafter].path

@@ -104,5 +104,5 @@ def test_the_foreign_vocabulary_example_pairs_the_zoos_drafter_8k_across_vocabul
     config = load_config(Path(__file__).resolve().parent.parent / "deploy" / "configs" / "foreign_vocabulary.yaml")
     check_vocabularies(config)  # bridged, not refused
     xl, drafter = config.targets["target-xl"], config.drafters[config.targets["target-xl"].drafter]
-    assert drafter.path == models_dir() / "drafter-8k" and xl.path == models_dir() / "target-xl"
+    assert drafter.path.resolve() == models_dir() / "drafter-8k" and xl.path.resolve() == models_dir() / "target-xl"
     assert len(load_tokenizer(drafter.path)) != len(load_tokenizer(xl.path))

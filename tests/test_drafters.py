@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from actors.drafters import DraftRequest, ModelDrafter, _DraftRow
+from actors.drafters import DraftRequest, ModelDrafter, NgramDrafter, _DraftRow
+from actors.errors import InvalidRequest
 from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner
 from actors.sampling import make_sampling_params
@@ -84,3 +85,20 @@ def test_a_cut_off_drafts_fewer_tokens_and_speculation_stays_exact(target, draft
         prompts, GREEDY)
     assert [r.tokens for r in cut] == [r.tokens for r in full] == plain
     assert sum(r.stats.drafted for r in cut) < sum(r.stats.drafted for r in full)
+
+
+def test_a_rewinding_commit_replaces_the_contexts_tail_and_is_bounded(drafter_runner, drafter_path, prompts):
+    used = ModelDrafter(drafter_runner)
+    used.start("s", prompts[0], GREEDY)
+    used.propose([DraftRequest("s", 4)])
+    used.commit("s", [5, 6, 7])
+    used.commit("s", [8], rewind=2)
+    fresh = ModelDrafter(ModelRunner.from_pretrained(drafter_path))
+    fresh.start("s", prompts[0] + [5, 8], GREEDY)
+    assert used.propose([DraftRequest("s", 4)])[0].tokens == fresh.propose([DraftRequest("s", 4)])[0].tokens
+    with pytest.raises(InvalidRequest, match="cannot rewind"):
+        used.commit("s", [1], rewind=10**6)
+    ngram = NgramDrafter()
+    ngram.start("n", [1, 2, 3, 1, 2], GREEDY)
+    ngram.commit("n", [9], rewind=1)
+    assert ngram.propose([DraftRequest("n", 2)])[0].tokens == []  # context [1, 2, 3, 1, 9]: no earlier 9

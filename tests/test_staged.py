@@ -122,3 +122,18 @@ def test_a_chain_is_declared_with_via():
 def test_bad_chains_are_refused(target_l, message):
     with pytest.raises(InvalidConfig, match=message):
         parse_config(chain_config(**target_l))
+
+
+def test_a_rewinding_commit_leaves_a_staged_drafter_as_a_fresh_one_on_the_same_context(middle_path, drafter_path, prompts):
+    def staged() -> StagedDrafter:
+        return StagedDrafter(ModelRunner.from_pretrained(middle_path), ModelDrafter(ModelRunner.from_pretrained(drafter_path)),
+                             inner_k=2)
+
+    used, prompt = staged(), prompts[0]
+    used.start("s", prompt, GREEDY)
+    used.propose([DraftRequest("s", 4)])
+    used.commit("s", [5, 6, 7])
+    used.commit("s", [8], rewind=2)  # the context is now prompt + [5, 8]
+    fresh = staged()
+    fresh.start("s", prompt + [5, 8], GREEDY)
+    assert used.propose([DraftRequest("s", 4)])[0].tokens == fresh.propose([DraftRequest("s", 4)])[0].tokens
