@@ -62,3 +62,4 @@ def test_a_seeded_sampled_stream_across_vocabularies_matches_the_in_process_one(
     in_process = [r.tokens for r in SpeculativeGenerator(target, drafter, k=3, exit_layer=2)
                   .generate(prompts[:STREAMS], params)]
     assert concurrent_streams(fleet.targets["bridged"][0], "sampled", prompts[:STREAMS], params) == in_process
+
