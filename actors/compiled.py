@@ -8,13 +8,22 @@ step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
   width 1 or more), run on exact shapes (`ShapePolicy(bucketed=False)`):
   on a CPU padding costs arithmetic, and the dynamic graph ran as fast as
   per-shape ones once weights are pre-transposed (see docs/ARCHITECTURE.md).
-- "compile-tuned": "compile" with the weights frozen into the graph and each
-  matmul's kernel picked at start-up by timing inductor's C++ micro-GEMM
-  templates against MKL (`max_autotune`). On an AMD EPYC, where MKL's few-row
-  GEMMs are slow (5 rows of target-l's head cost 2.8x one row), it cut
-  target-l's 1-token step from 0.91 to 0.57 ms and its 5-token verify from
-  2.64 to 0.97 ms; the cost is start-up: a frozen graph bypasses inductor's
-  on-disk cache, so each graph compiles anew at every start (~25 s for target-l).
+- "compile-tuned": for one row (one stream), "compile" with the weights frozen
+  into the graph and each matmul's kernel picked at start-up by timing
+  inductor's C++ micro-GEMM templates against MKL (`max_autotune`); several
+  rows run the "compile" graphs. On an AMD EPYC, where MKL's few-row GEMMs
+  are slow, it cut target-xl's 1-token step from 4.1-4.8 to 2.1-2.4 ms and its
+  5-token verify from 6.8-8.3 to 3.3-3.5 ms. Tuned for several rows the graph
+  lost (16 rows of 5 tokens: 35 against 29 ms with MKL): a dynamic graph's
+  kernels are picked at one size. oneDNN stays off while it compiles: its
+  packed weights cannot be pickled, so inductor's on-disk cache skipped every
+  such graph (~2 min at each start of target-xl), and oneDNN's linear was no
+  faster. Frozen graphs are cached by the shapes of their weights, not their
+  values, yet a cached graph keeps the weights it packed: the cache key
+  carries a fingerprint of the weights (`weights_fingerprint`), or a second
+  checkpoint of the same shapes would run with the first one's weights.
+  The drafter's steps are dispatch-bound, not GEMM-bound: tuning them was
+  slower (exit 4, 4 fused steps: 2.7 against 1.5 ms) and took ~10 min.
 - "compile-static": one graph per shape bucket (`ShapePolicy(bucketed=True)`),
   the shape discipline CUDA graphs need; each bucket compiles at first use.
 - "eager": no compilation (tests, and a device where compiling has not been
@@ -28,6 +37,7 @@ k steps pay a compiled call's fixed cost once or twice instead of k times.
 request waits for a compile.
 """
 
+import hashlib
 import logging
 import os
 import time
@@ -52,8 +62,9 @@ TUNED_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_back
 DYNAMIC_MODES = ("compile", "compile-tuned")  # one graph per (depth, batch 1 or more, width 1 or more), warmed up
 
 
-def compile_step(function: StepFunction, mode: CompileMode) -> StepFunction:
-    """What the runner calls in place of `function`, a method of a `DecoderStep`."""
+def compile_step(function: StepFunction, mode: CompileMode, fingerprint: str = "") -> StepFunction:
+    """What the runner calls in place of `function`, a method of a `DecoderStep`; `fingerprint` names the
+    weights a "compile-tuned" graph freezes (`weights_fingerprint`)."""
     if mode == "eager":
         return function
     import torch._dynamo.config as dynamo_config
@@ -65,27 +76,66 @@ def compile_step(function: StepFunction, mode: CompileMode) -> StepFunction:
     compiled = torch.compile(function, dynamic=(mode in DYNAMIC_MODES), fullgraph=True)
     if mode != "compile-tuned":
         return compiled
+    return TunedStep(compiled, torch.compile(_entry(function), dynamic=True, fullgraph=True), fingerprint)
 
-    def tuned(*args) -> torch.Tensor:
-        """Compiles (at a first call) with the tuned options, leaving other runners of the process as they are.
-        torch.compile's own `options` do not reach the freezing pass, which reads the process-wide config."""
-        with inductor_config.patch(TUNED_OPTIONS):
-            return compiled(*args)
 
-    return tuned
+class TunedStep:
+    """A "compile-tuned" step: one row [1, T] runs the tuned graphs, several rows the "compile" ones (module
+    docstring). Until `settle` (the end of warm-up) the tuned options apply around each call, while its graphs
+    compile; they leave other runners of the process as they are (torch.compile's own `options` do not reach
+    the freezing pass, which reads the process-wide config). After it, calls skip the ~50 us of patching: a
+    graph compiled then (an exit not warmed up) is an untuned one, as fast as "compile"."""
+
+    def __init__(self, several_rows: StepFunction, one_row: StepFunction, fingerprint: str):
+        self._several_rows, self._one_row, self._fingerprint = several_rows, one_row, fingerprint
+        self._settled = False
+
+    def settle(self) -> None:
+        self._settled = True
+
+    def __call__(self, store, ids: torch.Tensor, *rest) -> torch.Tensor:
+        if ids.shape[0] > 1:
+            return self._several_rows(store, ids, *rest)
+        if self._settled:
+            return self._one_row(store, ids, *rest)
+        import torch._inductor.config as inductor_config
+
+        with (inductor_config.patch(TUNED_OPTIONS), torch.compiler.config.patch(cache_key_tag=self._fingerprint),
+              torch.backends.mkldnn.flags(enabled=False)):
+            return self._one_row(store, ids, *rest)
+
+
+def weights_fingerprint(tensors: list[torch.Tensor]) -> str:
+    """A digest of the tensors' values (a frozen graph's cache key): ~50 ms for target-xl's 45 MB."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _entry(function: StepFunction) -> StepFunction:
+    """`function` behind a code object of its own, so that a second torch.compile of it keeps separate graphs."""
+
+    def entry(*args) -> torch.Tensor:
+        return function(*args)
+
+    return entry
 
 
 AUTO_ENV = "SPECFLEET_COMPILE"  # what 'auto' means on this machine when set (the test suite sets "eager")
 
 
-def resolve_mode(mode: str, device: str) -> CompileMode:
-    """'auto': $SPECFLEET_COMPILE when set; else compile on a CPU (measured to pay there: BENCHMARKS.md), eager
-    on any other device until a benchmark there says otherwise."""
+def resolve_mode(mode: str, device: str, drafts: bool = False) -> CompileMode:
+    """'auto': $SPECFLEET_COMPILE when set; else, on a CPU, "compile-tuned" for a model that verifies (GEMM-bound)
+    and "compile" for one that drafts (dispatch-bound), as measured (module docstring, BENCHMARKS.md); eager on any
+    other device until a benchmark there says otherwise."""
     if mode != "auto":
         return mode
     if os.environ.get(AUTO_ENV):
         return os.environ[AUTO_ENV]
-    return "compile" if torch.device(device).type == "cpu" else "eager"
+    if torch.device(device).type != "cpu":
+        return "eager"
+    return "compile" if drafts else "compile-tuned"
 
 
 def shape_policy(mode: CompileMode) -> ShapePolicy:

@@ -17,7 +17,13 @@ cache bit-identical to one that never saw the rejected tokens.
 
 A multi-exit drafter may run a sequence through only its first L layers. The
 cache records that depth: layers at or past it are stale for this sequence.
+
+A freed slot keeps what it held until its next owner overwrites it, and free
+slots are handed out oldest first, so a prompt prefix can be taken from a
+recently freed slot (`actors.prefix_reuse`).
 """
+
+from collections import deque
 
 from dataclasses import dataclass, field
 
@@ -44,7 +50,7 @@ class KVStore:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots, self.positions = num_slots, positions
         self.scratch_slot = num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: lowest slot first
+        self._free = deque(range(num_slots))  # oldest freed first (lowest first at the start)
 
     @property
     def free_slots(self) -> int:
@@ -54,10 +60,20 @@ class KVStore:
         """A free slot for a new sequence, or `CapacityExhausted`."""
         if not self._free:
             raise CapacityExhausted(f"all {self.num_slots} sequence slots are in use: retry when one finishes")
-        return self._free.pop()
+        return self._free.popleft()
 
     def give_back(self, slot: int) -> None:
         self._free.append(slot)
+
+    def exchange(self, taken: int, free: int) -> None:
+        """Hand a taken slot back and take the free slot `free` in its place (adopting what `free` holds)."""
+        self._free.remove(free)
+        self._free.append(taken)
+
+    def copy_prefix(self, source: int, destination: int, length: int, depth: int) -> None:
+        """Copy positions [0, length) of the first `depth` layers' keys/values from one slot to another."""
+        for cache in (*self.keys[:depth], *self.values[:depth]):
+            cache[destination, :length] = cache[source, :length]
 
     def write_and_read(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                        values: torch.Tensor, key_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +104,7 @@ class SequenceCache:
     slot: int
     tokens: list[int] = field(default_factory=list)  # the tokens whose K/V are cached, in order
     depth: int = 0  # layers whose cache covers every token in `tokens`
+    linear: int = 0  # leading tokens written as a chain, each at its own position (not a token tree's region)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -97,6 +114,7 @@ class SequenceCache:
         if not 0 <= length <= len(self.tokens):
             raise ValueError(f"cannot truncate a cache of {len(self.tokens)} tokens to {length}")
         del self.tokens[length:]
+        self.linear = min(self.linear, length)
 
     def keep_common_prefix(self, tokens: list[int], start: int = 0) -> None:
         """Roll back to the longest prefix shared with `tokens`, the sequence's true context.
@@ -120,14 +138,25 @@ class SequenceCache:
         moves = [(region_start + offset, region_start + i) for i, offset in enumerate(path) if offset != i]
         kept = [self.tokens[region_start + offset] for offset in path]
         self.tokens[region_start:] = kept
+        if self.linear >= region_start:  # a path's tokens saw their ancestors at their depths: a chain's keys
+            self.linear = len(self.tokens)
         return moves
 
     def reset(self, depth: int) -> None:
         """Forget everything, e.g. before re-prefilling deeper than the cache reaches."""
         self.tokens.clear()
         self.depth = depth
+        self.linear = 0
 
-    def extend(self, tokens: list[int], depth: int) -> None:
-        """Record that `tokens` were written to layers [0, depth)."""
+    def extend(self, tokens: list[int], depth: int, chain: bool = True) -> None:
+        """Record that `tokens` were written to layers [0, depth), as a chain or (not `chain`) as tree nodes."""
+        if chain and self.linear == len(self.tokens):
+            self.linear += len(tokens)
         self.tokens.extend(tokens)
         self.depth = depth
+
+    def adopt(self, donor: "SequenceCache", length: int) -> None:
+        """(An empty cache) hold the first `length` tokens of `donor`, whose keys/values are now in this cache's slot."""
+        self.tokens = donor.tokens[:length]
+        self.depth = donor.depth
+        self.linear = length

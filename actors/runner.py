@@ -26,12 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from actors.buckets import MAX_WIDTH
-from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_STEPS, CompileMode, CompileSetting, StepFunction, compile_step,
-                              resolve_mode, shape_policy, warm_up)
+from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_STEPS, CompileMode, CompileSetting, StepFunction, TunedStep,
+                              compile_step, resolve_mode, shape_policy, warm_up, weights_fingerprint)
 from actors.errors import InvalidRequest
 from actors.forward import DecoderStep
 from actors.kv_cache import KVStore, SequenceCache
 from actors.loading import load_causal_lm
+from actors.prefix_reuse import MIN_SHARED_PREFIX, RetainedPrefixes, reusable_length
 from actors.trees import depths_of, visibility
 
 SeqId = Hashable
@@ -51,9 +52,10 @@ class RunnerSettings(BaseModel):
     )
     compile: CompileSetting = Field(
         "auto", description="How the model step runs (actors.compiled): 'auto' compiles on a CPU, where the benchmark "
-        "shows it pays, and runs eagerly elsewhere until measured; 'compile-tuned' also freezes the weights and picks "
-        "each matmul's kernel by timing (faster steps on CPUs where MKL's few-row GEMMs are slow, minutes more "
-        "start-up); compiling happens at start-up.",
+        "shows it pays ('compile-tuned' for a model that verifies, 'compile' for a drafter), and runs eagerly "
+        "elsewhere until measured; 'compile-tuned' also freezes the weights and picks each matmul's kernel by timing "
+        "(faster steps on CPUs where MKL's few-row GEMMs are slow; about 2 min more at the first start of a "
+        "checkpoint, seconds from inductor's cache later); compiling happens at start-up.",
     )
 
 
@@ -87,13 +89,15 @@ class ModelRunner:
         self.store = KVStore(self.num_layers, max_sequences, capacity, self.step.num_kv_heads, self.step.head_dim,
                              param.dtype, param.device)
         self.compile_mode = compile_mode
-        self._run: StepFunction = compile_step(self.step.forward, compile_mode)
-        self._draft: StepFunction = compile_step(self.step.draft_greedy, compile_mode)
-        self._run_tree: StepFunction = compile_step(self.step.forward_tree, compile_mode)
+        fingerprint = weights_fingerprint(list(self.step.buffers())) if compile_mode == "compile-tuned" else ""
+        self._run: StepFunction = compile_step(self.step.forward, compile_mode, fingerprint)
+        self._draft: StepFunction = compile_step(self.step.draft_greedy, compile_mode, fingerprint)
+        self._run_tree: StepFunction = compile_step(self.step.forward_tree, compile_mode, fingerprint)
         self.shapes = shape_policy(compile_mode)
         # fused drafts run on exact shapes: padded, every key length would be a graph of its own
         self.fused_draft_steps: tuple[int, ...] = () if self.shapes.bucketed else FUSED_DRAFT_STEPS
         self._caches: dict[SeqId, SequenceCache] = {}
+        self._retained = RetainedPrefixes()  # what freed slots still hold (`actors.prefix_reuse`)
         self.warm_up_s = 0.0  # seconds spent compiling at start-up (`warm_up`)
 
     @classmethod
@@ -107,7 +111,7 @@ class ModelRunner:
         """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns
         (with `drafts`, also those of fused greedy drafting; with `trees`, those of token trees)."""
         runner = cls.from_pretrained(path, settings.dtype, settings.device, settings.max_sequences,
-                                     resolve_mode(settings.compile, settings.device))
+                                     resolve_mode(settings.compile, settings.device, drafts))
         runner.warm_up_s = runner.warm_up(drafts, trees)
         return runner
 
@@ -117,13 +121,16 @@ class ModelRunner:
         """Give a sequence a slot; `CapacityExhausted` when every slot is taken."""
         if seq_id in self._caches:
             raise InvalidRequest(f"sequence {seq_id!r} already exists in {self.name}")
-        self._caches[seq_id] = SequenceCache(self.store.take())
+        slot = self.store.take()
+        self._retained.forget(slot)
+        self._caches[seq_id] = SequenceCache(slot)
 
     def free(self, seq_id: SeqId) -> None:
         """Give a sequence's slot back; freeing an unknown sequence is a no-op."""
         cache = self._caches.pop(seq_id, None)
         if cache is not None:
             self.store.give_back(cache.slot)
+            self._retained.keep(cache)
 
     def has_sequence(self, seq_id: SeqId) -> bool:
         return seq_id in self._caches
@@ -172,6 +179,16 @@ class ModelRunner:
         `MAX_WIDTH` tokens (prompts) run in chunks of that many.
         """
         exits = list(exits) if exits is not None else [self.num_layers] * len(seq_ids)
+        if last_only:
+            new_tokens = [self._reuse_prefix(self._cache(s), list(t), e) for s, t, e in zip(seq_ids, new_tokens, exits)]
+            later = _prefix_followers([self._cache(s) for s in seq_ids], new_tokens, exits)
+            if later:  # they take their prefix from a row of this call once it is cached
+                first = [i for i in range(len(seq_ids)) if i not in later]
+                results = {}
+                for part in (first, later):
+                    pick = lambda values: [values[i] for i in part]
+                    results.update(zip(part, self.forward(pick(seq_ids), pick(new_tokens), pick(exits), True)))
+                return [results[i] for i in range(len(seq_ids))]
         caches = [self._cache(s) for s in seq_ids]
         asked = [len(t) for t in new_tokens]  # a re-prefilled row scores more tokens than asked for
         rows = [self._prepare_row(c, list(t), e) for c, t, e in zip(caches, new_tokens, exits)]
@@ -228,7 +245,7 @@ class ModelRunner:
         logits = self._call_tree(_tree_inputs(new_tokens, region_starts, region_parents), [c.slot for c in caches],
                                  exits, list(region_starts))  # [B, T, V]
         for cache, tokens, exit_layer in zip(caches, new_tokens, exits):
-            cache.extend(list(tokens), exit_layer)
+            cache.extend(list(tokens), exit_layer, chain=False)
         return [logits[i, : len(tokens)] for i, tokens in enumerate(new_tokens)]
 
     def _call_tree(self, inputs: "_TreeInputs", slots: list[int], exits: list[int], starts: list[int]) -> torch.Tensor:
@@ -256,6 +273,25 @@ class ModelRunner:
                                  f"from {start} on a cache of {len(cache)} (and hold at most {MAX_WIDTH} tokens)")
         if any(not -1 <= p < i for i, p in enumerate(parents)):
             raise InvalidRequest("a tree's parents must come before their children")
+
+    def _reuse_prefix(self, cache: SequenceCache, tokens: list[int], exit_layer: int) -> list[int]:
+        """For a fresh sequence, take the longest prompt prefix another cache holds (`actors.prefix_reuse`);
+        returns the tokens still to compute."""
+        if len(cache) or len(tokens) <= MIN_SHARED_PREFIX:
+            return tokens
+        donors = [c for c in self._caches.values() if c is not cache] + self._retained.caches()
+        length, donor = max(((reusable_length(d, tokens, exit_layer), d) for d in donors), default=(0, None),
+                            key=lambda pair: pair[0])
+        if not length:
+            return tokens
+        if donor.slot in self._retained:  # a freed slot: adopt it, nothing copied
+            self.store.exchange(cache.slot, donor.slot)
+            self._retained.forget(donor.slot)
+            cache.slot = donor.slot
+        else:
+            self.store.copy_prefix(donor.slot, cache.slot, length, donor.depth)
+        cache.adopt(donor, length)
+        return tokens[length:]
 
     def _cache(self, seq_id: SeqId) -> SequenceCache:
         try:
@@ -340,8 +376,12 @@ class ModelRunner:
                 self._call_tree(_tree_inputs([[0] * width] * batch, [8] * batch, parents),
                                 [self.store.scratch_slot] * batch, [depth] * batch, [8] * batch)
 
-        return warm_up(scratch_step, sorted(set(self.exit_layers)), scratch_draft if drafts else None,
-                       scratch_tree if trees else None)
+        seconds = warm_up(scratch_step, sorted(set(self.exit_layers)), scratch_draft if drafts else None,
+                          scratch_tree if trees else None)
+        for step in (self._run, self._draft, self._run_tree):
+            if isinstance(step, TunedStep):
+                step.settle()
+        return seconds
 
 
 @dataclass(frozen=True)
@@ -379,6 +419,20 @@ def _tree_inputs(new_tokens: Sequence[Sequence[int]], starts: Sequence[int],
         visible[i, torch.arange(fed, width), torch.arange(entries, padded)] = True
     key_length = max(start + len(p) + width - len(t) for t, start, p in zip(new_tokens, starts, parents))
     return _TreeInputs(ids, positions, writes, region_positions, visible, key_length)
+
+
+def _prefix_followers(caches: list[SequenceCache], rows: list[list[int]], exits: list[int]) -> set[int]:
+    """Fresh rows of one call that share a prefix with an earlier fresh row (a leader, itself no follower)."""
+    leaders: list[SequenceCache] = []  # what each leader's cache will hold once computed
+    followers = set()
+    for index, (cache, tokens, exit_layer) in enumerate(zip(caches, rows, exits)):
+        if len(cache) or len(tokens) <= MIN_SHARED_PREFIX:
+            continue
+        if any(reusable_length(leader, tokens, exit_layer) for leader in leaders):
+            followers.add(index)
+        else:
+            leaders.append(SequenceCache(cache.slot, list(tokens), exit_layer, len(tokens)))
+    return followers
 
 
 def _first_id(token_id) -> int | None:

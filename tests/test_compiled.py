@@ -15,6 +15,7 @@ from actors.generator import SpeculativeGenerator
 from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
 from draft_runs import draft_rounds
+from tiny_models import build_llama
 
 ATOL = 1e-4  # float32 rounding between differently fused kernels
 
@@ -69,6 +70,21 @@ def test_the_tuned_step_equals_the_eager_one_and_leaves_other_compiles_alone(tar
         for got, want in zip(tuned.forward(rows, tokens), reference):
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     assert not inductor_config.freezing and not inductor_config.max_autotune
+    assert torch.backends.mkldnn.enabled  # oneDNN is off only while a tuned graph compiles
+
+
+def test_a_tuned_graph_runs_its_own_weights_not_a_same_shaped_checkpoints(target_path, tiny_dir, tokenizer, prompts):
+    """Inductor caches a frozen graph by its weights' shapes but keeps the weights it packed: two checkpoints of
+    the same shapes, tuned in one process (the second may come from the first's cache entry), each score as
+    their own eager forward."""
+    sibling_path = build_llama(tiny_dir / "target-sibling", tokenizer, seed=11)
+    for path in (target_path, sibling_path):
+        tuned = ModelRunner.from_pretrained(path, compile_mode="compile-tuned")
+        eager = ModelRunner.from_pretrained(path)
+        for runner in (tuned, eager):
+            runner.add_sequence("s")
+        torch.testing.assert_close(tuned.forward(["s"], prompts[:1])[0], eager.forward(["s"], prompts[:1])[0],
+                                   atol=ATOL, rtol=0)
 
 
 def test_compiled_exits_equal_eager_exits(drafter_runner, compiled_drafter, prompts):
@@ -151,3 +167,15 @@ def test_a_full_queue_refuses_with_capacity_exhausted(target_path, prompts):
     with pytest.raises(CapacityExhausted, match="retry later"):
         engine.add(prompts[2], params)
     assert engine.num_live == 2
+
+
+def test_auto_tunes_a_verifying_model_and_compiles_a_drafter_on_a_cpu(monkeypatch):
+    from actors.compiled import AUTO_ENV, resolve_mode
+
+    monkeypatch.delenv(AUTO_ENV, raising=False)
+    assert resolve_mode("auto", "cpu") == "compile-tuned"
+    assert resolve_mode("auto", "cpu", drafts=True) == "compile"
+    assert resolve_mode("auto", "cuda") == "eager"
+    assert resolve_mode("compile-static", "cpu", drafts=True) == "compile-static"
+    monkeypatch.setenv(AUTO_ENV, "eager")
+    assert resolve_mode("auto", "cpu") == "eager"

@@ -115,8 +115,8 @@ def step_ms(runner: ModelRunner, context: list[int], tokens: int, exit_layer: in
 def measure_costs(drafter_path: Path, targets: dict[str, Path], context: list[int], k: int,
                   repeats: int = 50) -> tuple[str, list[StepCost]]:
     """One step of each drafter exit (1 token) and each target (k + 1 tokens), compiled as served ('auto')."""
-    mode = resolve_mode("auto", "cpu")
-    drafter = ModelRunner.from_pretrained(str(drafter_path), max_sequences=1, compile_mode=mode)
+    mode, drafter_mode = resolve_mode("auto", "cpu"), resolve_mode("auto", "cpu", drafts=True)
+    drafter = ModelRunner.from_pretrained(str(drafter_path), max_sequences=1, compile_mode=drafter_mode)
     drafter.warm_up()
     costs = [StepCost(model=f"drafter-exit-{e}", tokens=1, median_ms=step_ms(drafter, context, 1, e, repeats))
              for e in drafter.exit_layers]
@@ -127,7 +127,7 @@ def measure_costs(drafter_path: Path, targets: dict[str, Path], context: list[in
         for width in range(1, k + 2) if name == largest else [k + 1]:
             costs.append(StepCost(model=name, tokens=width, median_ms=step_ms(runner, context, width, runner.num_layers,
                                                                                 repeats)))
-    return mode, costs
+    return f"targets {mode}, drafter {drafter_mode}", costs
 
 
 @torch.inference_mode()
