@@ -17,13 +17,7 @@ cache bit-identical to one that never saw the rejected tokens.
 
 A multi-exit drafter may run a sequence through only its first L layers. The
 cache records that depth: layers at or past it are stale for this sequence.
-
-A freed slot keeps what it held until its next owner overwrites it, and free
-slots are handed out oldest first, so a prompt prefix can be taken from a
-recently freed slot (`actors.prefix_reuse`).
 """
-
-from collections import deque
 
 from dataclasses import dataclass, field
 
@@ -50,7 +44,7 @@ class KVStore:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots, self.positions = num_slots, positions
         self.scratch_slot = num_slots
-        self._free = deque(range(num_slots))  # oldest freed first (lowest first at the start)
+        self._free = list(range(num_slots - 1, -1, -1))  # popped from the end: lowest slot first
 
     @property
     def free_slots(self) -> int:
@@ -60,15 +54,10 @@ class KVStore:
         """A free slot for a new sequence, or `CapacityExhausted`."""
         if not self._free:
             raise CapacityExhausted(f"all {self.num_slots} sequence slots are in use: retry when one finishes")
-        return self._free.popleft()
+        return self._free.pop()
 
     def give_back(self, slot: int) -> None:
         self._free.append(slot)
-
-    def exchange(self, taken: int, free: int) -> None:
-        """Hand a taken slot back and take the free slot `free` in its place (adopting what `free` holds)."""
-        self._free.remove(free)
-        self._free.append(taken)
 
     def copy_prefix(self, source: int, destination: int, length: int, depth: int) -> None:
         """Copy positions [0, length) of the first `depth` layers' keys/values from one slot to another."""
@@ -156,7 +145,7 @@ class SequenceCache:
         self.depth = depth
 
     def adopt(self, donor: "SequenceCache", length: int) -> None:
-        """(An empty cache) hold the first `length` tokens of `donor`, whose keys/values are now in this cache's slot."""
+        """(An empty cache) hold the first `length` tokens of `donor`, whose keys/values were copied to this slot."""
         self.tokens = donor.tokens[:length]
         self.depth = donor.depth
         self.linear = length

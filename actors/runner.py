@@ -32,7 +32,7 @@ from actors.errors import InvalidRequest
 from actors.forward import DecoderStep
 from actors.kv_cache import KVStore, SequenceCache
 from actors.loading import load_causal_lm
-from actors.prefix_reuse import MIN_SHARED_PREFIX, RetainedPrefixes, reusable_length
+from actors.prefix_reuse import MIN_SHARED_PREFIX, reusable_length
 from actors.trees import depths_of, visibility
 
 SeqId = Hashable
@@ -97,7 +97,6 @@ class ModelRunner:
         # fused drafts run on exact shapes: padded, every key length would be a graph of its own
         self.fused_draft_steps: tuple[int, ...] = () if self.shapes.bucketed else FUSED_DRAFT_STEPS
         self._caches: dict[SeqId, SequenceCache] = {}
-        self._retained = RetainedPrefixes()  # what freed slots still hold (`actors.prefix_reuse`)
         self.warm_up_s = 0.0  # seconds spent compiling at start-up (`warm_up`)
 
     @classmethod
@@ -121,16 +120,13 @@ class ModelRunner:
         """Give a sequence a slot; `CapacityExhausted` when every slot is taken."""
         if seq_id in self._caches:
             raise InvalidRequest(f"sequence {seq_id!r} already exists in {self.name}")
-        slot = self.store.take()
-        self._retained.forget(slot)
-        self._caches[seq_id] = SequenceCache(slot)
+        self._caches[seq_id] = SequenceCache(self.store.take())
 
     def free(self, seq_id: SeqId) -> None:
         """Give a sequence's slot back; freeing an unknown sequence is a no-op."""
         cache = self._caches.pop(seq_id, None)
         if cache is not None:
             self.store.give_back(cache.slot)
-            self._retained.keep(cache)
 
     def has_sequence(self, seq_id: SeqId) -> bool:
         return seq_id in self._caches
@@ -180,15 +176,9 @@ class ModelRunner:
         """
         exits = list(exits) if exits is not None else [self.num_layers] * len(seq_ids)
         if last_only:
-            new_tokens = [self._reuse_prefix(self._cache(s), list(t), e) for s, t, e in zip(seq_ids, new_tokens, exits)]
-            later = _prefix_followers([self._cache(s) for s in seq_ids], new_tokens, exits)
-            if later:  # they take their prefix from a row of this call once it is cached
-                first = [i for i in range(len(seq_ids)) if i not in later]
-                results = {}
-                for part in (first, later):
-                    pick = lambda values: [values[i] for i in part]
-                    results.update(zip(part, self.forward(pick(seq_ids), pick(new_tokens), pick(exits), True)))
-                return [results[i] for i in range(len(seq_ids))]
+            new_tokens, later = self._take_prefixes(seq_ids, new_tokens, exits)
+            if later:  # they copy their prefix from a row of this call once it is cached
+                return self._forward_in_two_parts(seq_ids, new_tokens, exits, later)
         caches = [self._cache(s) for s in seq_ids]
         asked = [len(t) for t in new_tokens]  # a re-prefilled row scores more tokens than asked for
         rows = [self._prepare_row(c, list(t), e) for c, t, e in zip(caches, new_tokens, exits)]
@@ -274,24 +264,38 @@ class ModelRunner:
         if any(not -1 <= p < i for i, p in enumerate(parents)):
             raise InvalidRequest("a tree's parents must come before their children")
 
-    def _reuse_prefix(self, cache: SequenceCache, tokens: list[int], exit_layer: int) -> list[int]:
-        """For a fresh sequence, take the longest prompt prefix another cache holds (`actors.prefix_reuse`);
-        returns the tokens still to compute."""
+    def _take_prefixes(self, seq_ids: Sequence[SeqId], new_tokens: Sequence[Sequence[int]],
+                       exits: list[int]) -> tuple[list[list[int]], set[int]]:
+        """Every row checked first; then fresh rows copy the longest prompt prefix a live cache holds
+        (`actors.prefix_reuse`). Returns each row's tokens still to compute, and the rows that should wait
+        for an earlier row of the call to compute a prefix they share."""
+        caches = [self._cache(s) for s in seq_ids]
+        rows = [list(t) for t in new_tokens]
+        for cache, tokens, exit_layer in zip(caches, rows, exits):
+            self._check_row(cache, tokens, exit_layer, written=len(tokens))
+        rows = [self._copy_prefix(c, t, e) for c, t, e in zip(caches, rows, exits)]
+        return rows, _prefix_followers(caches, rows, exits)
+
+    def _copy_prefix(self, cache: SequenceCache, tokens: list[int], exit_layer: int) -> list[int]:
         if len(cache) or len(tokens) <= MIN_SHARED_PREFIX:
             return tokens
-        donors = [c for c in self._caches.values() if c is not cache] + self._retained.caches()
+        donors = [c for c in self._caches.values() if c is not cache]
         length, donor = max(((reusable_length(d, tokens, exit_layer), d) for d in donors), default=(0, None),
                             key=lambda pair: pair[0])
         if not length:
             return tokens
-        if donor.slot in self._retained:  # a freed slot: adopt it, nothing copied
-            self.store.exchange(cache.slot, donor.slot)
-            self._retained.forget(donor.slot)
-            cache.slot = donor.slot
-        else:
-            self.store.copy_prefix(donor.slot, cache.slot, length, donor.depth)
+        self.store.copy_prefix(donor.slot, cache.slot, length, donor.depth)
         cache.adopt(donor, length)
         return tokens[length:]
+
+    def _forward_in_two_parts(self, seq_ids, new_tokens, exits, later: set[int]) -> list[torch.Tensor]:
+        """`forward(last_only=True)` of the rows not in `later`, then of those (which then copy a prefix)."""
+        first = [i for i in range(len(seq_ids)) if i not in later]
+        results = {}
+        for part in (first, sorted(later)):
+            pick = lambda values: [values[i] for i in part]
+            results.update(zip(part, self.forward(pick(seq_ids), pick(new_tokens), pick(exits), last_only=True)))
+        return [results[i] for i in range(len(seq_ids))]
 
     def _cache(self, seq_id: SeqId) -> SequenceCache:
         try:
