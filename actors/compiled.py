@@ -8,10 +8,10 @@ step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
   width 1 or more), run on exact shapes (`ShapePolicy(bucketed=False)`):
   on a CPU padding costs arithmetic, and the dynamic graph ran as fast as
   per-shape ones once weights are pre-transposed (see docs/ARCHITECTURE.md).
-- "compile-tuned": for one row (one stream), "compile" with the weights frozen
+- "compile-tuned": for one row (one stream) of a few tokens, "compile" with the weights frozen
   into the graph and each matmul's kernel picked at start-up by timing
   inductor's C++ micro-GEMM templates against MKL (`max_autotune`); several
-  rows run the "compile" graphs. On an AMD EPYC, where MKL's few-row GEMMs
+  rows, and a prompt's wide chunks, run the "compile" graphs. On an AMD EPYC, where MKL's few-row GEMMs
   are slow, it cut target-xl's 1-token step from 4.1-4.8 to 2.1-2.4 ms and its
   5-token verify from 6.8-8.3 to 3.3-3.5 ms. Tuned for several rows the graph
   lost (16 rows of 5 tokens: 35 against 29 ms with MKL): a dynamic graph's
@@ -59,6 +59,9 @@ MAX_GRAPHS = 64  # dynamo's per-function graph limit (default 8) would silently 
 # (on this project's CPU, cold: ~7-34 s each for the zoo's drafter; warm from inductor's cache: ~1-3 s).
 FUSED_DRAFT_STEPS = (4, 2)
 TUNED_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# The widest one-row step a tuned graph runs (verifying a draft); wider ones (a prompt's chunks) run MKL's graphs:
+# kernels picked for a few rows lost at 64 (a 640-token prompt of target-xl took 500 against 250 ms).
+TUNED_MAX_WIDTH = 16
 DYNAMIC_MODES = ("compile", "compile-tuned")  # one graph per (depth, batch 1 or more, width 1 or more), warmed up
 
 
@@ -80,8 +83,8 @@ def compile_step(function: StepFunction, mode: CompileMode, fingerprint: str = "
 
 
 class TunedStep:
-    """A "compile-tuned" step: one row [1, T] runs the tuned graphs, several rows the "compile" ones (module
-    docstring). Until `settle` (the end of warm-up) the tuned options apply around each call, while its graphs
+    """A "compile-tuned" step: one row of at most `TUNED_MAX_WIDTH` tokens runs the tuned graphs; several rows, or
+    a prompt's chunk, the "compile" ones (module docstring). Until `settle` (the end of warm-up) the tuned options apply around each call, while its graphs
     compile; they leave other runners of the process as they are (torch.compile's own `options` do not reach
     the freezing pass, which reads the process-wide config). After it, calls skip the ~50 us of patching: a
     graph compiled then (an exit not warmed up) is an untuned one, as fast as "compile"."""
@@ -94,7 +97,7 @@ class TunedStep:
         self._settled = True
 
     def __call__(self, store, ids: torch.Tensor, *rest) -> torch.Tensor:
-        if ids.shape[0] > 1:
+        if ids.shape[0] > 1 or ids.shape[1] > TUNED_MAX_WIDTH:
             return self._several_rows(store, ids, *rest)
         if self._settled:
             return self._one_row(store, ids, *rest)
@@ -160,6 +163,8 @@ def warm_up(run: Callable[[int, int, int, int], object], depths: list[int],
         for batch in (1, 2):
             run(batch, 1, 8, depth)  # decoding, drafting: one new token per row
             run(batch, 3, 8, depth)  # verifying a draft, a prompt
+            if batch == 1:
+                run(batch, TUNED_MAX_WIDTH + 1, 8, depth)  # a prompt's chunk: a graph of its own where tuned
             for steps in FUSED_DRAFT_STEPS if draft is not None else ():
                 draft(batch, steps, 8, depth)
             for region in (3, 7) if tree is not None else ():
