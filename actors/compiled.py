@@ -8,11 +8,11 @@ step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
   width 1 or more), run on exact shapes (`ShapePolicy(bucketed=False)`):
   on a CPU padding costs arithmetic, and the dynamic graph ran as fast as
   per-shape ones once weights are pre-transposed (see docs/ARCHITECTURE.md).
-- "compile-tuned": for one row (one stream) of a few tokens, "compile" with the weights frozen
-  into the graph and each matmul's kernel picked at start-up by timing
-  inductor's C++ micro-GEMM templates against MKL (`max_autotune`); several
-  rows, and a prompt's wide chunks, run the "compile" graphs. On an AMD EPYC, where MKL's few-row GEMMs
-  are slow, it cut target-xl's 1-token step from 4.1-4.8 to 2.1-2.4 ms and its
+- "compile-tuned": for one row (one stream) of a few tokens, "compile" with
+  the weights frozen into the graph and each matmul's kernel picked at
+  start-up by timing inductor's C++ micro-GEMM templates against MKL
+  (`max_autotune`); several rows, and a prompt's wide chunks, run the
+  "compile" graphs. On an AMD EPYC, where MKL's few-row GEMMs are slow, it cut target-xl's 1-token step from 4.1-4.8 to 2.1-2.4 ms and its
   5-token verify from 6.8-8.3 to 3.3-3.5 ms. Tuned for several rows the graph
   lost (16 rows of 5 tokens: 35 against 29 ms with MKL): a dynamic graph's
   kernels are picked at one size. oneDNN stays off while it compiles: its
@@ -83,11 +83,13 @@ def compile_step(function: StepFunction, mode: CompileMode, fingerprint: str = "
 
 
 class TunedStep:
-    """A "compile-tuned" step: one row of at most `TUNED_MAX_WIDTH` tokens runs the tuned graphs; several rows, or
-    a prompt's chunk, the "compile" ones (module docstring). Until `settle` (the end of warm-up) the tuned options apply around each call, while its graphs
-    compile; they leave other runners of the process as they are (torch.compile's own `options` do not reach
-    the freezing pass, which reads the process-wide config). After it, calls skip the ~50 us of patching: a
-    graph compiled then (an exit not warmed up) is an untuned one, as fast as "compile"."""
+    """A "compile-tuned" step: one row of at most `TUNED_MAX_WIDTH` tokens runs the tuned graphs; several rows,
+    or a prompt's chunk, the "compile" ones (module docstring).
+
+    Until `settle` (the end of warm-up) the tuned options apply around each call, while its graphs compile;
+    they leave other runners of the process as they are (torch.compile's own `options` do not reach the
+    freezing pass, which reads the process-wide config). After it, calls skip the ~50 us of patching: a graph
+    compiled then (an exit not warmed up) is an untuned one, as fast as "compile"."""
 
     def __init__(self, several_rows: StepFunction, one_row: StepFunction, fingerprint: str):
         self._several_rows, self._one_row, self._fingerprint = several_rows, one_row, fingerprint
