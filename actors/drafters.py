@@ -96,9 +96,13 @@ class Drafter(ABC):
     def finish(self, seq_id: SeqId) -> None: ...
 
 
-def check_rewind(rewind: int, context: list[int]) -> None:
+def commit_to(context: list[int], emitted: list[int], rewind: int) -> int:
+    """Drop the context's last `rewind` ids, then append `emitted`; returns how many ids were kept before them."""
     if not 0 <= rewind <= len(context):
         raise InvalidRequest(f"cannot rewind {rewind} of a context of {len(context)} tokens")
+    kept = len(context) - rewind
+    context[kept:] = emitted
+    return kept
 
 
 class DraftJob(Protocol):
@@ -332,15 +336,12 @@ class ModelDrafter(SteppedDrafter):
 
     def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
         state = self._state(seq_id)
-        check_rewind(rewind, state.context)
+        committed = commit_to(state.context, emitted, rewind)
         if state.region is not None and not rewind:  # keep the tree nodes the target accepted, moved into place
             # never the last emitted token, even where a node left out of the draft spells it: the next
             # proposal feeds it, and reads its first draft token off that feed
             self.runner.keep_path(seq_id, state.region.start, path_of(state.region.tokens, state.region.parents, emitted[:-1]))
         state.region = None
-        committed = len(state.context) - rewind
-        del state.context[committed:]
-        state.context.extend(emitted)
         self.runner.keep_common_prefix(seq_id, state.context, start=min(committed, self.runner.cached_length(seq_id)))
 
     def finish(self, seq_id: SeqId) -> None:
@@ -390,9 +391,7 @@ class NgramDrafter(Drafter):
         return [Draft(self._lookup(self._contexts[r.seq_id], r.k), None) for r in requests]
 
     def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
-        context = self._contexts[seq_id]
-        check_rewind(rewind, context)
-        context[len(context) - rewind :] = emitted
+        commit_to(self._contexts[seq_id], emitted, rewind)
 
     def finish(self, seq_id: SeqId) -> None:
         self._contexts.pop(seq_id, None)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from actors.cascades import confidence
-from actors.drafters import Draft, DraftRequest, Drafter, SteppedDrafter, check_rewind
+from actors.drafters import Draft, DraftRequest, Drafter, SteppedDrafter, commit_to
 from actors.engine import SpeculationStats
 from actors.errors import DrafterUnavailable, IncompatibleModels, InvalidRequest
 from actors.runner import ModelRunner, SeqId
@@ -141,9 +141,7 @@ class StagedDrafter(SteppedDrafter):
 
     def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
         state = self._state(seq_id)
-        check_rewind(rewind, state.context)
-        committed = len(state.context) - rewind
-        state.context[committed:] = emitted
+        committed = commit_to(state.context, emitted, rewind)
         state.staged = []
         self.middle.keep_common_prefix(seq_id, state.context, start=min(committed, self.middle.cached_length(seq_id)))
         self._sync_inner(state)
