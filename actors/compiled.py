@@ -46,7 +46,7 @@ from typing import Literal
 
 import torch
 
-from actors.buckets import ShapePolicy
+from actors.buckets import NARROW_WIDTH, ShapePolicy
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ MAX_GRAPHS = 64  # dynamo's per-function graph limit (default 8) would silently 
 # (on this project's CPU, cold: ~7-34 s each for the zoo's drafter; warm from inductor's cache: ~1-3 s).
 FUSED_DRAFT_STEPS = (4, 2)
 TUNED_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
-# The widest one-row step a tuned graph runs (verifying a draft); wider ones (a prompt's chunks) run MKL's graphs:
-# kernels picked for a few rows lost at 64 (a 640-token prompt of target-xl took 500 against 250 ms).
-TUNED_MAX_WIDTH = 16
 DYNAMIC_MODES = ("compile", "compile-tuned")  # one graph per (depth, batch 1 or more, width 1 or more), warmed up
 
 
@@ -83,8 +80,9 @@ def compile_step(function: StepFunction, mode: CompileMode, fingerprint: str = "
 
 
 class TunedStep:
-    """A "compile-tuned" step: one row of at most `TUNED_MAX_WIDTH` tokens runs the tuned graphs; several rows,
-    or a prompt's chunk, the "compile" ones (module docstring).
+    """A "compile-tuned" step: one row of at most `NARROW_WIDTH` tokens runs the tuned graphs; several rows,
+    or a prompt's chunk, the "compile" ones (module docstring): kernels picked for a few rows lost at 64 tokens
+    (a 640-token prompt of target-xl took 500 against 250 ms).
 
     Until `settle` (the end of warm-up) the tuned options apply around each call, while its graphs compile;
     they leave other runners of the process as they are (torch.compile's own `options` do not reach the
@@ -99,7 +97,7 @@ class TunedStep:
         self._settled = True
 
     def __call__(self, store, ids: torch.Tensor, *rest) -> torch.Tensor:
-        if ids.shape[0] > 1 or ids.shape[1] > TUNED_MAX_WIDTH:
+        if ids.shape[0] > 1 or ids.shape[1] > NARROW_WIDTH:
             return self._several_rows(store, ids, *rest)
         if self._settled:
             return self._one_row(store, ids, *rest)
@@ -156,7 +154,8 @@ def warm_up(run: Callable[[int, int, int, int], object], depths: list[int],
     start, depth)`, given for a drafter, one fused greedy draft of `steps` steps; `tree(batch,
     width, region, depth)`, given where token trees are served, one tree step of `width` new
     tokens ending a region of `region` entries (a whole tree verified, or a drafter's level).
-    Sizes of 1 get graphs of their own (one stream; one new token); other sizes
+    Sizes of 1 get graphs of their own (one stream; one new token), and so do
+    widths past `NARROW_WIDTH` (a prompt's chunks; a tree's widest steps); other sizes
     are chosen pairwise distinct (batch 2, width 3, keys past them) so that the
     compiler does not assume two sizes equal and recompile when they differ.
     """
@@ -164,13 +163,12 @@ def warm_up(run: Callable[[int, int, int, int], object], depths: list[int],
     for depth in depths:
         for batch in (1, 2):
             run(batch, 1, 8, depth)  # decoding, drafting: one new token per row
-            run(batch, 3, 8, depth)  # verifying a draft, a prompt
-            if batch == 1:
-                run(batch, TUNED_MAX_WIDTH + 1, 8, depth)  # a prompt's chunk: a graph of its own where tuned
+            run(batch, 3, 8, depth)  # verifying a draft
+            run(batch, NARROW_WIDTH + 1, 8, depth)  # a prompt's chunk: graphs split at NARROW_WIDTH
             for steps in FUSED_DRAFT_STEPS if draft is not None else ():
                 draft(batch, steps, 8, depth)
-            for region in (3, 7) if tree is not None else ():
-                tree(batch, 3, region, depth)
+            for width, region in ((3, 3), (3, 7), (NARROW_WIDTH + 1, NARROW_WIDTH + 5)) if tree is not None else ():
+                tree(batch, width, region, depth)
     seconds = time.perf_counter() - started
     log.info("compiled the model step for depths %s in %.1f s", depths, seconds)
     return seconds
