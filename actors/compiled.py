@@ -58,6 +58,10 @@ MAX_GRAPHS = 64  # dynamo's per-function graph limit (default 8) would silently 
 # sizes, then single steps. Each size is one more graph per exit and batch kind to compile at start-up
 # (on this project's CPU, cold: ~7-34 s each for the zoo's drafter; warm from inductor's cache: ~1-3 s).
 FUSED_DRAFT_STEPS = (4, 2)
+# Tokens a fused draft's first step feeds: the round's new ones, one or two (after a fully accepted draft,
+# its last token and the bonus), the one case padded by re-feeding the last cached token (same position,
+# same keys): one graph for both, and a full acceptance costs one call, not three.
+FUSED_DRAFT_FEED = 2
 TUNED_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 DYNAMIC_MODES = ("compile", "compile-tuned")  # one graph per (depth, batch 1 or more, width 1 or more), warmed up
 

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from actors.compiled import FUSED_DRAFT_FEED
 from actors.errors import InvalidRequest
 from actors.runner import ModelRunner, SeqId
 from actors.sampling import SamplingParams, logits_to_probs, make_generator, sample
@@ -266,14 +267,14 @@ class ModelDrafter(SteppedDrafter):
 
     def _step_rows(self, rows: list["_DraftRow | TreeDraftRow"]) -> None:
         """One chain step (or several fused greedy ones) for rows that feed a chain: chains, and trees' first levels."""
-        feeds = [self._chain_feed(row) for row in rows]
-        steps = self._fused_steps(rows, feeds)
+        steps = self._fused_steps(rows)
         if steps > 1:
-            drafted, probabilities = self.runner.draft_greedy([r.seq_id for r in rows], [f[0] for f in feeds],
+            drafted, probabilities = self.runner.draft_greedy([r.seq_id for r in rows], [self._fused_feed(r) for r in rows],
                                                               [r.exit_layer for r in rows], steps)
             for row, tokens, row_probabilities in zip(rows, drafted, probabilities):
                 row.extend_greedy(tokens, row_probabilities)
             return
+        feeds = [self._chain_feed(row) for row in rows]
         logits = self.runner.forward([r.seq_id for r in rows], feeds, [r.exit_layer for r in rows], last_only=True)
         for row, row_logits in zip(rows, logits):  # row_logits [1, V]
             if isinstance(row, TreeDraftRow):
@@ -313,17 +314,31 @@ class ModelDrafter(SteppedDrafter):
         return TreeDraftRow(request.seq_id, shape, request.exit_layer or self.default_exit,
                             depth=max(0, min(shape.depth, room // shape.width)))
 
-    def _fused_steps(self, rows: list["_DraftRow | TreeDraftRow"], feeds: list[list[int]]) -> int:
-        """Steps one call drafts for all these rows: several (`runner.draft_greedy`) when every row is a greedy chain,
-        wants no confidence and feeds one token at a depth its cache has (the usual round: the verifier's
-        last token); else one. A row's first step after its prompt, or after a fully accepted draft
-        (two uncached tokens), runs alone, and the rest of its draft fuses."""
-        for row, feed in zip(rows, feeds):
-            if (isinstance(row, TreeDraftRow) or row.wants_confidence or not self._state(row.seq_id).params.greedy or len(feed) != 1
-                    or self.runner.cached_depth(row.seq_id) < row.exit_layer):
-                return 1
+    def _fused_steps(self, rows: list["_DraftRow | TreeDraftRow"]) -> int:
+        """Steps one call drafts for all these rows: several (`runner.draft_greedy`) when every row can fuse
+        (`_fusable`: the usual round, also after a fully accepted draft); else one. A row's first step after
+        its prompt runs alone, and the rest of its draft fuses."""
+        if not all(self._fusable(row) for row in rows):
+            return 1
         remaining = min(row.length - len(row.tokens) for row in rows)
         return next((steps for steps in self.runner.fused_draft_steps if steps <= remaining), 1)
+
+    def _fusable(self, row: "_DraftRow | TreeDraftRow") -> bool:
+        """A greedy chain that wants no confidence, whose cache reaches its exit and lacks at most the last
+        `FUSED_DRAFT_FEED` tokens of its context and draft so far (a fused draft's feed)."""
+        if isinstance(row, TreeDraftRow) or row.wants_confidence:
+            return False
+        state = self._state(row.seq_id)
+        length = len(state.context) + len(row.tokens)
+        return (state.params.greedy and self.runner.cached_depth(row.seq_id) >= row.exit_layer
+                and FUSED_DRAFT_FEED <= length <= self.runner.cached_length(row.seq_id) + FUSED_DRAFT_FEED)
+
+    def _fused_feed(self, row: _DraftRow) -> list[int]:
+        """A fusable row's last `FUSED_DRAFT_FEED` tokens, its cache rolled back to just before them (a token
+        it held already is written again at its position, with the same keys and values)."""
+        context = self._state(row.seq_id).context
+        self.runner.rollback(row.seq_id, len(context) + len(row.tokens) - FUSED_DRAFT_FEED)
+        return (context[-FUSED_DRAFT_FEED:] + row.tokens)[-FUSED_DRAFT_FEED:]
 
     def _next_token(self, seq_id: SeqId, row_logits: torch.Tensor, probs: list[torch.Tensor]) -> int:
         """A greedy row takes the argmax (its q is a point mass, never sent); a sampled row samples q and keeps it."""

@@ -123,17 +123,18 @@ class DecoderStep(nn.Module):
         """`steps` greedy draft tokens per row, each step feeding the last one back: tokens [B, steps], and each
         token's probability under the drafter's softmax [B, steps] (what a confidence cut-off reads).
 
-        ids, positions [B, 1]: each row's one token not yet cached, and its position; `key_length`
-        the keys the first step reads (every row advances one position per step, so step i reads
-        `key_length + i`). Compiled as one graph, the steps pay a compiled call's fixed cost (guards,
-        wrappers, the runner's bookkeeping: about half of a small drafter's step on a CPU) once.
+        ids, positions [B, W]: the tokens each row's first step feeds (`FUSED_DRAFT_FEED` of them), and
+        their positions; `key_length` the keys the first step reads (every row advances one position per
+        step after it, so step i reads `key_length + i`). Compiled as one graph, the steps pay a compiled
+        call's fixed cost (guards, wrappers, the runner's bookkeeping: about half of a small drafter's step
+        on a CPU) once.
         """
         drafted, top = [], []
         for step in range(steps):
-            logits = self.forward(store, ids, positions, slots, exits, key_length + step, depth)  # [B, 1, V]
+            logits = self.forward(store, ids, positions, slots, exits, key_length + step, depth)[:, -1:]  # [B, 1, V]
             ids = logits.argmax(dim=-1)  # [B, 1]
             top.append(torch.softmax(logits, dim=-1).amax(dim=-1))  # [B, 1]
-            positions = positions + 1
+            positions = positions[:, -1:] + 1
             drafted.append(ids)
         return torch.cat(drafted, dim=1), torch.cat(top, dim=1)
 

@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from actors.buckets import MAX_WIDTH
-from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_STEPS, CompileMode, CompileSetting, StepFunction, TunedStep,
-                              compile_step, resolve_mode, shape_policy, warm_up, weights_fingerprint)
+from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_FEED, FUSED_DRAFT_STEPS, CompileMode, CompileSetting,
+                              StepFunction, TunedStep, compile_step, resolve_mode, shape_policy, warm_up,
+                              weights_fingerprint)
 from actors.errors import InvalidRequest
 from actors.forward import DecoderStep
 from actors.kv_cache import KVStore, SequenceCache
@@ -193,28 +194,31 @@ class ModelRunner:
         return [torch.cat(p)[-n:] for p, n in zip(pieces, asked)]
 
     @torch.inference_mode()
-    def draft_greedy(self, seq_ids: Sequence[SeqId], tokens: Sequence[int], exits: Sequence[int],
+    def draft_greedy(self, seq_ids: Sequence[SeqId], feeds: Sequence[Sequence[int]], exits: Sequence[int],
                      steps: int) -> tuple[list[list[int]], list[list[float]]]:
-        """`steps` greedy tokens per sequence in one call: row i feeds `tokens[i]`, its one uncached token.
-        Returns the tokens of each row and their probabilities under the drafter.
+        """`steps` greedy tokens per sequence in one call: row i first feeds `feeds[i]`, its uncached tokens
+        (`FUSED_DRAFT_FEED` of them in every row). Returns the tokens of each row and their probabilities
+        under the drafter.
 
         Each cache must already reach its row's exit (no re-prefill here). Afterwards the
-        caches hold what `steps` single-token forwards would leave: the fed token and every
+        caches hold what single-token forwards would leave: the fed tokens and every
         drafted token but the last.
         """
+        if any(len(feed) != FUSED_DRAFT_FEED for feed in feeds):
+            raise InvalidRequest(f"a fused draft feeds {FUSED_DRAFT_FEED} tokens a row")
         caches = [self._cache(s) for s in seq_ids]
-        for cache, token, exit_layer in zip(caches, tokens, exits):
-            self._check_row(cache, [token], exit_layer, written=steps)  # the fed token and steps - 1 drafts
+        for cache, feed, exit_layer in zip(caches, feeds, exits):
+            self._check_row(cache, list(feed), exit_layer, written=len(feed) - 1 + steps)  # the feed, steps - 1 drafts
             if exit_layer > cache.depth:
                 raise InvalidRequest(f"exit {exit_layer} is deeper than a cache of {self.name} reaches: draft a step first")
         starts = [len(c) for c in caches]
         on_device = lambda values: torch.tensor(values).to(self._device)
-        drafted, top = self._draft(self.store, on_device(tokens)[:, None], on_device(starts)[:, None],
-                                   on_device([c.slot for c in caches]), on_device(exits), max(starts) + 1, max(exits),
-                                   steps)  # each [B, steps]
+        drafted, top = self._draft(self.store, on_device(feeds), _feed_positions(on_device(starts)),
+                                   on_device([c.slot for c in caches]), on_device(exits), max(starts) + FUSED_DRAFT_FEED,
+                                   max(exits), steps)  # each [B, steps]
         rows = drafted.tolist()
-        for cache, token, exit_layer, row in zip(caches, tokens, exits, rows):
-            cache.extend([token] + row[:-1], exit_layer)
+        for cache, feed, exit_layer, row in zip(caches, feeds, exits, rows):
+            cache.extend(list(feed) + row[:-1], exit_layer)
         return rows, top.tolist()
 
     @torch.inference_mode()
@@ -371,8 +375,9 @@ class ModelRunner:
         def scratch_draft(batch: int, steps: int, start: int, depth: int) -> None:
             on_device = lambda value: full(batch, value).to(self._device)
             with torch.inference_mode():
-                self._draft(self.store, on_device(0)[:, None], on_device(start)[:, None],
-                            on_device(self.store.scratch_slot), on_device(depth), start + 1, depth, steps)
+                feeds = torch.zeros(batch, FUSED_DRAFT_FEED, dtype=torch.long).to(self._device)
+                self._draft(self.store, feeds, _feed_positions(on_device(start)), on_device(self.store.scratch_slot),
+                            on_device(depth), start + FUSED_DRAFT_FEED, depth, steps)
 
         def scratch_tree(batch: int, width: int, region: int, depth: int) -> None:
             parents = [list(range(-1, region - 1))] * batch  # any tree will do: the graph depends on sizes only
@@ -386,6 +391,11 @@ class ModelRunner:
             if isinstance(step, TunedStep):
                 step.settle()
         return seconds
+
+
+def _feed_positions(starts: torch.Tensor) -> torch.Tensor:
+    """Positions [B, W] of a fused draft's first feed, from each row's cached length starts [B]."""
+    return starts[:, None] + torch.arange(FUSED_DRAFT_FEED, device=starts.device)
 
 
 @dataclass(frozen=True)
