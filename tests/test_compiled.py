@@ -7,7 +7,7 @@ module and each test reuses the graphs the others compiled.
 import pytest
 import torch
 
-from actors.buckets import ShapePolicy
+from actors.buckets import NARROW_WIDTH, ShapePolicy
 from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
 from actors.errors import CapacityExhausted
@@ -179,3 +179,19 @@ def test_auto_tunes_a_verifying_model_and_compiles_a_drafter_on_a_cpu(monkeypatc
     assert resolve_mode("compile-static", "cpu", drafts=True) == "compile-static"
     monkeypatch.setenv(AUTO_ENV, "eager")
     assert resolve_mode("auto", "cpu") == "eager"
+
+
+def test_a_compiled_tree_step_scores_as_the_eager_one(target, compiled_target, prompts):
+    """Tree steps narrow and wide (attention as reductions up to `NARROW_WIDTH` tokens, SDPA past it) score
+    every node as eager does, two rows at once."""
+    parents = {width: [-1] + [(i - 1) // 2 for i in range(1, width)] for width in (7, NARROW_WIDTH + 3)}  # binary trees
+    for width, region_parents in parents.items():
+        scored = []
+        for runner, prefix in ((target, "te"), (compiled_target, "tc")):
+            ids = fresh_ids(runner, f"{prefix}{width}-", 2)
+            runner.forward(ids, [prompts[0], prompts[4]])
+            starts = [runner.cached_length(seq_id) for seq_id in ids]
+            tokens = [[(11 * i + row) % 50 + 3 for i in range(width)] for row in range(2)]
+            scored.append(runner.forward_tree(ids, tokens, starts, [region_parents] * 2))
+        for eager, compiled in zip(*scored):
+            torch.testing.assert_close(compiled, eager, atol=ATOL, rtol=0)
