@@ -191,7 +191,8 @@ def _attend_by_reductions(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     keys and values are read once from the store, never copied out; SDPA's CPU kernel takes them copied and
     pays a fixed cost per row and head. Measured on a 2-core EPYC (8 layers, 5 heads of 64, 200 cached
     positions, cold caches): 1 row x 1 token 0.85 vs 1.09 ms, 16 rows x 5 tokens 10.6 vs 53.7 ms; at 16
-    tokens a row they are even (1.8 vs 1.6 ms), at 64 SDPA's blocked kernel wins (3.1 vs 5.3 ms).
+    tokens a row they are even (1.8 vs 1.6 ms), at 64 SDPA's blocked kernel wins (3.1 vs 5.3 ms). A whole
+    target-xl step of 64 rows at 700 cached positions: 103 against 490 ms; of one row: within noise.
     """
     batch, heads, width, dim = q.shape
     kv_heads = keys.shape[1]
