@@ -8,11 +8,12 @@ step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
   width 1 or more), run on exact shapes (`ShapePolicy(bucketed=False)`):
   on a CPU padding costs arithmetic, and the dynamic graph ran as fast as
   per-shape ones once weights are pre-transposed (see docs/ARCHITECTURE.md).
-- "compile-tuned": for one row (one stream) of a few tokens, "compile" with
-  the weights frozen into the graph and each matmul's kernel picked at
-  start-up by timing inductor's C++ micro-GEMM templates against MKL
-  (`max_autotune`); several rows, and a prompt's wide chunks, run the
-  "compile" graphs. On an AMD EPYC, where MKL's few-row GEMMs are slow, it cut target-xl's 1-token step from 4.1-4.8 to 2.1-2.4 ms and its
+- "compile-tuned": for one row (one stream) of at most `NARROW_WIDTH` tokens,
+  "compile" with the weights frozen into the graph and each matmul's kernel
+  picked at start-up by timing inductor's C++ micro-GEMM templates against
+  MKL (`max_autotune`); several rows, and a prompt's wide chunks, run the
+  "compile" graphs. On an AMD EPYC, where MKL's few-row GEMMs are slow, it
+  cut target-xl's 1-token step from 4.1-4.8 to 2.1-2.4 ms and its
   5-token verify from 6.8-8.3 to 3.3-3.5 ms. Tuned for several rows the graph
   lost (16 rows of 5 tokens: 35 against 29 ms with MKL): a dynamic graph's
   kernels are picked at one size. oneDNN stays off while it compiles: its
