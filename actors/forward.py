@@ -14,22 +14,27 @@ Phi-3) differ in a few switches fixed at load (`actors.families`).
 Projections are fused at load (q/k/v into one matrix, gate/up into one) and
 pre-transposed ([in, out], which this CPU's matmul reads faster for a few
 rows): two fewer matmuls per layer and per token, the same arithmetic as
-Hugging Face's separate ones up to float rounding.
+Hugging Face's separate ones up to float rounding. With `packed`, a CPU with
+AVX-512 stores each matmul weight that float16 holds exactly packed in float16
+and multiplies by it in float32 (`actors.packed_linear`).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actors import packed_linear
 from actors.families import Architecture, architecture_of, layer_weights, norm_weight
 from actors.buckets import NARROW_WIDTH
 from actors.kv_cache import KVStore
+
+MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down")  # a layer's weights `_linear` multiplies by ([in, out])
 
 
 class DecoderStep(nn.Module):
     """The decoder of a causal LM as a step over KV-store slots (weights shared, not copied twice)."""
 
-    def __init__(self, model: nn.Module, positions: int):
+    def __init__(self, model: nn.Module, positions: int, packed: bool = False):
         super().__init__()
         config = model.config
         self.num_heads = config.num_attention_heads
@@ -39,12 +44,13 @@ class DecoderStep(nn.Module):
         self.scale = attention.scaling
         self.eps = config.rms_norm_eps
         self.embed = nn.Buffer(model.model.embed_tokens.weight)  # [V, H]
-        self.lm_head = nn.Buffer(model.lm_head.weight.t().contiguous())  # [H, V]
+        pack = _packer(packed and packed_linear.available())
+        self.lm_head = nn.Buffer(pack(model.lm_head.weight.t().contiguous()))  # [H, V], or packed
         self.final_norm = nn.Buffer(norm_weight(model.model.norm, config.model_type))  # [H]
         for layer, block in enumerate(model.model.layers):
             weights = layer_weights(block, config.model_type)
             for name, weight in weights.items():
-                self.register_buffer(f"{name}_{layer}", weight)
+                self.register_buffer(f"{name}_{layer}", pack(weight) if name in MATMUL_WEIGHTS else weight)
         self.weight_names = tuple(weights)  # the same in every layer
         cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(positions)[None])  # each [1, P, R]
         self.cos, self.sin = nn.Buffer(cos[0].to(self.embed.dtype)), nn.Buffer(sin[0].to(self.embed.dtype))  # [P, R]
@@ -115,7 +121,7 @@ class DecoderStep(nn.Module):
             mask = masks[arch.windows[layer]]
             hidden = self._layer(layer, store, hidden, writes, slots, cos, sin, mask, key_length)
             chosen = torch.where((exits == layer + 1)[:, None, None], hidden, chosen)  # any layer may be an exit
-        logits = (F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps) @ self.lm_head).float()
+        logits = _linear(F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps), self.lm_head, None).float()
         return _softcap(logits, arch.final_softcap)
 
     def draft_greedy(self, store: KVStore, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -211,8 +217,18 @@ def _masks(positions: torch.Tensor, key_length: int, windows: set[int | None]) -
             for window in windows}
 
 
+def _packer(packs: bool):
+    """What a matmul weight [in, out] is stored as: packed where `packs` and packing is exact, else itself."""
+    if not packs:
+        return lambda weight: weight
+    return lambda weight: packed_linear.pack(weight) if packed_linear.packable(weight) else weight
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [.., in] @ weight [in, out] (+ bias [out])."""
+    """x [.., in] @ weight [in, out], or packed (`packed_linear`) (+ bias [out])."""
+    if packed_linear.is_packed(weight):
+        out = packed_linear.packed_linear(x, weight)
+        return out if bias is None else out + bias
     return x @ weight if bias is None else torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)
 
 

@@ -76,9 +76,18 @@ def build_llama(
         config.exit_layers = exit_layers
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    _round_to_float16(model)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _round_to_float16(model: torch.nn.Module) -> None:
+    """Weights float16 holds exactly, as in the zoo's float16 checkpoints (loaded as float32, they are packed:
+    `actors.packed_linear`)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.half().float())
 
 
 # Each family with the features that set it apart from Llama switched on (small windows so that prompts pass them).
@@ -116,6 +125,7 @@ def build_family(folder: Path, tokenizer: PreTrainedTokenizerFast, family: str, 
         config.exit_layers = exit_layers
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    _round_to_float16(model)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
