@@ -25,6 +25,9 @@ step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
   checkpoint of the same shapes would run with the first one's weights.
   The drafter's steps are dispatch-bound, not GEMM-bound: tuning them was
   slower (exit 4, 4 fused steps: 2.7 against 1.5 ms) and took ~10 min.
+  With packed weights (`actors.packed_linear`) a narrow graph has no matmul
+  left to tune, so 'auto' picks "compile" there; the tuned mode serves
+  checkpoints whose weights float16 cannot hold, and CPUs without AVX-512.
 - "compile-static": one graph per shape bucket (`ShapePolicy(bucketed=True)`),
   the shape discipline CUDA graphs need; each bucket compiles at first use.
 - "eager": no compilation (tests, and a device where compiling has not been
@@ -133,17 +136,19 @@ def _entry(function: StepFunction) -> StepFunction:
 AUTO_ENV = "SPECFLEET_COMPILE"  # what 'auto' means on this machine when set (the test suite sets "eager")
 
 
-def resolve_mode(mode: str, device: str, drafts: bool = False) -> CompileMode:
-    """'auto': $SPECFLEET_COMPILE when set; else, on a CPU, "compile-tuned" for a model that verifies (GEMM-bound)
-    and "compile" for one that drafts (dispatch-bound), as measured (module docstring, BENCHMARKS.md); eager on any
-    other device until a benchmark there says otherwise."""
+def resolve_mode(mode: str, device: str, drafts: bool = False, packed: bool = False) -> CompileMode:
+    """'auto': $SPECFLEET_COMPILE when set; else, on a CPU, "compile" for a model that drafts (dispatch-bound) or
+    whose matmul weights are `packed` (`actors.packed_linear`: a tuned graph has no matmul left to tune, and on the
+    project's EPYC ran no faster: target-xl 1 / 5 / 16 tokens 1.55-1.60 / 2.22-2.23 / 5.4-5.5 ms against
+    1.66-1.74 / 2.32-2.39 / 5.7-6.0), and "compile-tuned" for one that verifies on MKL's matmuls (module
+    docstring, BENCHMARKS.md); eager on any other device until a benchmark there says otherwise."""
     if mode != "auto":
         return mode
     if os.environ.get(AUTO_ENV):
         return os.environ[AUTO_ENV]
     if torch.device(device).type != "cpu":
         return "eager"
-    return "compile" if drafts else "compile-tuned"
+    return "compile" if drafts or packed else "compile-tuned"
 
 
 def shape_policy(mode: CompileMode) -> ShapePolicy:

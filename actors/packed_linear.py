@@ -53,6 +53,13 @@ def packable(weight: torch.Tensor) -> bool:
             and weight.shape[1] % TILE == 0 and torch.equal(weight.half().float(), weight))
 
 
+def holds_exactly(model: torch.nn.Module) -> bool:
+    """Whether float16 holds every float32 matrix of `model` exactly (a checkpoint whose matmuls will all pack)."""
+    matrices = [p for p in model.parameters() if p.dim() == 2]
+    return all(p.dtype == torch.float32 and p.device.type == "cpu" and torch.equal(p.half().float(), p)
+               for p in matrices)
+
+
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """[K, N] float32 -> [N / TILE, K, TILE] float16: each tile of output columns contiguous."""
     k, n = weight.shape

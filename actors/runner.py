@@ -25,6 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from actors import packed_linear
 from actors.buckets import MAX_WIDTH
 from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_FEED, FUSED_DRAFT_STEPS, CompileMode, CompileSetting,
                               StepFunction, TunedStep, compile_step, resolve_mode, shape_policy, warm_up,
@@ -53,7 +54,8 @@ class RunnerSettings(BaseModel):
     )
     compile: CompileSetting = Field(
         "auto", description="How the model step runs (actors.compiled): 'auto' compiles on a CPU, where the benchmark "
-        "shows it pays ('compile-tuned' for a model that verifies, 'compile' for a drafter), and runs eagerly "
+        "shows it pays ('compile' for a drafter and for a model whose matmul weights are packed, 'compile-tuned' for "
+        "one that verifies on MKL's matmuls), and runs eagerly "
         "elsewhere until measured; 'compile-tuned' also freezes the weights and picks each matmul's kernel by timing "
         "(faster steps on CPUs where MKL's few-row GEMMs are slow; about 2 min more at the first start of a "
         "checkpoint, seconds from inductor's cache later); compiling happens at start-up.",
@@ -117,8 +119,10 @@ class ModelRunner:
     def serving(cls, path: str, settings: RunnerSettings, drafts: bool = False, trees: bool = False) -> "ModelRunner":
         """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns
         (with `drafts`, also those of fused greedy drafting; with `trees`, those of token trees)."""
-        runner = cls.from_pretrained(path, settings.dtype, settings.device, settings.max_sequences,
-                                     resolve_mode(settings.compile, settings.device, drafts), settings.packed_weights)
+        model = load_causal_lm(path, settings.dtype, settings.device)
+        packed = settings.packed_weights and packed_linear.available() and packed_linear.holds_exactly(model)
+        runner = cls(model, str(path), settings.max_sequences,
+                     resolve_mode(settings.compile, settings.device, drafts, packed), settings.packed_weights)
         runner.warm_up_s = runner.warm_up(drafts, trees)
         return runner
 

@@ -169,11 +169,12 @@ def test_a_full_queue_refuses_with_capacity_exhausted(target_path, prompts):
     assert engine.num_live == 2
 
 
-def test_auto_tunes_a_verifying_model_and_compiles_a_drafter_on_a_cpu(monkeypatch):
+def test_auto_tunes_a_verifying_model_on_mkl_and_compiles_a_drafter_or_packed_model_on_a_cpu(monkeypatch):
     from actors.compiled import AUTO_ENV, resolve_mode
 
     monkeypatch.delenv(AUTO_ENV, raising=False)
     assert resolve_mode("auto", "cpu") == "compile-tuned"
+    assert resolve_mode("auto", "cpu", packed=True) == "compile"  # nothing left to tune
     assert resolve_mode("auto", "cpu", drafts=True) == "compile"
     assert resolve_mode("auto", "cuda") == "eager"
     assert resolve_mode("compile-static", "cpu", drafts=True) == "compile-static"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from actors import packed_linear
 from actors.compiled import resolve_mode
 from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
@@ -115,7 +116,8 @@ def step_ms(runner: ModelRunner, context: list[int], tokens: int, exit_layer: in
 def measure_costs(drafter_path: Path, targets: dict[str, Path], context: list[int], k: int,
                   repeats: int = 50) -> tuple[str, list[StepCost]]:
     """One step of each drafter exit (1 token) and each target (k + 1 tokens), compiled as served ('auto')."""
-    mode, drafter_mode = resolve_mode("auto", "cpu"), resolve_mode("auto", "cpu", drafts=True)
+    packed = packed_linear.available()  # the zoo's checkpoints are float16: every matmul packs where the kernel runs
+    mode, drafter_mode = resolve_mode("auto", "cpu", packed=packed), resolve_mode("auto", "cpu", drafts=True)
     drafter = ModelRunner.from_pretrained(str(drafter_path), max_sequences=1, compile_mode=drafter_mode)
     drafter.warm_up()
     costs = [StepCost(model=f"drafter-exit-{e}", tokens=1, median_ms=step_ms(drafter, context, 1, e, repeats))
