@@ -226,20 +226,22 @@ WHAT_WAS_DONE = [
     "per target, or turns speculation off, from measured goodput.",
     "- **forwards**: one preallocated KV store per replica (slots written by position), a fused step (q/k/v and "
     "gate/up in one matmul each, weights pre-transposed) compiled by inductor at start-up "
-    "(`RunnerSettings.compile`); a target's one-row steps of a few tokens run graphs with its weights frozen in "
-    "and GEMM kernels timed at start-up (`compile-tuned`: on this AMD EPYC target-xl's 1-token step 2.0 ms "
-    "against 4.1 with MKL's, its 5-token verify 3.2 against 6.8); every live sequence of a target in one step; "
+    "(`RunnerSettings.compile`); on a CPU with AVX-512 every matmul weight that float16 holds exactly is stored "
+    "packed in float16 and multiplied in float32 by the project's own kernel (`actors/packed_linear.py`: half "
+    "the bytes, each weight tile read once for up to 8 rows; on this AMD EPYC target-xl's 1-token step 1.4-1.5 "
+    "ms against 2.1-2.2 with the tuned MKL/inductor kernels, its 5-token verify 2.2-2.3 against 5.2-5.4, the "
+    "drafter's fused 4-step draft after a verify 1.2 against 2.9); every live sequence of a target in one step; "
     "a fresh sequence copies a prompt prefix a live one holds instead of computing it; a narrow step's attention "
     "(decoding, verifying) compiles to reductions that read keys and values from the store in place (target-xl, 64 "
     "rows at 700 cached tokens: 103 ms a step against 490 with SDPA).",
-    "- **what is left**: the round is almost all model forwards. With target-xl's step near 2 ms, drafting "
-    "(a few compiled calls of the drafter) costs about as much as a target step, a 5-token verify about 1.6x "
-    "one, and through the cluster the drafter's call adds ~0.6 ms more; the zoo's drafter agrees with "
-    "target-xl 0.73 of the time greedily (exit 4: MAL about 3 at k = 4 on code), which covers that with little "
-    "to spare. On this CPU both models stream their weights from memory each step (target-xl's 45 MB take about "
-    "1.5 ms of its 2-3 ms step; the drafter's fused 4-step call takes 1.1 ms with its weights in cache and 2.6 "
-    "ms after a target forward evicted them). A drafter that agrees more, and fewer bytes a round (a drafter "
-    "that stays in cache, narrower weights where they are exact), are what would move it.",
+    "- **what is left**: the round is almost all model forwards. With target-xl's step near 1.5 ms, the "
+    "drafter's fused call costs about 0.85 of a target step and a 5-token verify about 1.3x one, and through the "
+    "cluster the drafter's call adds ~0.4 ms (loopback channel) to ~1.8 ms (Ray calls); the zoo's drafter "
+    "agrees with target-xl 0.73 of the time greedily (exit 4: MAL about 3 at k = 4), so a round predicts about "
+    "1.2x at one stream. At 16 streams a verify of 16 x 5 rows is compute-bound (the kernel runs 8 rows at the "
+    "core's float32 FMA rate), so speculation loses there. A drafter that agrees more or costs less per step "
+    "(its 4096-token head is a third of its weights), and a cheaper cluster hop now that forwards are short, "
+    "are what would move it.",
     "",
 ]
 
