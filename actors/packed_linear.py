@@ -49,15 +49,17 @@ def _packed_linear_shape(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 def packable(weight: torch.Tensor) -> bool:
     """Whether a [K, N] weight can be packed without changing a value: float32 on a CPU, N a multiple of the
     tile, every entry held exactly by float16."""
-    return (weight.dim() == 2 and weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and weight.shape[1] % TILE == 0 and torch.equal(weight.half().float(), weight))
+    return weight.dim() == 2 and weight.shape[1] % TILE == 0 and _float16_holds(weight)
 
 
 def holds_exactly(model: torch.nn.Module) -> bool:
     """Whether float16 holds every float32 matrix of `model` exactly (a checkpoint whose matmuls will all pack)."""
-    matrices = [p for p in model.parameters() if p.dim() == 2]
-    return all(p.dtype == torch.float32 and p.device.type == "cpu" and torch.equal(p.half().float(), p)
-               for p in matrices)
+    return all(_float16_holds(p) for p in model.parameters() if p.dim() == 2)
+
+
+def _float16_holds(tensor: torch.Tensor) -> bool:
+    """A float32 CPU tensor every entry of which float16 holds exactly (what packing may store)."""
+    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and torch.equal(tensor.half().float(), tensor)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:

@@ -57,3 +57,13 @@ def test_a_packed_runner_scores_as_an_unpacked_one(target_path):
         runner.add_sequence("s")
     scores = [runner.forward(["s"], [prompt])[0] for runner in (packed, plain)]
     assert torch.allclose(scores[0], scores[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_of_float16_values_holds_exactly_and_a_perturbed_one_does_not(target_path):
+    from actors.loading import load_causal_lm
+
+    model = load_causal_lm(str(target_path))
+    assert packed_linear.holds_exactly(model)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-4)  # float32 values between float16's
+    assert not packed_linear.holds_exactly(model)
