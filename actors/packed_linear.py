@@ -54,10 +54,16 @@ def _load_kernel() -> None:
     if os.path.exists(library):
         torch.ops.load_library(library)
         return
+    import ninja  # a dependency: torch's build runs `ninja` from PATH, which a venv not activated lacks
     from torch.utils.cpp_extension import load
 
     os.makedirs(directory, exist_ok=True)
-    load(name, [SOURCE], extra_cflags=BUILD_FLAGS, build_directory=directory, is_python_module=False)
+    path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    try:
+        load(name, [SOURCE], extra_cflags=BUILD_FLAGS, build_directory=directory, is_python_module=False)
+    finally:
+        os.environ["PATH"] = path
 
 
 def _build_key() -> str:
