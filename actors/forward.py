@@ -52,6 +52,9 @@ class DecoderStep(nn.Module):
             for name, weight in weights.items():
                 self.register_buffer(f"{name}_{layer}", pack(weight) if name in MATMUL_WEIGHTS else weight)
         self.weight_names = tuple(weights)  # the same in every layer
+        self.packs_every_matmul: bool = all(
+            packed_linear.is_packed(weight) for name, weight in self.named_buffers()
+            if name == "lm_head" or name.rsplit("_", 1)[0] in MATMUL_WEIGHTS)
         cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(positions)[None])  # each [1, P, R]
         self.cos, self.sin = nn.Buffer(cos[0].to(self.embed.dtype)), nn.Buffer(sin[0].to(self.embed.dtype))  # [P, R]
         self.arch: Architecture = architecture_of(model, rotary_dim=cos.shape[-1])

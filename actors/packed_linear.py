@@ -90,11 +90,6 @@ def packable(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.shape[1] % TILE == 0 and _float16_holds(weight)
 
 
-def holds_exactly(model: torch.nn.Module) -> bool:
-    """Whether float16 holds every float32 matrix of `model` exactly (a checkpoint whose matmuls will all pack)."""
-    return all(_float16_holds(p) for p in model.parameters() if p.dim() == 2)
-
-
 def _float16_holds(tensor: torch.Tensor) -> bool:
     """A float32 CPU tensor every entry of which float16 holds exactly (what packing may store)."""
     return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and torch.equal(tensor.half().float(), tensor)

@@ -25,9 +25,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from actors import packed_linear
 from actors.buckets import MAX_WIDTH
-from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_FEED, FUSED_DRAFT_STEPS, CompileMode, CompileSetting,
+from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_FEED, FUSED_DRAFT_STEPS, CompileSetting,
                               StepFunction, TunedStep, compile_step, resolve_mode, shape_policy, warm_up,
                               weights_fingerprint)
 from actors.errors import InvalidRequest
@@ -82,7 +81,9 @@ class ModelRunner:
     """Runs one model for many sequences, each in a slot of the replica's KV store."""
 
     def __init__(self, model: nn.Module, name: str = "model", max_sequences: int = DEFAULT_MAX_SEQUENCES,
-                 compile_mode: CompileMode = "eager", packed_weights: bool = True):
+                 compile_mode: CompileSetting = "eager", packed_weights: bool = True, drafts: bool = False):
+        """`compile_mode` 'auto' resolves for this model on its device (`resolve_mode`): whether it `drafts`, and
+        whether every matmul weight packed."""
         model.eval().requires_grad_(False)
         self.name = name
         config = model.config
@@ -97,7 +98,8 @@ class ModelRunner:
         self.exit_layers: list[int] = list(getattr(config, "exit_layers", None) or [self.num_layers])
         self.store = KVStore(self.num_layers, max_sequences, capacity, self.step.num_kv_heads, self.step.head_dim,
                              param.dtype, param.device)
-        self.compile_mode = compile_mode
+        self.compile_mode = compile_mode = resolve_mode(compile_mode, self._device.type, drafts,
+                                                        self.step.packs_every_matmul)
         fingerprint = weights_fingerprint(list(self.step.buffers())) if compile_mode == "compile-tuned" else ""
         self._run: StepFunction = compile_step(self.step.forward, compile_mode, fingerprint)
         self._draft: StepFunction = compile_step(self.step.draft_greedy, compile_mode, fingerprint)
@@ -110,19 +112,18 @@ class ModelRunner:
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
-                        max_sequences: int = DEFAULT_MAX_SEQUENCES, compile_mode: CompileMode = "eager",
-                        packed_weights: bool = True) -> "ModelRunner":
+                        max_sequences: int = DEFAULT_MAX_SEQUENCES, compile_mode: CompileSetting = "eager",
+                        packed_weights: bool = True, drafts: bool = False) -> "ModelRunner":
         """Load a local Hugging Face checkpoint (config.json + safetensors)."""
-        return cls(load_causal_lm(path, dtype, device), str(path), max_sequences, compile_mode, packed_weights)
+        return cls(load_causal_lm(path, dtype, device), str(path), max_sequences, compile_mode, packed_weights,
+                   drafts)
 
     @classmethod
     def serving(cls, path: str, settings: RunnerSettings, drafts: bool = False, trees: bool = False) -> "ModelRunner":
         """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns
         (with `drafts`, also those of fused greedy drafting; with `trees`, those of token trees)."""
-        model = load_causal_lm(path, settings.dtype, settings.device)
-        packed = settings.packed_weights and packed_linear.available() and packed_linear.holds_exactly(model)
-        runner = cls(model, str(path), settings.max_sequences,
-                     resolve_mode(settings.compile, settings.device, drafts, packed), settings.packed_weights)
+        runner = cls.from_pretrained(path, settings.dtype, settings.device, settings.max_sequences, settings.compile,
+                                     settings.packed_weights, drafts)
         runner.warm_up_s = runner.warm_up(drafts, trees)
         return runner
 

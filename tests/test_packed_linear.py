@@ -59,11 +59,14 @@ def test_a_packed_runner_scores_as_an_unpacked_one(target_path):
     assert torch.allclose(scores[0], scores[1], rtol=1e-4, atol=1e-4)
 
 
-def test_a_checkpoint_of_float16_values_holds_exactly_and_a_perturbed_one_does_not(target_path):
+@needs_kernel
+def test_a_checkpoint_of_float16_values_packs_every_matmul_and_a_perturbed_one_does_not(target_path):
+    from actors.forward import DecoderStep
     from actors.loading import load_causal_lm
 
     model = load_causal_lm(str(target_path))
-    assert packed_linear.holds_exactly(model)
+    assert DecoderStep(model, 64, packed=True).packs_every_matmul
+    assert not DecoderStep(model, 64, packed=False).packs_every_matmul
     with torch.no_grad():
         model.lm_head.weight.add_(1e-4)  # float32 values between float16's
-    assert not packed_linear.holds_exactly(model)
+    assert not DecoderStep(model, 64, packed=True).packs_every_matmul

@@ -13,8 +13,6 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
-from actors import packed_linear
-from actors.compiled import resolve_mode
 from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
 from actors.runner import ModelRunner
@@ -116,20 +114,19 @@ def step_ms(runner: ModelRunner, context: list[int], tokens: int, exit_layer: in
 def measure_costs(drafter_path: Path, targets: dict[str, Path], context: list[int], k: int,
                   repeats: int = 50) -> tuple[str, list[StepCost]]:
     """One step of each drafter exit (1 token) and each target (k + 1 tokens), compiled as served ('auto')."""
-    packed = packed_linear.available()  # the zoo's checkpoints are float16: every matmul packs where the kernel runs
-    mode, drafter_mode = resolve_mode("auto", "cpu", packed=packed), resolve_mode("auto", "cpu", drafts=True)
-    drafter = ModelRunner.from_pretrained(str(drafter_path), max_sequences=1, compile_mode=drafter_mode)
+    drafter = ModelRunner.from_pretrained(str(drafter_path), max_sequences=1, compile_mode="auto", drafts=True)
     drafter.warm_up()
     costs = [StepCost(model=f"drafter-exit-{e}", tokens=1, median_ms=step_ms(drafter, context, 1, e, repeats))
              for e in drafter.exit_layers]
-    largest = list(targets)[-1]
+    largest, target_modes = list(targets)[-1], set()
     for name, path in targets.items():
-        runner = ModelRunner.from_pretrained(str(path), max_sequences=1, compile_mode=mode)
+        runner = ModelRunner.from_pretrained(str(path), max_sequences=1, compile_mode="auto")
         runner.warm_up()
+        target_modes.add(runner.compile_mode)
         for width in range(1, k + 2) if name == largest else [k + 1]:
             costs.append(StepCost(model=name, tokens=width, median_ms=step_ms(runner, context, width, runner.num_layers,
                                                                                 repeats)))
-    return f"targets {mode}, drafter {drafter_mode}", costs
+    return f"targets {', '.join(sorted(target_modes))}, drafter {drafter.compile_mode}", costs
 
 
 @torch.inference_mode()

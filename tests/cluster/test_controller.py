@@ -67,6 +67,17 @@ def request(prompt: list[int]) -> pb.GenerateRequest:
                               temperature=0.0, ignore_eos=True)
 
 
+def wait_until_dead(handle, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed actor still answers")
+
+
 def stream_tokens(stub, prompt, on_first=None) -> list[int]:
     tokens = []
     for message in stub.GenerateStream(request(prompt), timeout=300):
@@ -188,7 +199,9 @@ def test_new_requests_while_the_drafter_is_dead_decode_plainly_and_exactly(contr
     """Admitted before the controller notices the death: plain decoding, exact, no error reaches the client."""
     ray.get(controller.pin_plan.remote("small", 3, 2))
     _, fleet = ray.get(controller.snapshot.remote())
-    ray.kill(fleet.drafters["sorted"][0])
+    killed = fleet.drafters["sorted"][0]
+    ray.kill(killed)
+    wait_until_dead(killed)  # ray.kill returns before the process dies: a request admitted meanwhile would draft
     with ThreadPoolExecutor(2) as pool:
         responses = list(pool.map(lambda p: stub.Generate(request(p), timeout=300), prompts[:2]))
     assert [list(r.token_ids) for r in responses] == expected[:2]
