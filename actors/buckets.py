@@ -21,7 +21,7 @@ from dataclasses import dataclass
 MAX_WIDTH = 64  # new tokens per row per step; longer inputs (prompts) run in chunks of this many
 KEY_BLOCK = 64  # bucketed key lengths are multiples of this
 # The widest "narrow" step a row: decoding, verifying a draft or a small tree. Compiled graphs split here
-# (a narrow step's attention runs as reductions, a tuned runner's one-row narrow steps run tuned graphs;
+# (a narrow step's attention runs in the CPU kernel or as reductions, a tuned runner's one-row narrow steps run tuned graphs;
 # wider ones, a prompt's chunks, run SDPA and MKL), so warm-up compiles a step on each side of it.
 NARROW_WIDTH = 16
 

@@ -14,16 +14,18 @@ Phi-3) differ in a few switches fixed at load (`actors.families`).
 Projections are fused at load (q/k/v into one matrix, gate/up into one) and
 pre-transposed ([in, out], which this CPU's matmul reads faster for a few
 rows): two fewer matmuls per layer and per token, the same arithmetic as
-Hugging Face's separate ones up to float rounding. With `packed`, a CPU with
-AVX-512 stores each matmul weight that float16 holds exactly packed in float16
-and multiplies by it in float32 (`actors.packed_linear`).
+Hugging Face's separate ones up to float rounding. With `kernels`, a CPU with
+AVX-512 runs the project's own kernels (`actors.cpu_kernels`): each matmul
+weight that float16 holds exactly is stored packed in float16 and multiplied by
+in float32 (`actors.packed_linear`), and a causal step attends over the store
+in place (`cpu_kernels.cached_attention`, no mask tensor, no copied keys).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors import packed_linear
+from actors import cpu_kernels, packed_linear
 from actors.families import Architecture, architecture_of, layer_weights, norm_weight
 from actors.buckets import NARROW_WIDTH
 from actors.kv_cache import KVStore
@@ -34,7 +36,7 @@ MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down")  # a layer's weights `_linear` 
 class DecoderStep(nn.Module):
     """The decoder of a causal LM as a step over KV-store slots (weights shared, not copied twice)."""
 
-    def __init__(self, model: nn.Module, positions: int, packed: bool = False):
+    def __init__(self, model: nn.Module, positions: int, kernels: bool = False):
         super().__init__()
         config = model.config
         self.num_heads = config.num_attention_heads
@@ -44,7 +46,8 @@ class DecoderStep(nn.Module):
         self.scale = attention.scaling
         self.eps = config.rms_norm_eps
         self.embed = nn.Buffer(model.model.embed_tokens.weight)  # [V, H]
-        pack = _packer(packed and packed_linear.available())
+        kernels = kernels and cpu_kernels.available()
+        pack = _packer(kernels)
         self.lm_head = nn.Buffer(pack(model.lm_head.weight.t().contiguous()))  # [H, V], or packed
         self.final_norm = nn.Buffer(norm_weight(model.model.norm, config.model_type))  # [H]
         for layer, block in enumerate(model.model.layers):
@@ -58,6 +61,8 @@ class DecoderStep(nn.Module):
         cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(positions)[None])  # each [1, P, R]
         self.cos, self.sin = nn.Buffer(cos[0].to(self.embed.dtype)), nn.Buffer(sin[0].to(self.embed.dtype))  # [P, R]
         self.arch: Architecture = architecture_of(model, rotary_dim=cos.shape[-1])
+        self.attends_in_kernel: bool = (kernels and self.arch.attn_softcap is None and self.head_dim % 16 == 0
+                                        and self.embed.dtype == torch.float32 and self.embed.device.type == "cpu")
 
     def forward(
         self,
@@ -75,7 +80,8 @@ class DecoderStep(nn.Module):
         Every position gets logits, also for a prompt that needs only its last: one graph
         fewer to compile, for a head over 64 positions once per prompt chunk.
         """
-        masks = _masks(positions, key_length, set(self.arch.windows[:depth]))  # window -> [B, 1, T, K]
+        in_kernel = self.attends_in_kernel and ids.shape[1] <= NARROW_WIDTH  # wider (prompt chunks): SDPA's is faster
+        masks = None if in_kernel else _masks(positions, key_length, set(self.arch.windows[:depth]))
         return self._decode(store, ids, positions, positions, slots, exits, masks, key_length, depth)
 
     def forward_tree(
@@ -113,7 +119,9 @@ class DecoderStep(nn.Module):
         return self._decode(store, ids, positions, writes, slots, exits, masks, key_length, depth)
 
     def _decode(self, store, ids, positions, writes, slots, exits, masks, key_length: int, depth: int) -> torch.Tensor:
-        """The layers over ids [B, T] (rotary `positions`, cache `writes`, each [B, T]) -> logits [B, T, V]."""
+        """The layers over ids [B, T] (rotary `positions`, cache `writes`, each [B, T]) -> logits [B, T, V].
+
+        `masks` maps each window size to a mask [B, 1, T, K]; None: causal by cache position, in the kernel."""
         arch = self.arch
         hidden = F.embedding(ids, self.embed)  # [B, T, H]
         if arch.embed_scale is not None:
@@ -121,7 +129,7 @@ class DecoderStep(nn.Module):
         cos, sin = self.cos[positions], self.sin[positions]  # each [B, T, R]
         chosen = hidden  # each row's hidden state at its exit, once the row has passed it
         for layer in range(depth):
-            mask = masks[arch.windows[layer]]
+            mask = None if masks is None else masks[arch.windows[layer]]
             hidden = self._layer(layer, store, hidden, writes, slots, cos, sin, mask, key_length)
             chosen = torch.where((exits == layer + 1)[:, None, None], hidden, chosen)  # any layer may be an exit
         logits = _linear(F.rms_norm(chosen, chosen.shape[-1:], self.final_norm, self.eps), self.lm_head, None).float()
@@ -148,7 +156,8 @@ class DecoderStep(nn.Module):
         return torch.cat(drafted, dim=1), torch.cat(top, dim=1)
 
     def _layer(self, layer, store, hidden, writes, slots, cos, sin, mask, key_length) -> torch.Tensor:
-        """One decoder layer; writes the rows' new keys/values into their slots."""
+        """One decoder layer; writes the rows' new keys/values into their slots. `mask` [B, 1, T, K], or None:
+        causal by cache position (`writes`), attended in the kernel."""
         w = {name: getattr(self, f"{name}_{layer}") for name in self.weight_names}
         arch = self.arch
         batch, width, _ = hidden.shape
@@ -159,9 +168,14 @@ class DecoderStep(nn.Module):
             q = F.rms_norm(q, q.shape[-1:], w["q_norm"], self.eps)
             k = F.rms_norm(k, k.shape[-1:], w["k_norm"], self.eps)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        keys, values = store.write_and_read(layer, slots, writes, k, v, key_length)  # each [B, Hkv, K, D]
-        out = self._attend(q.transpose(1, 2), keys, values, mask)  # [B, Hq, T, D]
-        out = _linear(out.transpose(1, 2).reshape(batch, width, -1), w["o"], w.get("o_bias"))
+        if mask is None:
+            store.write(layer, slots, writes, k, v)
+            out = cpu_kernels.cached_attention(q, store.keys[layer], store.values[layer], slots, writes,
+                                               arch.windows[layer], self.scale)  # [B, T, Hq, D]
+        else:
+            keys, values = store.write_and_read(layer, slots, writes, k, v, key_length)  # each [B, Hkv, K, D]
+            out = self._attend(q.transpose(1, 2), keys, values, mask).transpose(1, 2)  # [B, T, Hq, D]
+        out = _linear(out.reshape(batch, width, -1), w["o"], w.get("o_bias"))
         if arch.sandwich_norms:
             out = F.rms_norm(out, out.shape[-1:], w["attn_out_norm"], self.eps)
         hidden = hidden + out

@@ -64,15 +64,20 @@ class KVStore:
         for cache in (*self.keys[:depth], *self.values[:depth]):
             cache[destination, :length] = cache[source, :length]
 
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """Store new keys/values [B, T, Hkv, D] at (slot, position): slots [B], positions [B, T] long."""
+        index = (slots[:, None], positions)  # broadcast to [B, T]
+        self.keys[layer].index_put_(index, keys)
+        self.values[layer].index_put_(index, values)
+
     def write_and_read(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor,
                        values: torch.Tensor, key_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values [B, T, Hkv, D] at (slot, position), then read each row's first `key_length` positions.
 
         slots [B], positions [B, T] long. Returns keys, values, each [B, Hkv, key_length, D].
         """
-        index = (slots[:, None], positions)  # broadcast to [B, T]
-        self.keys[layer].index_put_(index, keys)
-        self.values[layer].index_put_(index, values)
+        self.write(layer, slots, positions, keys, values)
         rows = self.keys[layer][slots, :key_length], self.values[layer][slots, :key_length]  # each [B, K, Hkv, D]
         return rows[0].transpose(1, 2), rows[1].transpose(1, 2)
 

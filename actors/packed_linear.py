@@ -9,79 +9,13 @@ is packed only where float16 holds every weight exactly (the zoo ships float16
 checkpoints), so the arithmetic is float32 on the same values, summed in a fixed
 order that does not depend on the batch.
 
-The kernel is compiled for the machine it runs on at first use (g++, ~30 s,
-then kept in ~/.cache/specfleet, keyed by source, torch and CPU) and is used
-only where the CPU has AVX-512.
+The kernel is one of `actors.cpu_kernels`: built for the machine at first use,
+used only where the CPU has AVX-512.
 """
-
-import functools
-import hashlib
-import logging
-import os
 
 import torch
 
-log = logging.getLogger(__name__)
-
 TILE = 32  # output columns per packed tile (the kernel's TILE)
-SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "packed_linear.cpp")
-BUILD_FLAGS = ["-O3", "-march=native"]  # built for the machine that runs it
-
-
-@functools.cache
-def available() -> bool:
-    """Whether this process can run the kernel: a CPU with AVX-512, and the kernel built and loaded."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
-    try:
-        _load_kernel()
-    except (OSError, RuntimeError) as error:  # no compiler, or a build that failed: the model runs on MKL
-        log.warning("packed float16 matmul kernel unavailable, using MKL: %s", error)
-        return False
-    torch.library.register_fake("specfleet::packed_linear")(_packed_linear_shape)
-    return True
-
-
-def _load_kernel() -> None:
-    """Load the kernel built for this source, torch and CPU, building it first where it is not.
-
-    Only a build takes torch's build lock: a process killed while holding it leaves the lock behind and every
-    later build waits on it, so a replica that restarts must not need it (its library is already there).
-    """
-    name = f"specfleet_packed_linear_{_build_key()}"
-    directory = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "specfleet", name)
-    library = os.path.join(directory, f"{name}.so")
-    if os.path.exists(library):
-        torch.ops.load_library(library)
-        return
-    import ninja  # a dependency: torch's build runs `ninja` from PATH, which a venv not activated lacks
-    from torch.utils.cpp_extension import load
-
-    os.makedirs(directory, exist_ok=True)
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
-    try:
-        load(name, [SOURCE], extra_cflags=BUILD_FLAGS, build_directory=directory, is_python_module=False)
-    finally:
-        os.environ["PATH"] = path
-
-
-def _build_key() -> str:
-    """A digest of what the built library depends on: the source, the flags, torch, and this CPU (`-march=native`)."""
-    digest = hashlib.sha256()
-    with open(SOURCE, "rb") as source:
-        digest.update(source.read())
-    digest.update(" ".join([*BUILD_FLAGS, torch.__version__]).encode())
-    try:
-        with open("/proc/cpuinfo", "rb") as cpuinfo:
-            digest.update(next((line for line in cpuinfo if line.startswith(b"flags")), b""))
-    except OSError:
-        pass
-    return digest.hexdigest()[:16]
-
-
-def _packed_linear_shape(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(*x.shape[:-1], packed.shape[0] * TILE)
 
 
 def packable(weight: torch.Tensor) -> bool:

@@ -59,11 +59,11 @@ class RunnerSettings(BaseModel):
         "(faster steps on CPUs where MKL's few-row GEMMs are slow; about 2 min more at the first start of a "
         "checkpoint, seconds from inductor's cache later); compiling happens at start-up.",
     )
-    packed_weights: bool = Field(
-        True, description="On a CPU with AVX-512, store float32 matmul weights that float16 holds exactly packed in "
-        "float16 and multiply by them in float32 (actors.packed_linear): the same values and arithmetic, half the "
-        "bytes to read per step, and a kernel faster than MKL's for a few rows. The kernel compiles at the first "
-        "start on a machine (~30 s); no effect elsewhere.",
+    cpu_kernels: bool = Field(
+        True, description="On a CPU with AVX-512, run the project's own kernels (actors.cpu_kernels): float32 matmul "
+        "weights that float16 holds exactly stored packed in float16 and multiplied by in float32 (the same values and "
+        "arithmetic, half the bytes to read per step, faster than MKL for a few rows), and a step's causal attention "
+        "read in place from the KV store. They compile at the first start on a machine (~30 s); no effect elsewhere.",
     )
 
 
@@ -81,7 +81,7 @@ class ModelRunner:
     """Runs one model for many sequences, each in a slot of the replica's KV store."""
 
     def __init__(self, model: nn.Module, name: str = "model", max_sequences: int = DEFAULT_MAX_SEQUENCES,
-                 compile_mode: CompileSetting = "eager", packed_weights: bool = True, drafts: bool = False):
+                 compile_mode: CompileSetting = "eager", cpu_kernels: bool = True, drafts: bool = False):
         """`compile_mode` 'auto' resolves for this model on its device (`resolve_mode`): whether it `drafts`, and
         whether every matmul weight packed."""
         model.eval().requires_grad_(False)
@@ -94,7 +94,7 @@ class ModelRunner:
         param = next(model.parameters())
         self._device = param.device
         capacity = self.max_context + MAX_WIDTH  # room for padded queries past the context
-        self.step = DecoderStep(model, capacity, packed_weights)  # keeps the weights it needs; the unfused ones go with `model`
+        self.step = DecoderStep(model, capacity, cpu_kernels)  # keeps the weights it needs; the unfused ones go with `model`
         self.exit_layers: list[int] = list(getattr(config, "exit_layers", None) or [self.num_layers])
         self.store = KVStore(self.num_layers, max_sequences, capacity, self.step.num_kv_heads, self.step.head_dim,
                              param.dtype, param.device)
@@ -113,17 +113,16 @@ class ModelRunner:
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
                         max_sequences: int = DEFAULT_MAX_SEQUENCES, compile_mode: CompileSetting = "eager",
-                        packed_weights: bool = True, drafts: bool = False) -> "ModelRunner":
+                        cpu_kernels: bool = True, drafts: bool = False) -> "ModelRunner":
         """Load a local Hugging Face checkpoint (config.json + safetensors)."""
-        return cls(load_causal_lm(path, dtype, device), str(path), max_sequences, compile_mode, packed_weights,
-                   drafts)
+        return cls(load_causal_lm(path, dtype, device), str(path), max_sequences, compile_mode, cpu_kernels, drafts)
 
     @classmethod
     def serving(cls, path: str, settings: RunnerSettings, drafts: bool = False, trees: bool = False) -> "ModelRunner":
         """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns
         (with `drafts`, also those of fused greedy drafting; with `trees`, those of token trees)."""
         runner = cls.from_pretrained(path, settings.dtype, settings.device, settings.max_sequences, settings.compile,
-                                     settings.packed_weights, drafts)
+                                     settings.cpu_kernels, drafts)
         runner.warm_up_s = runner.warm_up(drafts, trees)
         return runner
 
