@@ -226,22 +226,26 @@ WHAT_WAS_DONE = [
     "per target, or turns speculation off, from measured goodput.",
     "- **forwards**: one preallocated KV store per replica (slots written by position), a fused step (q/k/v and "
     "gate/up in one matmul each, weights pre-transposed) compiled by inductor at start-up "
-    "(`RunnerSettings.compile`); on a CPU with AVX-512 every matmul weight that float16 holds exactly is stored "
-    "packed in float16 and multiplied in float32 by the project's own kernel (`actors/packed_linear.py`: half "
-    "the bytes, each weight tile read once for up to 8 rows; on this AMD EPYC target-xl's 1-token step 1.4-1.5 "
-    "ms against 2.1-2.2 with the tuned MKL/inductor kernels, its 5-token verify 2.2-2.3 against 5.2-5.4, the "
-    "drafter's fused 4-step draft after a verify 1.2 against 2.9); every live sequence of a target in one step; "
-    "a fresh sequence copies a prompt prefix a live one holds instead of computing it; a narrow step's attention "
-    "(decoding, verifying) compiles to reductions that read keys and values from the store in place (target-xl, 64 "
-    "rows at 700 cached tokens: 103 ms a step against 490 with SDPA).",
-    "- **what is left**: the round is almost all model forwards. With target-xl's step near 1.5 ms, the "
-    "drafter's fused call costs about 0.85 of a target step and a 5-token verify about 1.3x one, and through the "
-    "cluster the drafter's call adds ~0.4 ms (loopback channel) to ~1.8 ms (Ray calls); the zoo's drafter "
-    "agrees with target-xl 0.73 of the time greedily (exit 4: MAL about 3 at k = 4), so a round predicts about "
-    "1.2x at one stream. At 16 streams a verify of 16 x 5 rows is compute-bound (the kernel runs 8 rows at the "
-    "core's float32 FMA rate), so speculation loses there. A drafter that agrees more or costs less per step "
-    "(its 4096-token head is a third of its weights), and a cheaper cluster hop now that forwards are short, "
-    "are what would move it.",
+    "(`RunnerSettings.compile`); on a CPU with AVX-512 the project's own kernels (`actors/cpu_kernels.py`, "
+    "`RunnerSettings.cpu_kernels`): every matmul weight that float16 holds exactly is stored packed in float16 "
+    "and multiplied in float32 (`actors/packed_linear.py`: half the bytes, each weight tile read once for up to "
+    "8 rows; on session 16's AMD EPYC target-xl's 1-token step 1.4-1.5 ms against 2.1-2.2 with the tuned "
+    "MKL/inductor kernels, its 5-token verify 2.2-2.3 against 5.2-5.4), and a narrow step's attention (decoding, "
+    "verifying, drafting) reads each row's keys and values from the store in place, its causal limit taken from "
+    "positions (`cpu_kernels.cached_attention`; on session 17's Xeon, interleaved in one process, target-xl's "
+    "5-token verify at 100 / 400 / 800 cached tokens 3.1 / 6.3 / 6.0 ms against 3.2 / 7.3 / 8.2 with inductor's "
+    "reductions, 16 rows x 5 tokens at 640 cached 47 against 69 ms); every live sequence of a target in one "
+    "step; a fresh sequence copies a prompt prefix a live one holds instead of computing it.",
+    "- **what is left**: the round is almost all model forwards, and those are bound by reading weights: one "
+    "row of target-xl's matmuls reads its 22 MB at about 21 GB/s on this Xeon (1.0 ms), five rows at 17 GB/s "
+    "(1.3 ms), so a 5-token verify costs 1.7-1.9x a 1-token step once attention and the step's fixed costs are "
+    "added, and the drafter's fused 4-step call reads its 3.8 MB four times. The zoo's drafter agrees with "
+    "target-xl about half the time per token (exit 4: MAL about 3 at k = 4), so a round predicts about 1.1-1.2x "
+    "at one stream. At 16 streams a verify of 16 x 5 rows is compute-bound, so speculation loses there (the "
+    "adaptive controller turns it off per batch size; this benchmark pins exit and k). Through the cluster the "
+    "drafter's call adds ~1.4 ms (loopback channel) to ~3.8 ms (Ray calls) a round on this machine. A drafter "
+    "that agrees more or reads fewer bytes per step (its 4096-token head is a third of its weights; it need not "
+    "be exact, so it could be stored in int8), and a cheaper cluster hop, are what would move it.",
     "",
 ]
 
