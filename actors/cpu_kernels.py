@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "kernels", "*.cpp")))
 BUILD_FLAGS = ["-O3", "-march=native"]  # built for the machine that runs it
+ATTENTION_HEAD_DIMS = range(16, 257, 16)  # what cached_attention.cpp takes: whole registers, accumulators in registers
 
 
 @functools.cache

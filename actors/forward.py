@@ -61,8 +61,9 @@ class DecoderStep(nn.Module):
         cos, sin = model.model.rotary_emb(self.embed[:1][None], torch.arange(positions)[None])  # each [1, P, R]
         self.cos, self.sin = nn.Buffer(cos[0].to(self.embed.dtype)), nn.Buffer(sin[0].to(self.embed.dtype))  # [P, R]
         self.arch: Architecture = architecture_of(model, rotary_dim=cos.shape[-1])
-        self.attends_in_kernel: bool = (kernels and self.arch.attn_softcap is None and self.head_dim % 16 == 0
-                                        and self.embed.dtype == torch.float32 and self.embed.device.type == "cpu")
+        self.attends_in_kernel: bool = (
+            kernels and self.arch.attn_softcap is None and self.head_dim in cpu_kernels.ATTENTION_HEAD_DIMS
+            and self.embed.dtype == torch.float32 and self.embed.device.type == "cpu")
 
     def forward(
         self,
