@@ -19,7 +19,7 @@ from actors.draft_batcher import DraftBatcher
 from actors.draft_channel import ChannelAddress, ChannelClient, ChannelServer
 from actors.drafters import GREEDY_CUTOFF, Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
-from actors.engine_loop import EngineLoop, StreamPacing
+from actors.engine_loop import EngineLoop, Feed, FeedMessage, StreamPacing
 from actors.errors import CapacityExhausted, DrafterUnavailable, InvalidRequest
 from actors.foreign_drafter import pair_drafter
 from actors.loading import load_tokenizer
@@ -30,8 +30,9 @@ from actors.speculation import FOLLOW_PLAN, SpeculationSpec
 from actors.trees import TreeShape
 
 log = logging.getLogger(__name__)
-# Updates of one stream that may wait unread before `TargetActor.generate` pauses. Ray closes a paused
-# generator whose caller died (without backpressure it would run on), so a front door's death cancels its streams.
+# Messages of one stream or feed that may wait unread before `TargetActor.generate` or `TargetActor.feed` pauses. Ray
+# closes a paused generator whose caller died (without backpressure it would run on), so a front door's death cancels
+# its streams.
 STREAM_BACKPRESSURE = 4
 
 
@@ -298,6 +299,7 @@ class TargetActor(FleetMember):
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
         self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting,
                                             tree=tree), pacing)
+        self._door_feeds: dict[str, Feed] = {}  # front door id -> the feed of the sequences it submitted
 
     def info(self) -> dict:
         runner = self.loop.engine.target
@@ -306,26 +308,50 @@ class TargetActor(FleetMember):
 
     def generate(self, seq_id: SeqId, prompt: list[int], params: SamplingParams,
                  spec: SpeculationSpec = FOLLOW_PLAN) -> Iterator[SequenceUpdate]:
-        """Stream a sequence's updates, the last with its finish reason.
+        """Stream one sequence's updates, the last with its finish reason (a front door uses `submit` and `feed`).
 
         `spec` may override k (0: plain decoding) and the exit for this sequence, or cascade it.
         The first update goes out as soon as it exists (time to first token); later rounds
         are merged by the engine loop into one update per interval (`StreamPacing`: each
-        update is a Ray object and a message on the front door).
+        update is a Ray object and a wake-up of the caller).
 
         Called with Ray's generator backpressure (`STREAM_BACKPRESSURE`), the generator is closed when
-        its caller's process dies (a front door killed): the sequence is then cancelled here, and so
-        freed on the drafter too, instead of decoding on for nobody.
+        its caller's process dies: the sequence is then cancelled here, and so freed on the drafter too,
+        instead of decoding on for nobody.
         """
-        output, finished = self.loop.submit(seq_id, prompt, params, spec), False
+        feed, finished = self.loop.submit(seq_id, prompt, params, spec), False
         try:
             while not finished:
-                update = _take(output.get())
-                finished = update.finish_reason is not None
-                yield update
+                for _, item in feed.output.get():
+                    update = _take(item)
+                    finished = update.finish_reason is not None
+                    yield update
         finally:
             if not finished:
                 self.loop.cancel(seq_id)
+
+    def submit(self, door: str, seq_id: SeqId, prompt: list[int], params: SamplingParams,
+               spec: SpeculationSpec = FOLLOW_PLAN) -> None:
+        """Start a sequence whose updates (or the error that refuses it) go out on front door `door`'s feed."""
+        self.loop.submit(seq_id, prompt, params, spec, self._door_feed(door))
+
+    def feed(self, door: str) -> Iterator[FeedMessage]:
+        """Stream the updates of every sequence front door `door` submits here: one message per round at most
+        (merged per `StreamPacing`), whatever the number of its sequences.
+
+        Called with generator backpressure (`STREAM_BACKPRESSURE`): when the door's process dies, Ray closes
+        the generator and the door's sequences are cancelled here.
+        """
+        feed = self._door_feed(door)
+        try:
+            while True:
+                yield feed.output.get()
+        finally:
+            self._door_feeds.pop(door, None)
+            self.loop.cancel_feed(feed)
+
+    def _door_feed(self, door: str) -> Feed:
+        return self._door_feeds.setdefault(door, Feed())  # submit and feed may arrive in either order
 
     def cancel(self, seq_id: SeqId) -> None:
         self.loop.cancel(seq_id)

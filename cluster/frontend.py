@@ -2,7 +2,8 @@
 
 It validates a request (the wire contract's `GenerateRequest`, which the HTTP
 app fills from OpenAI-style JSON), picks the least busy replica of the target,
-and streams the sequence's updates from its target actor. Each transport only
+and streams the sequence's updates from its target actor (through this door's feed
+from that replica, `cluster.feeds`). Each transport only
 maps these errors to its own status codes:
 
 - `ModelNotFound`: NOT_FOUND / 404
@@ -27,11 +28,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from actors.engine import SequenceUpdate
 from actors.errors import CapacityExhausted, InvalidRequest, ModelNotFound, SpecfleetError
 from actors.loading import load_tokenizer
-from actors.ray_actors import STREAM_BACKPRESSURE, actor_id
+from actors.ray_actors import actor_id
 from actors.sampling import SamplingParams
 from actors.speculation import SpeculationSpec
 from cluster.admission import ConcurrencyLimits, Overloaded
 from cluster.auth import ApiKeys
+from cluster.feeds import DoorFeeds
 from cluster.metrics import RequestObserver, RequestTimer
 from cluster.placement import Fleet
 from cluster.requests import ModelLimits, prompt_ids, sampling_params, speculation_spec
@@ -73,6 +75,7 @@ class Frontend:
         self.api_keys = ApiKeys.from_config(server)
         self.in_flight = ConcurrencyLimits(server.max_concurrent_requests, server.max_concurrent_requests_per_key)
         self._stopped_early: dict[str, str] = {}  # seq_id -> the outcome its caller gave it
+        self.feeds = DoorFeeds()
 
     def use_fleet(self, fleet: Fleet) -> None:
         """Route new requests to this fleet (the controller replaced or added replicas)."""
@@ -159,16 +162,18 @@ class Frontend:
             params = params.model_copy(update={"max_tokens": params.max_tokens - len(sent)})
         key, finished = actor_id(handle), False
         self._load[key] = self._load.get(key, 0) + 1
+        updates = self.feeds.open(handle, seq_id)
         try:
-            stream = handle.generate.options(num_returns="streaming",
-                                             _generator_backpressure_num_objects=STREAM_BACKPRESSURE).remote(
-                seq_id, admitted.prompt + sent, params, admitted.speculation)
-            async for ref in stream:
-                update: SequenceUpdate = await ref
+            handle.submit.remote(self.feeds.door, seq_id, admitted.prompt + sent, params, admitted.speculation)
+            while not finished:
+                update = await updates.get()
+                if isinstance(update, BaseException):
+                    raise update
                 finished = update.finish_reason is not None
                 yield update
         finally:
             self._load[key] -= 1
+            self.feeds.close(handle, seq_id)
             if not finished:
                 handle.cancel.remote(seq_id)
 
