@@ -13,9 +13,9 @@ and one wake-up of the door whatever the number of streams (per-sequence
 streams cost each stream an object and a wake-up of both processes per update:
 at 16 greedy streams of target-xl through gRPC, 0.5 ms of the target actor's
 time per update). A sequence's first update goes out at once (time to first
-token), with whatever else its feed holds; later rounds are merged on the loop
-thread and a feed sends once per interval (`StreamPacing`); a sequence's last
-update goes out at once. Merging here, not in the reader, matters: a reader
+token); later rounds are merged on the loop thread into one update per
+interval (`StreamPacing`), and the last goes out at once; the updates due in
+a round go to each feed as one message. Merging here, not in the reader, matters: a reader
 woken by every round takes the interpreter lock from the loop thread each time,
 which cost about 15% of a small model's plain decoding on this project's CPU.
 After a round that sent updates the loop yields the lock once (`time.sleep(0)`):
@@ -45,69 +45,72 @@ FeedMessage = list[tuple[SeqId, "SequenceUpdate | BaseException"]]  # updates, o
 
 
 class Feed:
-    """Where the updates of one or more sequences go (`output`, one `FeedMessage` per get), and the merged
-    updates waiting to go there. Only the loop thread holds and sends."""
+    """Where the updates of one or more sequences go: `output` gives one `FeedMessage` per get. Only the loop
+    thread adds and sends."""
 
     def __init__(self):
         self.output: queue.Queue[FeedMessage] = queue.Queue()
-        self._held: dict[SeqId, SequenceUpdate] = {}
-        self._urgent = False  # a held update must go out now (a sequence's first or last)
-        self._due = 0.0  # monotonic time from which held updates may go out
+        self._outgoing: FeedMessage = []
 
-    def hold(self, update: SequenceUpdate, urgent: bool) -> None:
-        held = self._held.get(update.seq_id)
-        if held is not None:
-            update = replace(update, new_tokens=held.new_tokens + update.new_tokens)
-        self._held[update.seq_id] = update
-        self._urgent |= urgent
+    def add(self, update: SequenceUpdate) -> None:
+        self._outgoing.append((update.seq_id, update))
 
-    def flush(self, now: float, interval_s: float) -> bool:
-        """Send what is held if it is urgent or due; True if a message went."""
-        if self._urgent or self._due <= now:
-            return self.send(now, interval_s)
-        return False
-
-    def send(self, now: float, interval_s: float) -> bool:
-        """Send what is held, if anything; True if a message went."""
-        if not self._held:
+    def send(self) -> bool:
+        """Send what was added since the last message as one message, if anything; True if one went."""
+        if not self._outgoing:
             return False
-        self.output.put(list(self._held.items()))
-        self._held, self._urgent, self._due = {}, False, now + interval_s
+        self.output.put(self._outgoing)
+        self._outgoing = []
         return True
 
     def fail(self, seq_id: SeqId, err: BaseException) -> None:
-        """End a sequence with an error, after what is held (callers send first)."""
+        """End a sequence with an error (after what was sent: callers send first)."""
         self.output.put([(seq_id, err)])
 
 
 @dataclass
 class _Stream:
-    """A live sequence's feed, and whether its first update went out."""
+    """A live sequence's feed, and the merged update waiting to go there."""
 
     feed: Feed
-    started: bool = False
+    held: SequenceUpdate | None = None
+    due: float = 0.0  # monotonic time from which the held update may go out (0: the first goes out at once)
+
+    def hold(self, update: SequenceUpdate) -> None:
+        if self.held is not None:
+            update = replace(update, new_tokens=self.held.new_tokens + update.new_tokens)
+        self.held = update
+
+    def release(self, now: float, interval_s: float) -> None:
+        """Add the held update, if any, to the feed's next message."""
+        if self.held is not None:
+            self.feed.add(self.held)
+            self.held, self.due = None, now + interval_s
 
 
 @dataclass(frozen=True)
 class StreamPacing:
-    """How often each feed's merged message goes out.
+    """How often each sequence's merged update goes out.
 
-    Every message is a Ray object and a wake-up of its reader, which takes the
-    interpreter lock from the loop: at 16 greedy streams of target-l through
-    gRPC, each on its own feed, a message every 10 ms per stream gave 841
-    tokens/s and every 50 ms 1,493 (in process: about 2,100). So the loop spends
-    a budget of messages per second over all its feeds: with few feeds each gets
-    `interval_s`, with many the interval grows with their number.
+    Every update is a message through the front door (and, on HTTP, a chunk
+    through Serve's proxy); with each stream on its own feed, also a Ray object
+    and a wake-up of its reader, which takes the interpreter lock from the
+    loop: at 16 greedy streams of target-l through gRPC, updates every 10 ms
+    per stream gave 841 tokens/s and every 50 ms 1,493 (in process: about
+    2,100). So the loop spends a budget of updates per second over all its
+    streams: with few streams each gets `interval_s`, with many the interval
+    grows with their number. Updates that fall due in one round go to each
+    feed as one message.
     """
 
-    interval_s: float = 0.0  # the shortest time between two messages of one feed (0: every round)
-    max_updates_per_s: float | None = None  # messages over all feeds of the loop; None: no budget
+    interval_s: float = 0.0  # the shortest time between two updates of one stream (0: every round)
+    max_updates_per_s: float | None = None  # over all streams of the loop; None: no budget
 
-    def interval(self, feeds: int) -> float:
-        """Seconds between two messages of one feed while `feeds` feeds have live sequences."""
+    def interval(self, streams: int) -> float:
+        """Seconds between two updates of one stream while `streams` streams are open."""
         if self.max_updates_per_s is None:
             return self.interval_s
-        return max(self.interval_s, feeds / self.max_updates_per_s)
+        return max(self.interval_s, streams / self.max_updates_per_s)
 
 
 class EngineLoop:
@@ -159,9 +162,10 @@ class EngineLoop:
 
     def _drop(self, seq_id: SeqId) -> None:
         if self.engine.cancel(seq_id):
-            feed = self._streams.pop(seq_id).feed
-            feed.hold(SequenceUpdate(seq_id, [], "cancelled", SpeculationStats()), urgent=True)
-            feed.send(time.monotonic(), self.pacing.interval_s)
+            stream = self._streams.pop(seq_id)
+            stream.hold(SequenceUpdate(seq_id, [], "cancelled", SpeculationStats()))
+            stream.release(time.monotonic(), self.pacing.interval_s)
+            stream.feed.send()
 
     def _run(self) -> None:
         while True:
@@ -180,21 +184,24 @@ class EngineLoop:
             now = time.monotonic()
             for seq_id, stream in list(self._streams.items()):
                 self.engine.cancel(seq_id)
-                stream.feed.send(now, self.pacing.interval_s)  # the tokens it had, then the error
+                stream.release(now, self.pacing.interval_s)  # the tokens it had, then the error
+                stream.feed.send()
                 stream.feed.fail(seq_id, err)
             self._streams.clear()
             return
+        now, interval = time.monotonic(), self.pacing.interval(len(self._streams))
         feeds = {id(stream.feed): stream.feed for stream in self._streams.values()}
-        now, interval = time.monotonic(), self.pacing.interval(len(feeds))
         for update in updates:
             stream = self._streams[update.seq_id]
-            last = update.finish_reason is not None
-            stream.feed.hold(update, urgent=last or not stream.started)
-            stream.started = True
-            if last:
+            stream.hold(update)
+            if update.finish_reason is not None:
+                stream.release(now, interval)
                 del self._streams[update.seq_id]
+        for stream in self._streams.values():
+            if stream.due <= now:
+                stream.release(now, interval)
         sent = False
         for feed in feeds.values():
-            sent |= feed.flush(now, interval)
+            sent |= feed.send()
         if sent:
             time.sleep(0)  # let the readers take the interpreter lock now, not at the next forced switch

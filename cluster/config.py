@@ -154,15 +154,15 @@ class ServerConfig(_Strict):
         "None: only the fleet's limit.")
     stream_interval_s: float = Field(
         0.01, ge=0, le=1.0,
-        description="A stream's first and last update go out at once; later rounds are merged and a target replica's "
-        "feed to a front door (one per door, carrying all its streams) sends at most one message per this many seconds "
-        "(each message is a Ray object and a wake-up of the door: per round they cost about a forward). 0: every round.",
+        description="A stream's first update goes out at once; later rounds are merged into one update per this "
+        "many seconds at least (each update is a message through the front door; a target replica sends the updates "
+        "due in a round to each door as one Ray object). 0: every round.",
     )
     max_stream_updates_per_s: float | None = Field(
         400.0, gt=0,
-        description="Messages per second a target replica sends over all its feeds (one per front door, or per "
-        "stream read with TargetActor.generate): with more feeds than this times stream_interval_s, each feed's "
-        "interval grows to feeds / this. None: no budget.",
+        description="Updates per second a target replica sends over all its streams: with more open streams than "
+        "this times stream_interval_s, each stream's interval grows to streams / this (16 streams: 40 ms). "
+        "None: no budget.",
     )
     drafter_timeout_s: float = Field(
         10.0, gt=0, description="A drafter call slower than this counts as a dead drafter: the target decodes plainly."

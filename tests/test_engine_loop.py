@@ -82,7 +82,8 @@ def test_many_streams_get_fewer_updates_each_under_a_budget(target, prompts, pla
 
 def test_sequences_sharing_a_feed_get_their_updates_in_one_message_per_round_at_most(target, prompts, plain):
     """Two sequences on one feed, a long interval: their first updates go in one message (both start in the same
-    round), their last in another (same prompt and length: same round); each reads exactly the plain tokens."""
+    round), their last in another (same prompt and length: same round), the rounds between merged into it; each
+    reads exactly the plain tokens."""
     loop, feed = EngineLoop(SpeculationEngine(target), StreamPacing(600.0)), Feed()
     loop.call(lambda engine: [loop.submit(f"s{i}", prompts[0], GREEDY, feed=feed) for i in range(2)])
     messages = [feed.output.get(), feed.output.get()]
