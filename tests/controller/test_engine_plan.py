@@ -156,14 +156,15 @@ def test_a_target_without_drafter_accepts_only_plain_decoding(target):
 
 def test_a_plan_reaches_a_running_engine_loop_between_rounds(target, drafter_runner, prompts, plain):
     loop = EngineLoop(SpeculationEngine(target, ModelDrafter(drafter_runner), k=3, exit_layer=2))
-    output = loop.submit("s", prompts[0], GREEDY)
-    tokens = list(output.get().new_tokens)
+    feed = loop.submit("s", prompts[0], GREEDY)
+    [(_, first)] = feed.output.get()
+    tokens = list(first.new_tokens)
     loop.call(lambda engine: engine.set_plan(0))
     with pytest.raises(InvalidRequest):
         loop.call(lambda engine: engine.set_plan(2, 9))
     loop.call(lambda engine: engine.set_plan(1, 1))
     while True:
-        update = output.get()
+        [(_, update)] = feed.output.get()
         tokens += update.new_tokens
         if update.finish_reason is not None:
             break
