@@ -2,10 +2,15 @@
 //
 // A decode step or a verify has a few queries per sequence and hundreds of cached keys. Written
 // in torch ops, the attention copies each row's keys out of the store or (compiled) runs as
-// scalar reductions; here each query reads its sequence's keys and values in place, one
-// vector of head_dim floats at a time, with the causal (and sliding-window) limits taken from
-// the query's position instead of a mask tensor. Each query's result depends only on its own
-// vector and the keys it sees, summed in key order: not on the batch or the width of the step.
+// scalar reductions; here the queries of a sequence read its keys and values in place, with
+// the causal (and sliding-window) limits taken from each query's position instead of a mask
+// tensor. A block of 16 keys is read once for all the step's queries of a row and head, their
+// 16 scores reduced together (a transpose tree, not 16 horizontal sums), and a value once for
+// up to 4 queries. Each query's result depends only on its own vector and the keys it sees,
+// summed in key order: not on the batch or the width of the step. Against one query at a time
+// with a horizontal sum per key (Xeon, 5 heads of 64, one layer): 1 row x 1 token at 200 cached
+// keys 8.4 against 18.0 us, 5 tokens 18.4 against 65.2; 16 rows x 5 tokens at 640 keys 1.5
+// against 3.6 ms (16 rows x 1 token: about 1.0 ms either way, bound by reading the keys).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -14,7 +19,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
+#include <memory>
+#include <utility>
 
 namespace {
 
@@ -39,52 +45,126 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline float dot(const float* a, const float* b, int64_t vectors) {
-  __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
-  for (int64_t i = 1; i < vectors; ++i) {
-    sum = _mm512_fmadd_ps(_mm512_loadu_ps(a + i * LANES), _mm512_loadu_ps(b + i * LANES), sum);
+// The sums of 16 vectors' lanes, as one vector (lane j: the sum of s[j]): a transpose tree that adds each
+// vector's lanes in the same order whatever its index, instead of 16 horizontal reductions.
+inline __m512 sum_lanes16(const __m512 s[LANES]) {
+  __m512 pairs[8], quads[4];
+  for (int j = 0; j < 8; ++j) {  // per 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3] of a = s[2j], b = s[2j+1]
+    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * j], s[2 * j + 1]), _mm512_unpackhi_ps(s[2 * j], s[2 * j + 1]));
   }
-  return _mm512_reduce_add_ps(sum);
+  for (int j = 0; j < 4; ++j) {  // per 128-bit block: the block's sums of s[4j..4j+3]
+    const __m512d a = _mm512_castps_pd(pairs[2 * j]), b = _mm512_castps_pd(pairs[2 * j + 1]);
+    quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  __m512 halves[2];
+  for (int j = 0; j < 2; ++j) {  // [blocks 0+1 of quads[2j], blocks 2+3 of it, the same of quads[2j+1]]
+    halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
 }
 
-// softmax(q . keys[first:last] * scale) @ values[first:last] for one query and head -> out [D];
-// keys/values point at the head's first position, `stride` floats apart; scores is scratch
-void attend(const float* q, const float* keys, const float* values, int64_t stride, int64_t first, int64_t last,
-            int64_t vectors, float scale, float* scores, float* out) {
-  const int64_t count = last - first;
-  if (count <= 0) {
-    std::fill(out, out + vectors * LANES, 0.0f);
-    return;
+// q . key for `count` <= 16 keys from `key` on, `stride` floats apart: one vector of scores (lanes past count: 0)
+template <int V>
+inline __m512 dots16(const float* q, const float* key, int64_t stride, int64_t count) {
+  __m512 query[V];
+  for (int v = 0; v < V; ++v) query[v] = _mm512_loadu_ps(q + v * LANES);
+  __m512 sums[LANES];
+  for (int64_t j = 0; j < LANES; ++j) {
+    sums[j] = _mm512_setzero_ps();
+    if (j >= count) continue;
+    const float* row = key + j * stride;
+    for (int v = 0; v < V; ++v) sums[j] = _mm512_fmadd_ps(query[v], _mm512_loadu_ps(row + v * LANES), sums[j]);
   }
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < count; ++i) {
-    scores[i] = dot(q, keys + (first + i) * stride, vectors) * scale;
-    top = std::max(top, scores[i]);
-  }
+  return sum_lanes16(sums);
+}
+
+// exp(scores - max) in place over `count` scores; returns 1 / their sum
+inline float softmax_numerators(float* scores, int64_t count, float top) {
   const __m512 shift = _mm512_set1_ps(top);
   __m512 total = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + LANES <= count; i += LANES) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + i), shift));
-    _mm512_storeu_ps(scores + i, e);
-    total = _mm512_add_ps(total, e);
+  for (int64_t i = 0; i < count; i += LANES) {
+    const __mmask16 live = static_cast<__mmask16>((1u << std::min(LANES, count - i)) - 1u);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + i), shift));
+    _mm512_mask_storeu_ps(scores + i, live, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
   }
-  if (i < count) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (count - i)) - 1u);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + i), shift));
-    _mm512_mask_storeu_ps(scores + i, tail, e);
-    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(tail, e));
+  return 1.0f / _mm512_reduce_add_ps(total);
+}
+
+// outs[m] = sum over j < counts[m] of weights[m][j] * values[j] [D], times inverses[m], for M queries: each value
+// is read once for all M, and each query's sum runs over j in order, as it would alone (V = D / 16).
+template <int V, int M>
+void weigh_values(const float* values, int64_t stride, const float* const* weights, const int64_t* counts,
+                  const float* inverses, float* const* outs) {
+  const int64_t longest = *std::max_element(counts, counts + M);
+  __m512 acc[M][V];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < V; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < longest; ++j) {
+    const float* row = values + j * stride;
+    __m512 value[V];
+    for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(row + v * LANES);
+    for (int m = 0; m < M; ++m) {
+      if (j >= counts[m]) continue;
+      const __m512 weight = _mm512_set1_ps(weights[m][j]);
+      for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(weight, value[v], acc[m][v]);
+    }
   }
-  const float inverse = 1.0f / _mm512_reduce_add_ps(total);
-  __m512 acc[MAX_VECTORS];
-  for (int64_t v = 0; v < vectors; ++v) acc[v] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < count; ++j) {
-    const __m512 weight = _mm512_set1_ps(scores[j]);
-    const float* row = values + (first + j) * stride;
-    for (int64_t v = 0; v < vectors; ++v) acc[v] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(row + v * LANES), acc[v]);
+  for (int m = 0; m < M; ++m) {
+    const __m512 norm = _mm512_set1_ps(inverses[m]);
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(outs[m] + v * LANES, _mm512_mul_ps(acc[m][v], norm));
   }
-  const __m512 norm = _mm512_set1_ps(inverse);
-  for (int64_t v = 0; v < vectors; ++v) _mm512_storeu_ps(out + v * LANES, _mm512_mul_ps(acc[v], norm));
+}
+
+constexpr int64_t MAX_QUERIES = 16;  // queries of one row and head attended together (a narrow step's width)
+
+// The queries of one row and head that see keys first..first+counts[n]-1 (counts[n] >= 1): softmax(q . keys *
+// scale) @ values -> outs[n] [D], V = D / 16. A block of 16 keys is read once for all queries (then from L1),
+// and a value once for up to 4 queries at a time; each query's arithmetic is the same as if it were alone.
+// scores: scratch [MAX_QUERIES][width].
+template <int V>
+void attend_queries(const float* const* qs, float* const* outs, const int64_t* counts, int64_t n, const float* keys,
+                    const float* values, int64_t stride, int64_t first, float scale, float* scores, int64_t width) {
+  const int64_t most = *std::max_element(counts, counts + n);
+  __m512 tops[MAX_QUERIES];
+  for (int64_t t = 0; t < n; ++t) tops[t] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < most; i += LANES) {
+    const float* block_keys = keys + (first + i) * stride;
+    for (int64_t t = 0; t < n; ++t) {
+      if (counts[t] <= i) continue;
+      const int64_t block = std::min(LANES, counts[t] - i);
+      const __mmask16 live = static_cast<__mmask16>((1u << block) - 1u);
+      const __m512 block_scores = _mm512_mul_ps(dots16<V>(qs[t], block_keys, stride, block), _mm512_set1_ps(scale));
+      _mm512_mask_storeu_ps(scores + t * width + i, live, block_scores);
+      tops[t] = _mm512_mask_max_ps(tops[t], live, tops[t], block_scores);
+    }
+  }
+  float inverses[MAX_QUERIES];
+  for (int64_t t = 0; t < n; ++t) {
+    inverses[t] = softmax_numerators(scores + t * width, counts[t], _mm512_reduce_max_ps(tops[t]));
+  }
+  // queries sharing a pass over the values: GROUP x V accumulators and V values stay within 32 registers
+  constexpr int64_t GROUP = std::max<int64_t>(1, std::min<int64_t>(4, 24 / V));
+  for (int64_t g = 0; g < n; g += GROUP) {
+    const int64_t members = std::min(GROUP, n - g);
+    const float* weights[GROUP];
+    for (int64_t m = 0; m < members; ++m) weights[m] = scores + (g + m) * width;
+    const auto weigh = members == 1 ? &weigh_values<V, 1> : members == 2 ? &weigh_values<V, 2>
+                     : members == 3 ? &weigh_values<V, 3> : &weigh_values<V, GROUP>;
+    weigh(values + first * stride, stride, weights, counts + g, inverses + g, outs + g);
+  }
+}
+
+using AttendQueries = void (*)(const float* const*, float* const*, const int64_t*, int64_t, const float*, const float*,
+                               int64_t, int64_t, float, float*, int64_t);
+
+template <int... Vs>
+AttendQueries attend_for(int64_t vectors, std::integer_sequence<int, Vs...>) {
+  AttendQueries chosen = nullptr;
+  ((chosen = (vectors == Vs + 1) ? &attend_queries<Vs + 1> : chosen), ...);
+  return chosen;
 }
 
 // q [B, T, Hq, D]; keys, values [S, P, Hkv, D] (one layer of the store); slots [B], positions [B, T] long.
@@ -112,9 +192,13 @@ at::Tensor cached_attention(const at::Tensor& q_in, const at::Tensor& keys, cons
   const int64_t* sp = slots.const_data_ptr<int64_t>();
   const int64_t* pp = positions.const_data_ptr<int64_t>();
   float* op = out.mutable_data_ptr<float>();
-  const int64_t groups = Hq / Hkv, stride = Hkv * D, vectors = D / LANES;
+  const int64_t groups = Hq / Hkv, stride = Hkv * D;
+  const AttendQueries attend = attend_for(D / LANES, std::make_integer_sequence<int, MAX_VECTORS>());
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(P);
+    const std::unique_ptr<float[]> scores(new float[MAX_QUERIES * P]);  // not zeroed: written before read
+    const float* qs[MAX_QUERIES];
+    float* outs[MAX_QUERIES];
+    int64_t counts[MAX_QUERIES];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / Hkv, h = unit % Hkv;
       TORCH_CHECK(sp[b] >= 0 && sp[b] < keys.size(0), "cached_attention: slot out of range");
@@ -122,12 +206,23 @@ at::Tensor cached_attention(const at::Tensor& q_in, const at::Tensor& keys, cons
       for (int64_t t = 0; t < T; ++t) {
         const int64_t position = pp[b * T + t];
         TORCH_CHECK(position >= 0 && position < P, "cached_attention: position outside the store");
-        const int64_t last = position + 1;
-        const int64_t first = window > 0 ? std::max<int64_t>(0, position - window + 1) : 0;
-        for (int64_t g = 0; g < groups; ++g) {
-          const int64_t at = ((b * T + t) * Hq + h * groups + g) * D;
-          attend(qp + at, kp + head, vp + head, stride, first, last, vectors, static_cast<float>(scale),
-                 scores.data(), op + at);
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const auto query_at = [&](int64_t t) { return ((b * T + t) * Hq + h * groups + g) * D; };
+        if (window > 0) {  // each query's keys start where its window does
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t position = pp[b * T + t], first = std::max<int64_t>(0, position - window + 1);
+            qs[0] = qp + query_at(t), outs[0] = op + query_at(t), counts[0] = position + 1 - first;
+            attend(qs, outs, counts, 1, kp + head, vp + head, stride, first, static_cast<float>(scale), scores.get(), P);
+          }
+          continue;
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += MAX_QUERIES) {  // every query's keys start at 0: read once for all
+          const int64_t n = std::min(MAX_QUERIES, T - t0);
+          for (int64_t t = 0; t < n; ++t) {
+            qs[t] = qp + query_at(t0 + t), outs[t] = op + query_at(t0 + t), counts[t] = pp[b * T + t0 + t] + 1;
+          }
+          attend(qs, outs, counts, n, kp + head, vp + head, stride, 0, static_cast<float>(scale), scores.get(), P);
         }
       }
     }
