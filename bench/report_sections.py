@@ -219,7 +219,13 @@ WHAT_WAS_DONE = [
     "on the drafter's machine makes that call over the drafter's loopback channel (`actors/draft_channel.py`), "
     "not as a Ray call (the two remote columns above). Streams send their first update at once and then one "
     "merged update per `server.stream_interval_s`, not one per round, and the engine loop yields the "
-    "interpreter lock after sending so the reader passes an update on at once.",
+    "interpreter lock after sending so the reader passes an update on at once. A front door reads all its "
+    "streams on a target replica from one feed (`TargetActor.feed`, `cluster/feeds.py`): the updates due in a "
+    "round are one Ray object, not one per stream (with a stream call per sequence each update cost the target "
+    "actor about 0.5 ms at 16 streams), and the HTTP ingress creates its front door once (a burst of first "
+    "requests had left a pair of controller-polling loops per request running: 0.2 cores idle in the ingress "
+    "and as much in the controller). Session 17's run, before both: cluster plain decoding 428 / 548 tokens/s "
+    "at 16 / 64 streams over gRPC, 345 / 438 over HTTP, against 835 / 1,126 in process.",
     "- **draft**: each drafter call is one batched forward over every sequence that drafts, from every target "
     "sharing the drafter (rows may use different exits), continuously batched by call; greedy rows draft up to 4 "
     "tokens in one compiled call (fused greedy drafting), and the controller picks a cheaper exit or a shorter k "
@@ -234,18 +240,25 @@ WHAT_WAS_DONE = [
     "verifying, drafting) reads each row's keys and values from the store in place, its causal limit taken from "
     "positions (`cpu_kernels.cached_attention`; on session 17's Xeon, interleaved in one process, target-xl's "
     "5-token verify at 100 / 400 / 800 cached tokens 3.1 / 6.3 / 6.0 ms against 3.2 / 7.3 / 8.2 with inductor's "
-    "reductions, 16 rows x 5 tokens at 640 cached 47 against 69 ms); every live sequence of a target in one "
+    "reductions, 16 rows x 5 tokens at 640 cached 47 against 69 ms; since session 18 a row's queries read each "
+    "block of 16 keys once and reduce its scores together: per layer 1 row x 5 tokens at 200 keys 18 against "
+    "65 us, 16 rows x 5 tokens at 640 keys 1.5 against 3.6 ms); every live sequence of a target in one "
     "step; a fresh sequence copies a prompt prefix a live one holds instead of computing it.",
-    "- **what is left**: the round is almost all model forwards, and those are bound by reading weights: one "
-    "row of target-xl's matmuls reads its 22 MB at about 21 GB/s on this Xeon (1.0 ms), five rows at 17 GB/s "
-    "(1.3 ms), so a 5-token verify costs 1.7-1.9x a 1-token step once attention and the step's fixed costs are "
-    "added, and the drafter's fused 4-step call reads its 3.8 MB four times. The zoo's drafter agrees with "
-    "target-xl about half the time per token (exit 4: MAL about 3 at k = 4), so a round predicts about 1.1-1.2x "
-    "at one stream. At 16 streams a verify of 16 x 5 rows is compute-bound, so speculation loses there (the "
-    "adaptive controller turns it off per batch size; this benchmark pins exit and k). Through the cluster the "
-    "drafter's call adds ~1.4 ms (loopback channel) to ~3.8 ms (Ray calls) a round on this machine. A drafter "
-    "that agrees more or reads fewer bytes per step (its 4096-token head is a third of its weights; it need not "
-    "be exact, so it could be stored in int8), and a cheaper cluster hop, are what would move it.",
+    "- **what is left**: the round is almost all model forwards, and those are bound by reading weights and by "
+    "the multiply-adds of a few rows: one row of target-xl's matmuls reads its 22 MB at about 21 GB/s on this "
+    "Xeon (1.0 ms); five rows need 5x the multiply-adds, which the packed kernel issues at about the rate the "
+    "weights arrive, so a 5-token verify costs about 1.4-1.7x a 1-token step (perf, verify at 200 cached tokens: "
+    "59% packed matmul, 11% attention, the rest the step's fixed costs in Python and torch's dispatch), and the "
+    "drafter's fused 4-step call reads its 3.8 MB four times. The zoo's drafter agrees with target-xl about half "
+    "the time per token (exit 4: MAL about 3 at k = 4), so a round predicts about 1.1-1.2x at one stream. At 16 "
+    "streams a verify of 16 x 5 rows is compute-bound, so speculation loses there (the adaptive controller turns "
+    "it off per batch size; this benchmark pins exit and k): the cluster's plain decoding is at vLLM's "
+    "autoregressive throughput there, its pinned speculation is not. Through the cluster at one stream the "
+    "drafter's call adds about 0.9 ms a round over the loopback channel, but the target's verify forward also "
+    "takes longer with the drafter in another process than in its own (the profile's columns: 4.6 against 2.7 "
+    "ms), which is now the larger cost and is not explained yet. A drafter that agrees more or reads fewer bytes "
+    "per step (its 4096-token head is a third of its weights; it need not be exact, so it could be stored in "
+    "int8) is what would move the in-process speedup.",
     "",
 ]
 
