@@ -1,6 +1,6 @@
 """EngineLoop: a `SpeculationEngine` stepping on its own thread, fed by many callers.
 
-Callers `submit` a sequence and read its updates from a queue as rounds
+Callers `submit` a sequence and read its updates from its feed as rounds
 complete; `cancel` stops it. Only the loop thread touches the engine: submits
 and cancels wait in an inbox that the loop drains before each round, so new
 sequences join the running batch between rounds (continuous batching).
@@ -8,21 +8,21 @@ sequences join the running batch between rounds (continuous batching).
 Updates go out on feeds (`Feed`): a feed is a queue of messages, each message
 the merged updates of any number of sequences. `TargetActor.generate` gives
 each sequence a feed of its own; a front door has one feed per target replica
-for all its sequences (`TargetActor.feed`), so that a round costs one Ray object
-and one wake-up of the door whatever the number of streams (per-sequence
-streams cost each stream an object and a wake-up of both processes per update:
-at 16 greedy streams of target-xl through gRPC, 0.5 ms of the target actor's
-time per update). A sequence's first update goes out at once (time to first
-token); later rounds are merged on the loop thread into one update per
-interval (`StreamPacing`), and the last goes out at once; the updates due in
-a round go to each feed as one message. Merging here, not in the reader, matters: a reader
-woken by every round takes the interpreter lock from the loop thread each time,
-which cost about 15% of a small model's plain decoding on this project's CPU.
-After a round that sent updates the loop yields the lock once (`time.sleep(0)`):
-the model step does not release it, so a reader would otherwise wait for the
-interpreter's forced switch (5 ms) before it can pass its update on (cluster
-plain decoding of target-l, 2 x 15 s each, same fleet build: 565-571 tokens/s
-against 521-528 without the yield).
+for all its sequences (`TargetActor.feed`), so that a round costs one Ray
+object and one wake-up of the door whatever the number of streams
+(per-sequence streams cost each stream an object and a wake-up of both
+processes per update: at 16 greedy streams of target-xl through gRPC, 0.5 ms
+of the target actor's time per update). A sequence's first update goes out at
+once (time to first token); later rounds are merged on the loop thread into
+one update per interval (`StreamPacing`), and the last goes out at once; the
+updates due in a round go to each feed as one message. Merging here, not in
+the reader, matters: a reader woken by every round takes the interpreter lock
+from the loop thread each time, which cost about 15% of a small model's plain
+decoding on this project's CPU. After a round that sent updates the loop
+yields the lock once (`time.sleep(0)`): the model step does not release it,
+so a reader would otherwise wait for the interpreter's forced switch (5 ms)
+before it can pass its update on (cluster plain decoding of target-l, 2 x 15 s
+each, same fleet build: 565-571 tokens/s against 521-528 without the yield).
 """
 
 import logging

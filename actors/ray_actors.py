@@ -351,7 +351,9 @@ class TargetActor(FleetMember):
             self.loop.cancel_feed(feed)
 
     def _door_feed(self, door: str) -> Feed:
-        return self._door_feeds.setdefault(door, Feed())  # submit and feed may arrive in either order
+        """The door's feed, made by whichever of `submit` and `feed` arrives first (they run on different threads)."""
+        feed = self._door_feeds.get(door)
+        return feed if feed is not None else self._door_feeds.setdefault(door, Feed())
 
     def cancel(self, seq_id: SeqId) -> None:
         self.loop.cancel(seq_id)
