@@ -254,9 +254,10 @@ WHAT_WAS_DONE = [
     "streams a verify of 16 x 5 rows is compute-bound, so speculation loses there (the adaptive controller turns "
     "it off per batch size; this benchmark pins exit and k): the cluster's plain decoding is at vLLM's "
     "autoregressive throughput there, its pinned speculation is not. Through the cluster at one stream the "
-    "drafter's call adds about 0.9 ms a round over the loopback channel, but the target's verify forward also "
-    "takes longer with the drafter in another process than in its own (the profile's columns: 4.6 against 2.7 "
-    "ms), which is now the larger cost and is not explained yet. A drafter that agrees more or reads fewer bytes "
+    "drafter's call adds about 0.8 ms a round over the loopback channel (interleaved in one process, session 18: "
+    "draft 2.3 against 1.5 ms in process, the target's verify 2.8-3.3 against 2.3-3.4 ms, within noise; the "
+    "profile above runs its arms one after the other, so a slower spell of this shared machine can land on one "
+    "of them). A drafter that agrees more or reads fewer bytes "
     "per step (its 4096-token head is a third of its weights; it need not be exact, so it could be stored in "
     "int8) is what would move the in-process speedup.",
     "",
