@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 FeedMessage = list[tuple[SeqId, "SequenceUpdate | BaseException"]]  # updates, or the error that ended a sequence
 
 
+def take_update(item: "SequenceUpdate | BaseException") -> SequenceUpdate:
+    """A sequence's item of a feed message: its update, or raise the error that ended it."""
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
 class Feed:
     """Where the updates of one or more sequences go: `output` gives one `FeedMessage` per get. Only the loop
     thread adds and sends."""

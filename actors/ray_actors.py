@@ -19,7 +19,7 @@ from actors.draft_batcher import DraftBatcher
 from actors.draft_channel import ChannelAddress, ChannelClient, ChannelServer
 from actors.drafters import GREEDY_CUTOFF, Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
-from actors.engine_loop import EngineLoop, Feed, FeedMessage, StreamPacing
+from actors.engine_loop import EngineLoop, Feed, FeedMessage, StreamPacing, take_update
 from actors.errors import CapacityExhausted, DrafterUnavailable, InvalidRequest
 from actors.foreign_drafter import pair_drafter
 from actors.loading import load_tokenizer
@@ -130,13 +130,6 @@ class DrafterActor(DraftService):
         self.runner = ModelRunner.serving(path, settings, drafts=True, trees=trees)
         self.exit_layers, self.max_exit = self.runner.exit_layers, self.runner.num_layers
         self.batcher = DraftBatcher(ModelDrafter(self.runner, greedy_cutoff))
-
-
-def _take(item):
-    """An update from the engine loop's queue, or the error it put there."""
-    if isinstance(item, BaseException):
-        raise item
-    return item
 
 
 class RayCalls:
@@ -323,7 +316,7 @@ class TargetActor(FleetMember):
         try:
             while not finished:
                 for _, item in feed.output.get():
-                    update = _take(item)
+                    update = take_update(item)
                     finished = update.finish_reason is not None
                     yield update
         finally:
@@ -351,7 +344,7 @@ class TargetActor(FleetMember):
             self.loop.cancel_feed(feed)
 
     def _door_feed(self, door: str) -> Feed:
-        """The door's feed, made by whichever of `submit` and `feed` arrives first (they run on different threads)."""
+        """The door's feed, made by whichever of `submit` and `feed` comes first (they run on different threads)."""
         feed = self._door_feeds.get(door)
         return feed if feed is not None else self._door_feeds.setdefault(door, Feed())
 

@@ -62,9 +62,8 @@ class DoorFeeds:
                         queue.put_nowait(item)
         except RayActorError as err:
             error = err
-        except Exception:  # noqa: BLE001 - whatever ended the feed ends its sequences, not the door
+        except Exception:  # noqa: BLE001 - it ends the feed's sequences as a replica failure, not the door
             log.exception("update feed of a target replica failed")
-            error = RayActorError()
         finally:
             if self._feeds.get(key) is feed:
                 del self._feeds[key]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.engine import SequenceUpdate
+from actors.engine_loop import take_update
 from actors.errors import CapacityExhausted, InvalidRequest, ModelNotFound, SpecfleetError
 from actors.loading import load_tokenizer
 from actors.ray_actors import actor_id
@@ -166,9 +167,7 @@ class Frontend:
         try:
             handle.submit.remote(self.feeds.door, seq_id, admitted.prompt + sent, params, admitted.speculation)
             while not finished:
-                update = await updates.get()
-                if isinstance(update, BaseException):
-                    raise update
+                update = take_update(await updates.get())
                 finished = update.finish_reason is not None
                 yield update
         finally:

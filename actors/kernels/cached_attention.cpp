@@ -192,6 +192,12 @@ at::Tensor cached_attention(const at::Tensor& q_in, const at::Tensor& keys, cons
   const int64_t* sp = slots.const_data_ptr<int64_t>();
   const int64_t* pp = positions.const_data_ptr<int64_t>();
   float* op = out.mutable_data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < keys.size(0), "cached_attention: slot out of range");
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(pp[b * T + t] >= 0 && pp[b * T + t] < P, "cached_attention: position outside the store");
+    }
+  }
   const int64_t groups = Hq / Hkv, stride = Hkv * D;
   const AttendQueries attend = attend_for(D / LANES, std::make_integer_sequence<int, MAX_VECTORS>());
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -201,12 +207,7 @@ at::Tensor cached_attention(const at::Tensor& q_in, const at::Tensor& keys, cons
     int64_t counts[MAX_QUERIES];
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t b = unit / Hkv, h = unit % Hkv;
-      TORCH_CHECK(sp[b] >= 0 && sp[b] < keys.size(0), "cached_attention: slot out of range");
       const int64_t head = (sp[b] * P * Hkv + h) * D;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t position = pp[b * T + t];
-        TORCH_CHECK(position >= 0 && position < P, "cached_attention: position outside the store");
-      }
       for (int64_t g = 0; g < groups; ++g) {
         const auto query_at = [&](int64_t t) { return ((b * T + t) * Hq + h * groups + g) * D; };
         if (window > 0) {  // each query's keys start where its window does
