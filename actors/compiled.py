@@ -27,7 +27,7 @@ step's small ops into a few C++ kernels called from C++ (`cpp_wrapper`).
   slower (exit 4, 4 fused steps: 2.7 against 1.5 ms) and took ~10 min.
   With packed weights (`actors.packed_linear`) a narrow graph has no matmul
   left to tune, so 'auto' picks "compile" there; the tuned mode serves
-  checkpoints whose weights float16 cannot hold, and CPUs without AVX-512.
+  checkpoints whose weights float16 cannot hold, and CPUs without AVX-512 or AVX2.
 - "compile-static": one graph per shape bucket (`ShapePolicy(bucketed=True)`),
   the shape discipline CUDA graphs need; each bucket compiles at first use.
 - "eager": no compilation (tests, and a device where compiling has not been

@@ -6,8 +6,9 @@
 
 They are compiled with g++ for the machine they run on at first use (~30 s, then kept in
 ~/.cache/specfleet, keyed by the sources, torch and the CPU) and used only where the CPU has
-AVX-512; elsewhere the models run on torch's own kernels. Compiled graphs call them from C++
-(each has a fake implementation for tracing).
+AVX-512, or AVX2 with FMA and F16C (`kernels/simd.h`: one source, either vector width); elsewhere,
+or where the build fails, the models run on torch's own kernels. Compiled graphs call them from
+C++ (each has a fake implementation for tracing).
 """
 
 import functools
@@ -20,15 +21,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "kernels", "*.cpp")))
+KERNELS = os.path.join(os.path.dirname(__file__), "kernels")
+SOURCES = sorted(glob.glob(os.path.join(KERNELS, "*.cpp")))
+HEADERS = sorted(glob.glob(os.path.join(KERNELS, "*.h")))  # the vector vocabulary they are written in (simd.h)
+VECTOR_CAPABILITIES = ("AVX512", "AVX2")  # what torch calls the CPUs simd.h is written for
 BUILD_FLAGS = ["-O3", "-march=native"]  # built for the machine that runs it
 ATTENTION_HEAD_DIMS = range(16, 257, 16)  # what cached_attention.cpp takes: whole registers, accumulators in registers
 
 
 @functools.cache
 def available() -> bool:
-    """Whether this process can run the kernels: a CPU with AVX-512, and the library built and loaded."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+    """Whether this process can run the kernels: a CPU with AVX-512 or AVX2, and the library built and loaded."""
+    if torch.backends.cpu.get_cpu_capability() not in VECTOR_CAPABILITIES:
         return False
     try:
         _load_library()
@@ -79,7 +83,7 @@ def _load_library() -> None:
 def _build_key() -> str:
     """A digest of what the built library depends on: the sources, the flags, torch, and this CPU (`-march=native`)."""
     digest = hashlib.sha256()
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         with open(path, "rb") as source:
             digest.update(source.read())
     digest.update(" ".join([*BUILD_FLAGS, torch.__version__]).encode())

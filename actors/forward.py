@@ -15,7 +15,7 @@ Projections are fused at load (q/k/v into one matrix, gate/up into one) and
 pre-transposed ([in, out], which this CPU's matmul reads faster for a few
 rows): two fewer matmuls per layer and per token, the same arithmetic as
 Hugging Face's separate ones up to float rounding. With `kernels`, a CPU with
-AVX-512 runs the project's own kernels (`actors.cpu_kernels`): each matmul
+AVX-512 or AVX2 runs the project's own kernels (`actors.cpu_kernels`): each matmul
 weight that float16 holds exactly is stored packed in float16 and multiplied by
 in float32 (`actors.packed_linear`), and a causal step attends over the store
 in place (`cpu_kernels.cached_attention`, no mask tensor, no copied keys).

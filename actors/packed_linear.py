@@ -10,7 +10,7 @@ checkpoints), so the arithmetic is float32 on the same values, summed in a fixed
 order that does not depend on the batch.
 
 The kernel is one of `actors.cpu_kernels`: built for the machine at first use,
-used only where the CPU has AVX-512.
+used only where the CPU has AVX-512 or AVX2.
 """
 
 import torch

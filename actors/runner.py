@@ -60,7 +60,7 @@ class RunnerSettings(BaseModel):
         "checkpoint, seconds from inductor's cache later); compiling happens at start-up.",
     )
     cpu_kernels: bool = Field(
-        True, description="On a CPU with AVX-512, run the project's own kernels (actors.cpu_kernels): float32 matmul "
+        True, description="On a CPU with AVX-512 or AVX2, run the project's own kernels (actors.cpu_kernels): float32 matmul "
         "weights that float16 holds exactly stored packed in float16 and multiplied by in float32 (the same values and "
         "arithmetic, half the bytes to read per step, faster than MKL for a few rows), and a step's causal attention "
         "read in place from the KV store. They compile at the first start on a machine (~30 s); no effect elsewhere.",

@@ -7,7 +7,7 @@ import torch
 from actors import cpu_kernels, packed_linear
 from actors.runner import ModelRunner
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="needs a CPU with AVX-512 and g++")
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="needs a CPU with AVX-512 or AVX2, and g++")
 
 
 def _weight(k: int, n: int, seed: int = 0) -> torch.Tensor:

@@ -1,19 +1,18 @@
-// Causal attention of a step's queries over the keys and values a KV store holds, for a CPU with AVX-512.
+// Causal attention of a step's queries over the keys and values a KV store holds, for a CPU with AVX-512 or AVX2.
 //
 // A decode step or a verify has a few queries per sequence and hundreds of cached keys. Written
 // in torch ops, the attention copies each row's keys out of the store or (compiled) runs as
 // scalar reductions; here the queries of a sequence read its keys and values in place, with
 // the causal (and sliding-window) limits taken from each query's position instead of a mask
-// tensor. A block of 16 keys is read once for all the step's queries of a row and head, their
-// 16 scores reduced together (a transpose tree, not 16 horizontal sums), and a value once for
-// up to 4 queries. Each query's result depends only on its own vector and the keys it sees,
-// summed in key order: not on the batch or the width of the step. Against one query at a time
-// with a horizontal sum per key (Xeon, 5 heads of 64, one layer): 1 row x 1 token at 200 cached
-// keys 8.4 against 18.0 us, 5 tokens 18.4 against 65.2; 16 rows x 5 tokens at 640 keys 1.5
-// against 3.6 ms (16 rows x 1 token: about 1.0 ms either way, bound by reading the keys).
+// tensor. A block of keys (one per vector lane) is read once for all the step's queries of a row
+// and head, their scores reduced together (a transpose tree, not a horizontal sum per key), and a
+// value once for up to 4 queries. Each query's result depends only on its own vector and the keys
+// it sees, summed in key order: not on the batch or the width of the step. Against one query at a
+// time with a horizontal sum per key (Xeon, AVX-512, 5 heads of 64, one layer): 1 row x 1 token at
+// 200 cached keys 8.4 against 18.0 us, 5 tokens 18.4 against 65.2; 16 rows x 5 tokens at 640 keys
+// 1.5 against 3.6 ms (16 rows x 1 token: about 1.0 ms either way, bound by reading the keys).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,131 +21,97 @@
 #include <memory>
 #include <utility>
 
+#include "simd.h"
+
 namespace {
 
-constexpr int64_t LANES = 16;                  // floats per AVX-512 register
+using simd::LANES;
+using simd::Vec;
+constexpr int64_t HEAD_DIM_MULTIPLE = 16;      // the head widths taken, whatever the vector width
 constexpr int64_t MAX_HEAD_DIM = 256;          // a head's accumulators live in registers
 constexpr int64_t MAX_VECTORS = MAX_HEAD_DIM / LANES;
 
-// e^x for 16 floats (Cephes' expf: range reduction by ln 2, degree-5 polynomial; about 1 ulp)
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-// The sums of 16 vectors' lanes, as one vector (lane j: the sum of s[j]): a transpose tree that adds each
-// vector's lanes in the same order whatever its index, instead of 16 horizontal reductions.
-inline __m512 sum_lanes16(const __m512 s[LANES]) {
-  __m512 pairs[8], quads[4];
-  for (int j = 0; j < 8; ++j) {  // per 128-bit block: [a0+a2, b0+b2, a1+a3, b1+b3] of a = s[2j], b = s[2j+1]
-    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(s[2 * j], s[2 * j + 1]), _mm512_unpackhi_ps(s[2 * j], s[2 * j + 1]));
-  }
-  for (int j = 0; j < 4; ++j) {  // per 128-bit block: the block's sums of s[4j..4j+3]
-    const __m512d a = _mm512_castps_pd(pairs[2 * j]), b = _mm512_castps_pd(pairs[2 * j + 1]);
-    quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  __m512 halves[2];
-  for (int j = 0; j < 2; ++j) {  // [blocks 0+1 of quads[2j], blocks 2+3 of it, the same of quads[2j+1]]
-    halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], 0x88),
-                              _mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], 0xDD));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
-                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
-}
-
-// q . key for `count` <= 16 keys from `key` on, `stride` floats apart: one vector of scores (lanes past count: 0)
+// q . key for `count` <= LANES keys from `key` on, `stride` floats apart: one vector of scores (lanes past count: 0)
 template <int V>
-inline __m512 dots16(const float* q, const float* key, int64_t stride, int64_t count) {
-  __m512 query[V];
-  for (int v = 0; v < V; ++v) query[v] = _mm512_loadu_ps(q + v * LANES);
-  __m512 sums[LANES];
+inline Vec dots(const float* q, const float* key, int64_t stride, int64_t count) {
+  Vec query[V];
+  for (int v = 0; v < V; ++v) query[v] = simd::load(q + v * LANES);
+  Vec sums[LANES];
   for (int64_t j = 0; j < LANES; ++j) {
-    sums[j] = _mm512_setzero_ps();
+    sums[j] = simd::zero();
     if (j >= count) continue;
     const float* row = key + j * stride;
-    for (int v = 0; v < V; ++v) sums[j] = _mm512_fmadd_ps(query[v], _mm512_loadu_ps(row + v * LANES), sums[j]);
+    for (int v = 0; v < V; ++v) sums[j] = simd::fmadd(query[v], simd::load(row + v * LANES), sums[j]);
   }
-  return sum_lanes16(sums);
+  return simd::sum_lanes(sums);
 }
 
 // exp(scores - max) in place over `count` scores; returns 1 / their sum
 inline float softmax_numerators(float* scores, int64_t count, float top) {
-  const __m512 shift = _mm512_set1_ps(top);
-  __m512 total = _mm512_setzero_ps();
+  const Vec shift = simd::set1(top);
+  Vec total = simd::zero();
   for (int64_t i = 0; i < count; i += LANES) {
-    const __mmask16 live = static_cast<__mmask16>((1u << std::min(LANES, count - i)) - 1u);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, scores + i), shift));
-    _mm512_mask_storeu_ps(scores + i, live, e);
-    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(live, e));
+    const int64_t live = std::min(LANES, count - i);
+    const Vec e = simd::exp(simd::sub(simd::load_first(scores + i, live), shift));
+    simd::store_first(scores + i, e, live);
+    total = simd::add(total, simd::keep_first(e, live));
   }
-  return 1.0f / _mm512_reduce_add_ps(total);
+  return 1.0f / simd::reduce_add(total);
 }
 
 // outs[m] = sum over j < counts[m] of weights[m][j] * values[j] [D], times inverses[m], for M queries: each value
-// is read once for all M, and each query's sum runs over j in order, as it would alone (V = D / 16).
+// is read once for all M, and each query's sum runs over j in order, as it would alone (V = D / LANES).
 template <int V, int M>
 void weigh_values(const float* values, int64_t stride, const float* const* weights, const int64_t* counts,
                   const float* inverses, float* const* outs) {
   const int64_t longest = *std::max_element(counts, counts + M);
-  __m512 acc[M][V];
+  Vec acc[M][V];
   for (int m = 0; m < M; ++m)
-    for (int v = 0; v < V; ++v) acc[m][v] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) acc[m][v] = simd::zero();
   for (int64_t j = 0; j < longest; ++j) {
     const float* row = values + j * stride;
-    __m512 value[V];
-    for (int v = 0; v < V; ++v) value[v] = _mm512_loadu_ps(row + v * LANES);
+    Vec value[V];
+    for (int v = 0; v < V; ++v) value[v] = simd::load(row + v * LANES);
     for (int m = 0; m < M; ++m) {
       if (j >= counts[m]) continue;
-      const __m512 weight = _mm512_set1_ps(weights[m][j]);
-      for (int v = 0; v < V; ++v) acc[m][v] = _mm512_fmadd_ps(weight, value[v], acc[m][v]);
+      const Vec weight = simd::set1(weights[m][j]);
+      for (int v = 0; v < V; ++v) acc[m][v] = simd::fmadd(weight, value[v], acc[m][v]);
     }
   }
   for (int m = 0; m < M; ++m) {
-    const __m512 norm = _mm512_set1_ps(inverses[m]);
-    for (int v = 0; v < V; ++v) _mm512_storeu_ps(outs[m] + v * LANES, _mm512_mul_ps(acc[m][v], norm));
+    const Vec norm = simd::set1(inverses[m]);
+    for (int v = 0; v < V; ++v) simd::store(outs[m] + v * LANES, simd::mul(acc[m][v], norm));
   }
 }
 
 constexpr int64_t MAX_QUERIES = 16;  // queries of one row and head attended together (a narrow step's width)
 
 // The queries of one row and head that see keys first..first+counts[n]-1 (counts[n] >= 1): softmax(q . keys *
-// scale) @ values -> outs[n] [D], V = D / 16. A block of 16 keys is read once for all queries (then from L1),
+// scale) @ values -> outs[n] [D], V = D / LANES. A block of LANES keys is read once for all queries (then from L1),
 // and a value once for up to 4 queries at a time; each query's arithmetic is the same as if it were alone.
 // scores: scratch [MAX_QUERIES][width].
 template <int V>
 void attend_queries(const float* const* qs, float* const* outs, const int64_t* counts, int64_t n, const float* keys,
                     const float* values, int64_t stride, int64_t first, float scale, float* scores, int64_t width) {
   const int64_t most = *std::max_element(counts, counts + n);
-  __m512 tops[MAX_QUERIES];
-  for (int64_t t = 0; t < n; ++t) tops[t] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  Vec tops[MAX_QUERIES];
+  for (int64_t t = 0; t < n; ++t) tops[t] = simd::set1(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < most; i += LANES) {
     const float* block_keys = keys + (first + i) * stride;
     for (int64_t t = 0; t < n; ++t) {
       if (counts[t] <= i) continue;
       const int64_t block = std::min(LANES, counts[t] - i);
-      const __mmask16 live = static_cast<__mmask16>((1u << block) - 1u);
-      const __m512 block_scores = _mm512_mul_ps(dots16<V>(qs[t], block_keys, stride, block), _mm512_set1_ps(scale));
-      _mm512_mask_storeu_ps(scores + t * width + i, live, block_scores);
-      tops[t] = _mm512_mask_max_ps(tops[t], live, tops[t], block_scores);
+      const Vec block_scores = simd::mul(dots<V>(qs[t], block_keys, stride, block), simd::set1(scale));
+      simd::store_first(scores + t * width + i, block_scores, block);
+      tops[t] = simd::max_first(tops[t], block_scores, block);
     }
   }
   float inverses[MAX_QUERIES];
   for (int64_t t = 0; t < n; ++t) {
-    inverses[t] = softmax_numerators(scores + t * width, counts[t], _mm512_reduce_max_ps(tops[t]));
+    inverses[t] = softmax_numerators(scores + t * width, counts[t], simd::reduce_max(tops[t]));
   }
-  // queries sharing a pass over the values: GROUP x V accumulators and V values stay within 32 registers
-  constexpr int64_t GROUP = std::max<int64_t>(1, std::min<int64_t>(4, 24 / V));
+  // queries sharing a pass over the values: GROUP x V accumulators and V values stay within the registers
+  constexpr int64_t GROUP = std::max<int64_t>(1, std::min<int64_t>(4, simd::REGISTERS * 3 / 4 / V));
   for (int64_t g = 0; g < n; g += GROUP) {
     const int64_t members = std::min(GROUP, n - g);
     const float* weights[GROUP];
@@ -179,7 +144,7 @@ at::Tensor cached_attention(const at::Tensor& q_in, const at::Tensor& keys, cons
   TORCH_CHECK(keys.is_contiguous() && values.is_contiguous(), "cached_attention: a contiguous store");
   const int64_t B = q_in.size(0), T = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
   const int64_t P = keys.size(1), Hkv = keys.size(2);
-  TORCH_CHECK(keys.size(3) == D && D % LANES == 0 && D <= MAX_HEAD_DIM && Hq % Hkv == 0,
+  TORCH_CHECK(keys.size(3) == D && D % HEAD_DIM_MULTIPLE == 0 && D <= MAX_HEAD_DIM && Hq % Hkv == 0,
               "cached_attention: head_dim a multiple of 16 up to 256, query heads a multiple of key heads");
   const at::Tensor q = q_in.contiguous();
   const at::Tensor slots = slots_in.to(at::kLong).contiguous();

@@ -1,55 +1,74 @@
-// y = x @ W for a CPU with AVX-512: W stored float16, packed in column tiles; arithmetic in float32.
+// y = x @ W for a CPU with AVX-512 or AVX2: W stored float16, packed in column tiles; arithmetic in float32.
 //
 // A decode step or a verify multiplies a few rows by every weight matrix once, so it is
 // bound by reading the weights. Packed as [N/32, K, 32] float16 (exact for weights that
 // float16 holds), each tile of 32 output columns is read once, sequentially, for up to
-// ROW_BLOCK rows at a time, and widened to float32 in registers. Every output element is
-// summed over k = 0..K-1 in order, whatever the number of rows: a row's result does not
-// depend on the batch it runs in.
+// ROW_BLOCK rows at a time, and widened to float32 in registers. A pass over the tile's
+// k covers as many of its columns as the registers hold accumulators for: the whole tile
+// on AVX-512; on AVX2 (16 registers) the whole tile for one or two rows, whose four
+// independent sums per row keep the FMA units busy, and half of it twice for more rows.
+// Every output element is summed over k = 0..K-1 in order, whatever the number of rows or
+// the pass: a row's result does not depend on the batch it runs in.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <utility>
+
+#include "simd.h"
 
 namespace {
 
-constexpr int64_t TILE = 32;      // output columns per packed tile: two 16-float registers
-constexpr int64_t ROW_BLOCK = 8;  // rows whose accumulators stay in registers (2 x 8 of 32)
+using simd::LANES;
+using simd::Vec;
+constexpr int64_t TILE = 32;                       // output columns per packed tile
+constexpr int TILE_VECTORS = TILE / LANES;         // 2 on AVX-512, 4 on AVX2
+constexpr int FEW_VECTORS = 2;                     // a pass's width where the whole tile's accumulators do not fit
+constexpr int64_t ROW_BLOCK = std::min(8, (simd::REGISTERS - 4) / FEW_VECTORS);  // 8 on AVX-512, 6 on AVX2
 
+// The vectors of columns a pass of ROWS rows covers: the whole tile where its accumulators, weights and x fit
 template <int64_t ROWS>
-void multiply_tile(const float* x, int64_t ldx, const uint16_t* tile, int64_t K, float* y, int64_t ldy) {
-  __m512 low[ROWS], high[ROWS];
-  for (int64_t r = 0; r < ROWS; ++r) {
-    low[r] = _mm512_setzero_ps();
-    high[r] = _mm512_setzero_ps();
-  }
+constexpr int pass_vectors() {
+  return (ROWS + 1) * TILE_VECTORS + 1 <= simd::REGISTERS ? TILE_VECTORS : FEW_VECTORS;
+}
+
+// ROWS rows of x times VECTORS * LANES columns of a tile (`tile` at the pass's first column)
+template <int64_t ROWS, int VECTORS>
+void multiply_pass(const float* x, int64_t ldx, const uint16_t* tile, int64_t K, float* y, int64_t ldy) {
+  Vec acc[ROWS][VECTORS];
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECTORS; ++v) acc[r][v] = simd::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 w_low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + k * TILE)));
-    const __m512 w_high = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + k * TILE + 16)));
+    Vec w[VECTORS];
+    for (int v = 0; v < VECTORS; ++v) w[v] = simd::load_halves(tile + k * TILE + v * LANES);
     for (int64_t r = 0; r < ROWS; ++r) {
-      const __m512 xk = _mm512_set1_ps(x[r * ldx + k]);
-      low[r] = _mm512_fmadd_ps(xk, w_low, low[r]);
-      high[r] = _mm512_fmadd_ps(xk, w_high, high[r]);
+      const Vec xk = simd::set1(x[r * ldx + k]);
+      for (int v = 0; v < VECTORS; ++v) acc[r][v] = simd::fmadd(xk, w[v], acc[r][v]);
     }
   }
-  for (int64_t r = 0; r < ROWS; ++r) {
-    _mm512_storeu_ps(y + r * ldy, low[r]);
-    _mm512_storeu_ps(y + r * ldy + 16, high[r]);
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int v = 0; v < VECTORS; ++v) simd::store(y + r * ldy + v * LANES, acc[r][v]);
+}
+
+// ROWS rows of x times one packed tile: y[:ROWS, :TILE], in passes as wide as the registers allow
+template <int64_t ROWS>
+void multiply_tile(const float* x, const uint16_t* tile, int64_t K, float* y, int64_t N) {
+  constexpr int VECTORS = pass_vectors<ROWS>();
+  for (int64_t column = 0; column < TILE; column += VECTORS * LANES) {
+    multiply_pass<ROWS, VECTORS>(x, K, tile + column, K, y + column, N);
   }
+}
+
+template <int64_t... Rows>
+void multiply_rows(int64_t rows, const float* x, const uint16_t* tile, int64_t K, float* y, int64_t N,
+                   std::integer_sequence<int64_t, Rows...>) {
+  ((rows == Rows + 1 ? multiply_tile<Rows + 1>(x, tile, K, y, N) : void()), ...);
 }
 
 // rows (at most ROW_BLOCK) of x times one packed tile: y[:rows, :TILE]
 void multiply_block(const float* x, int64_t rows, const uint16_t* tile, int64_t K, float* y, int64_t N) {
-  switch (rows) {
-    case 1: return multiply_tile<1>(x, K, tile, K, y, N);
-    case 2: return multiply_tile<2>(x, K, tile, K, y, N);
-    case 3: return multiply_tile<3>(x, K, tile, K, y, N);
-    case 4: return multiply_tile<4>(x, K, tile, K, y, N);
-    case 5: return multiply_tile<5>(x, K, tile, K, y, N);
-    case 6: return multiply_tile<6>(x, K, tile, K, y, N);
-    case 7: return multiply_tile<7>(x, K, tile, K, y, N);
-    default: return multiply_tile<ROW_BLOCK>(x, K, tile, K, y, N);
-  }
+  multiply_rows(rows, x, tile, K, y, N, std::make_integer_sequence<int64_t, ROW_BLOCK>());
 }
 
 // x [..., K] float32, packed [N/32, K, 32] float16 -> [..., N] float32
