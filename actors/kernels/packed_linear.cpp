@@ -25,6 +25,11 @@ using simd::Vec;
 constexpr int64_t TILE = 32;                       // output columns per packed tile
 constexpr int TILE_VECTORS = TILE / LANES;         // 2 on AVX-512, 4 on AVX2
 constexpr int FEW_VECTORS = 2;                     // a pass's width where the whole tile's accumulators do not fit
+// Weight rows a pass asks the cache for ahead of the one it multiplies (8 KB: two pages on, where the hardware's
+// prefetcher, which stops at each page, does not reach): the tiles follow one another in memory, so near a tile's
+// end it fetches the next one's. Target-xl's 22 MB of packed weights on an AMD EPYC (AVX2), medians interleaved in
+// one process: 1 row 1.16 against 1.62 ms, 5 rows 2.20 against 2.68, 16 rows 5.11 against 5.65.
+constexpr int64_t PREFETCH_K = 8192 / (TILE * sizeof(uint16_t));
 constexpr int64_t ROW_BLOCK = std::min(8, (simd::REGISTERS - 4) / FEW_VECTORS);  // 8 on AVX-512, 6 on AVX2
 
 // The vectors of columns a pass of ROWS rows covers: the whole tile where its accumulators, weights and x fit
@@ -40,6 +45,7 @@ void multiply_pass(const float* x, int64_t ldx, const uint16_t* tile, int64_t K,
   for (int64_t r = 0; r < ROWS; ++r)
     for (int v = 0; v < VECTORS; ++v) acc[r][v] = simd::zero();
   for (int64_t k = 0; k < K; ++k) {
+    _mm_prefetch(reinterpret_cast<const char*>(tile + (k + PREFETCH_K) * TILE), _MM_HINT_T0);
     Vec w[VECTORS];
     for (int v = 0; v < VECTORS; ++v) w[v] = simd::load_halves(tile + k * TILE + v * LANES);
     for (int64_t r = 0; r < ROWS; ++r) {
