@@ -232,7 +232,7 @@ WHAT_WAS_DONE = [
     "per target, or turns speculation off, from measured goodput.",
     "- **forwards**: one preallocated KV store per replica (slots written by position), a fused step (q/k/v and "
     "gate/up in one matmul each, weights pre-transposed) compiled by inductor at start-up "
-    "(`RunnerSettings.compile`); on a CPU with AVX-512 the project's own kernels (`actors/cpu_kernels.py`, "
+    "(`RunnerSettings.compile`); on a CPU with AVX-512 or AVX2 the project's own kernels (`actors/cpu_kernels.py`, "
     "`RunnerSettings.cpu_kernels`): every matmul weight that float16 holds exactly is stored packed in float16 "
     "and multiplied in float32 (`actors/packed_linear.py`: half the bytes, each weight tile read once for up to "
     "8 rows; on session 16's AMD EPYC target-xl's 1-token step 1.4-1.5 ms against 2.1-2.2 with the tuned "
