@@ -155,12 +155,13 @@ def shape_policy(mode: CompileMode) -> ShapePolicy:
     return ShapePolicy(bucketed=(mode == "compile-static"))
 
 
-def warm_up(run: Callable[[int, int, int, int], object], depths: list[int],
+def warm_up(run: Callable[..., object], depths: list[int],
             draft: Callable[[int, int, int, int], object] | None = None,
             tree: Callable[[int, int, int, int], object] | None = None) -> float:
     """Compile every graph a dynamic-shape runner uses; returns the seconds it took.
 
-    `run(batch, width, start, depth)` runs one step on scratch rows; `draft(batch, steps,
+    `run(batch, width, start, depth, last_only=False)` runs one step on scratch rows (with `last_only`, scoring
+    each row's last token only, as a prompt's chunk does); `draft(batch, steps,
     start, depth)`, given for a drafter, one fused greedy draft of `steps` steps; `tree(batch,
     width, region, depth)`, given where token trees are served, one tree step of `width` new
     tokens ending a region of `region` entries (a whole tree verified, or a drafter's level).
@@ -174,7 +175,8 @@ def warm_up(run: Callable[[int, int, int, int], object], depths: list[int],
         for batch in (1, 2):
             run(batch, 1, 8, depth)  # decoding, drafting: one new token per row
             run(batch, 3, 8, depth)  # verifying a draft
-            run(batch, NARROW_WIDTH + 1, 8, depth)  # a prompt's chunk: graphs split at NARROW_WIDTH
+            run(batch, NARROW_WIDTH + 1, 8, depth)  # wide steps: graphs split at NARROW_WIDTH
+            run(batch, NARROW_WIDTH + 1, 8, depth, True)  # a prompt's chunk, scored at its last token only
             for steps in FUSED_DRAFT_STEPS if draft is not None else ():
                 draft(batch, steps, 8, depth)
             for width, region in ((3, 3), (3, 7), (NARROW_WIDTH + 1, NARROW_WIDTH + 5)) if tree is not None else ():

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from actors.buckets import MAX_WIDTH
+from actors.buckets import MAX_WIDTH, NARROW_WIDTH
 from actors.compiled import (DYNAMIC_MODES, FUSED_DRAFT_FEED, FUSED_DRAFT_STEPS, CompileSetting,
                               StepFunction, TunedStep, compile_step, resolve_mode, shape_policy, warm_up,
                               weights_fingerprint)
@@ -102,6 +102,7 @@ class ModelRunner:
                                                         self.step.packs_every_matmul)
         fingerprint = weights_fingerprint(list(self.step.buffers())) if compile_mode == "compile-tuned" else ""
         self._run: StepFunction = compile_step(self.step.forward, compile_mode, fingerprint)
+        self._run_last: StepFunction = compile_step(self.step.forward_last, compile_mode, fingerprint)
         self._draft: StepFunction = compile_step(self.step.draft_greedy, compile_mode, fingerprint)
         self._run_tree: StepFunction = compile_step(self.step.forward_tree, compile_mode, fingerprint)
         self.shapes = shape_policy(compile_mode)
@@ -357,16 +358,21 @@ class ModelRunner:
         slots = torch.tensor([caches[r].slot for r in chunk.rows] + [self.store.scratch_slot] * pad)
         exits = torch.tensor(chunk.exits + [max(chunk.exits)] * pad)
         keys = self.shapes.keys(max(s + len(t) for s, t in zip(chunk.starts, chunk.tokens)), self.store.positions)
+        last = torch.tensor([len(t) - 1 for t in chunk.tokens] + [0] * pad)  # [b]
+        if last_only and width > NARROW_WIDTH:  # a prompt's chunk: the head only where it is read
+            return self._call(ids, starts, slots, exits, keys, max(chunk.exits), last)[:count, 0]  # [count, V]
         logits = self._call(ids, starts, slots, exits, keys, max(chunk.exits))  # [b, T, V]
         if not last_only:
             return logits
-        return logits[torch.arange(count), torch.tensor([len(t) - 1 for t in chunk.tokens])]  # [count, V]
+        return logits[torch.arange(count), last[:count]]  # [count, V]
 
-    def _call(self, ids, starts, slots, exits, keys: int, depth: int) -> torch.Tensor:
+    def _call(self, ids, starts, slots, exits, keys: int, depth: int, last: torch.Tensor | None = None) -> torch.Tensor:
+        """The step over ids [b, T] from `starts` [b]: logits [b, T, V], or with `last` [b] those of that token
+        of each row, [b, 1, V]."""
         device = self._device
         positions = starts[:, None] + torch.arange(ids.shape[1])[None, :]  # [b, T]; padding runs past a row's end
-        return self._run(self.store, ids.to(device), positions.to(device), slots.to(device), exits.to(device),
-                         keys, depth)
+        inputs = (self.store, ids.to(device), positions.to(device), slots.to(device), exits.to(device), keys, depth)
+        return self._run(*inputs) if last is None else self._run_last(*inputs, last.to(device))
 
     def warm_up(self, drafts: bool = False, trees: bool = False) -> float:
         """Compile the graphs of every exit the model declares (a dynamic-shape runner), with `drafts` also its
@@ -378,10 +384,11 @@ class ModelRunner:
             return 0.0
         full = lambda batch, value: torch.full((batch,), value, dtype=torch.long)
 
-        def scratch_step(batch: int, width: int, start: int, depth: int) -> None:
+        def scratch_step(batch: int, width: int, start: int, depth: int, last_only: bool = False) -> None:
             with torch.inference_mode():
                 self._call(torch.zeros(batch, width, dtype=torch.long), full(batch, start),
-                           full(batch, self.store.scratch_slot), full(batch, depth), start + width, depth)
+                           full(batch, self.store.scratch_slot), full(batch, depth), start + width, depth,
+                           full(batch, width - 1) if last_only else None)
 
         def scratch_draft(batch: int, steps: int, start: int, depth: int) -> None:
             on_device = lambda value: full(batch, value).to(self._device)
@@ -398,7 +405,7 @@ class ModelRunner:
 
         seconds = warm_up(scratch_step, sorted(set(self.exit_layers)), scratch_draft if drafts else None,
                           scratch_tree if trees else None)
-        for step in (self._run, self._draft, self._run_tree):
+        for step in (self._run, self._run_last, self._draft, self._run_tree):
             if isinstance(step, TunedStep):
                 step.settle()
         return seconds

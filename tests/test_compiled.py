@@ -47,6 +47,8 @@ def run_script(runner: ModelRunner, prompts: list[list[int]], prefix: str) -> li
         runner.rollback(seq_id, len(prompt) + 1)
     out += runner.forward(ids, [[9, 10]] * len(ids))
     out += runner.forward(ids[:1], [[11]])  # one row alone: a batch of 1 has graphs of its own
+    ids += fresh_ids(runner, f"{prefix}long", 1)
+    out += runner.forward(ids[-1:], [(sum(prompts, []) * 80)[:80]], last_only=True)  # wide chunks scored at the last token
     for seq_id in ids:
         runner.free(seq_id)
     return out

@@ -56,6 +56,27 @@ def test_a_mixed_length_batch_equals_each_sequence_alone(target, prompts):
         assert torch.equal(batched_next[i].argmax(-1), alone_next.argmax(-1))
 
 
+def test_prompt_chunks_scored_at_their_last_token_only_give_its_logits(target, prompts):
+    """Chunks wider than `NARROW_WIDTH` with `last_only` run the head at each row's last token alone
+    (`DecoderStep.forward_last`): two rows of different lengths, each over two chunks, ending at different places
+    of the second."""
+    long_prompts = [(prompts[7] * 5)[:100], (prompts[6] + prompts[7] * 4)[:74]]  # 64 + 36, 64 + 10 tokens
+    whole_ids, last_ids = ["whole0", "whole1"], ["last0", "last1"]
+    for seq_id in whole_ids:
+        target.add_sequence(seq_id)
+    whole = target.forward(whole_ids, long_prompts)
+    for seq_id in whole_ids:
+        target.free(seq_id)  # else the last-only rows would copy their prompts from these
+    for seq_id in last_ids:
+        target.add_sequence(seq_id)
+    last = target.forward(last_ids, long_prompts, last_only=True)
+    for row_whole, row_last in zip(whole, last):
+        assert row_last.shape == (1, target.vocab_size)
+        torch.testing.assert_close(row_last[0], row_whole[-1], atol=ATOL, rtol=0)
+        assert int(row_last[0].argmax()) == int(row_whole[-1].argmax())
+    assert [target.cached_length(s) for s in last_ids] == [100, 74]
+
+
 def test_rollback_after_a_draft_matches_a_fresh_prefill(target, prompts):
     context, draft, correction = prompts[2], [11, 12, 13, 14], [42, 43]
     target.add_sequence("speculating")
