@@ -26,6 +26,7 @@ paid once (316 / 331 / 334 MiB). start/commit/finish stay on the callers'
 threads: they are bookkeeping (lists, a dict, a `torch.Generator`), not forwards.
 """
 
+import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from actors.drafters import Draft, DraftJob, DraftRequest, SteppedDrafter
 from actors.runner import SeqId
 from actors.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,8 +61,21 @@ class DraftBatcher:
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-forward")
 
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams) -> None:
+        """Start a sequence, and queue its prompt's forward (`prefill`) on the forward thread without waiting for
+        it: a target calls `start` just before it prefills the same prompt in its own process, so the drafter's
+        prefill runs meanwhile instead of inside the first proposal (target-xl's 640-token prompt: ~150 ms, the
+        drafter's at exit 4: ~28 ms, on one core each)."""
         with self._state_lock:
             self.drafter.start(seq_id, prompt, params)
+        self._forward_thread.submit(self._prefill, seq_id)
+
+    def _prefill(self, seq_id: SeqId) -> None:
+        """An optimisation only: if it fails, the first proposal prefills and reports the error to its caller."""
+        try:
+            with self._state_lock:
+                self.drafter.prefill(seq_id)
+        except Exception:
+            log.warning("prefilling a started sequence failed; its first proposal prefills it", exc_info=True)
 
     def commit(self, seq_id: SeqId, emitted: list[int], rewind: int = 0) -> None:
         with self._state_lock:

@@ -136,6 +136,9 @@ class SteppedDrafter(Drafter):
         A proposal whose sequence was finished meanwhile stops where it is.
         """
 
+    def prefill(self, seq_id: SeqId) -> None:
+        """Do ahead of a started sequence's first proposal what that proposal would begin with (nothing here)."""
+
     def propose(self, requests: Sequence[DraftRequest]) -> list[Draft]:
         job = self.begin(requests)
         while not job.done:
@@ -242,6 +245,15 @@ class ModelDrafter(SteppedDrafter):
         self.runner.add_sequence(seq_id)
         seed = None if params.seed is None else params.seed + DRAFT_SEED_OFFSET
         self._states[seq_id] = _ModelDraftState(list(prompt), params, make_generator(seed))
+
+    def prefill(self, seq_id: SeqId) -> None:
+        """Cache a started sequence's context but its last token, at the deepest exit (the exit its proposals will
+        ask for is not known yet; a deeper cache serves every shallower exit). A sequence finished meanwhile, or
+        one whose cache already holds that much, is left as it is."""
+        state = self._states.get(seq_id)
+        cached = self.runner.cached_length(seq_id) if state is not None else 0
+        if state is not None and cached < len(state.context) - 1:
+            self.runner.forward([seq_id], [state.context[cached:-1]], [self.default_exit], last_only=True)
 
     def begin(self, requests: Sequence[DraftRequest]) -> _ModelDraftJob:
         return _ModelDraftJob([self._tree_row(r) if r.tree is not None else self._chain_row(r) for r in requests])

@@ -82,10 +82,10 @@ def test_concurrent_callers_get_their_own_drafts_from_fewer_forwards(drafter_run
 
 
 def test_a_late_proposal_joins_the_next_call_of_one_under_way(drafter_runner, prompts):
-    """B arrives during A's first call (k 6) and, with k 3, is done after A's 3rd: 4 calls in all, not 5.
+    """B arrives during A's first call (k 10) and, with k 3, is done after the 3rd call, before A is: 5 calls.
 
-    A alone: its prompt's step, a fused call of 4 steps, one step. Joined: A's prompt step; A's second
-    step with B's prompt step; a fused call of 2 steps for both (B done); A's last fused 2 steps.
+    Both prompts are prefilled at `start`, so every call drafts. A alone: fused calls of 4, 4 and 2 steps.
+    Joined: A's 4; A's and B's 2; one step each (B done); A's 2; A's last step.
     """
     hooks = {}
     batcher = DraftBatcher(HookedDrafter(drafter_runner, hooks))
@@ -98,20 +98,20 @@ def test_a_late_proposal_joins_the_next_call_of_one_under_way(drafter_runner, pr
         wait_until_queued(batcher)
 
     def note_whether_b_was_served():
-        """Runs before A's 4th call, holding the leader: B must already have its drafts in hand."""
+        """Runs before the 4th call, holding the leader: B must already have its drafts in hand."""
         deadline = time.monotonic() + 30
         while "result" not in late["outcome"] and time.monotonic() < deadline:
             time.sleep(0.001)
         late["served_before_call_4"] = "result" in late["outcome"]
 
     hooks[1], hooks[4] = send_b, note_whether_b_was_served
-    a_thread, a = in_background(lambda: batcher.propose([DraftRequest("a", 6, 1)]))
+    a_thread, a = in_background(lambda: batcher.propose([DraftRequest("a", 10, 1)]))
     a_thread.join(60)
     late["thread"].join(60)
     b = late["outcome"]
-    expected = reference_drafts(drafter_runner, {"a": prompts[0]}, 6) | reference_drafts(drafter_runner, {"b": prompts[1]}, 3)
+    expected = reference_drafts(drafter_runner, {"a": prompts[0]}, 10) | reference_drafts(drafter_runner, {"b": prompts[1]}, 3)
     assert a["result"][0].tokens == expected["a"] and b["result"][0].tokens == expected["b"]
-    assert batcher.forwards == 4
+    assert batcher.forwards == 5
     assert late["served_before_call_4"]  # B got its drafts without waiting for the rest of A's
 
 
@@ -121,10 +121,10 @@ def test_a_sequence_finished_mid_proposal_stops_and_the_others_go_on(drafter_run
     batcher = DraftBatcher(drafter)
     batcher.start("a", prompts[0], GREEDY)
     batcher.start("b", prompts[1], GREEDY)
-    hooks[2] = lambda: drafter.finish("a")  # as a cancel between the prompts' step and the fused steps would
-    drafts = batcher.propose([DraftRequest("a", 4, 1), DraftRequest("b", 4, 1)])
-    expected = reference_drafts(drafter_runner, {"a": prompts[0], "b": prompts[1]}, 4)
-    assert drafts[0].tokens == expected["a"][:1] and drafts[1].tokens == expected["b"]
+    hooks[2] = lambda: drafter.finish("a")  # as a cancel between the fused calls of 4 and 2 steps would
+    drafts = batcher.propose([DraftRequest("a", 6, 1), DraftRequest("b", 6, 1)])
+    expected = reference_drafts(drafter_runner, {"a": prompts[0], "b": prompts[1]}, 6)
+    assert drafts[0].tokens == expected["a"][:4] and drafts[1].tokens == expected["b"]
     assert not drafter_runner.has_sequence("a")
 
 
@@ -159,3 +159,35 @@ def test_a_failing_step_reaches_every_caller_under_way_and_the_batcher_goes_on(d
     with pytest.raises(InvalidRequest, match="no sequence 'never-started'"):
         batcher.propose([DraftRequest("never-started", 2)])
     assert len(batcher.propose([DraftRequest("fine", 2, 1)])[0].tokens) == 2  # the batcher still works
+
+
+def run_queued_forwards(batcher: DraftBatcher) -> None:
+    """Wait until the batcher's forward thread has run everything queued on it so far (it runs one at a time)."""
+    batcher._forward_thread.submit(lambda: None).result(timeout=60)
+
+
+def test_a_started_sequence_is_prefilled_ahead_of_its_first_proposal(drafter_runner, prompts):
+    """`start` queues the prompt's forward: before any proposal the cache holds all but the prompt's last token at
+    the deepest exit, and the first proposal drafts what a drafter that prefilled nothing ahead drafts."""
+    batcher = DraftBatcher(ModelDrafter(drafter_runner))
+    prompt = prompts[7]
+    batcher.start("early", prompt, GREEDY)
+    run_queued_forwards(batcher)
+    assert drafter_runner.cached_length("early") == len(prompt) - 1
+    assert drafter_runner.cached_depth("early") == max(drafter_runner.exit_layers)
+    expected = reference_drafts(drafter_runner, {"early": prompt}, k=4)["early"]
+    assert batcher.propose([DraftRequest("early", 4, 1)])[0].tokens == expected
+
+
+def test_a_sequence_finished_before_its_prefill_runs_is_left_alone(drafter_runner, prompts):
+    batcher = DraftBatcher(ModelDrafter(drafter_runner))
+    release = threading.Event()
+    batcher._forward_thread.submit(release.wait, 60)  # the forward thread is busy until released
+    batcher.start("gone", prompts[7], GREEDY)
+    batcher.finish("gone")
+    release.set()
+    run_queued_forwards(batcher)
+    assert not drafter_runner.has_sequence("gone")
+    batcher.start("next", prompts[6], GREEDY)  # and the batcher goes on
+    run_queued_forwards(batcher)
+    assert drafter_runner.cached_length("next") == len(prompts[6]) - 1
