@@ -90,7 +90,9 @@ def test_a_remote_drafter_catches_up_on_commits_buffered_while_off(target, draft
     for _ in range(5):
         engine.step()
     drafter_runner = actor.batcher.drafter.runner
-    assert len(remote._commits) == 5 and drafter_runner.cached_length("late") == 0  # nothing reached it while off
+    actor.batcher._forward_thread.submit(lambda: None).result(timeout=60)  # the prefill `start` queued has run
+    assert len(remote._commits) == 5  # nothing reached it while off: it holds its prompt, prefilled at start, alone
+    assert drafter_runner.cached_length("late") == len(prompts[3]) - 1
     engine.set_plan(2, 1)
     engine.step()
     assert len(remote._commits) == 1  # the 5 rode along with the proposal; this round's waits for the next
