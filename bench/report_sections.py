@@ -229,7 +229,10 @@ WHAT_WAS_DONE = [
     "- **draft**: each drafter call is one batched forward over every sequence that drafts, from every target "
     "sharing the drafter (rows may use different exits), continuously batched by call; greedy rows draft up to 4 "
     "tokens in one compiled call (fused greedy drafting), and the controller picks a cheaper exit or a shorter k "
-    "per target, or turns speculation off, from measured goodput.",
+    "per target, or turns speculation off, from measured goodput. Since session 20 a drafter actor prefills a "
+    "sequence's prompt as soon as the target starts it (`DraftBatcher.start`), in its own process while the target "
+    "prefills the same prompt, not inside the first proposal (loopback channel, 640-token prompts: 174 against 183 "
+    "tokens/s on a Xeon, interleaved).",
     "- **forwards**: one preallocated KV store per replica (slots written by position), a fused step (q/k/v and "
     "gate/up in one matmul each, weights pre-transposed) compiled by inductor at start-up "
     "(`RunnerSettings.compile`); on a CPU with AVX-512 or AVX2 the project's own kernels (`actors/cpu_kernels.py`, "
@@ -248,24 +251,28 @@ WHAT_WAS_DONE = [
     "target-xl alone 303 against 182 tokens/s at one stream, with the drafter 356 against 223; 16 streams 639 "
     "against 495 and 451 against 368; 1-row matmuls 1.16 against 1.62 ms with the prefetch. Every live sequence "
     "of a target runs in one step; a fresh sequence copies a prompt prefix a live one holds instead of "
-    "computing it.",
-    "- **what is left**: the round is almost all model forwards, and those are bound by reading weights and by "
-    "the multiply-adds of a few rows. On session 19's AMD EPYC (AVX2: 8 floats a vector, half the AVX-512 width) "
-    "one row of target-xl's matmuls reads its 22 MB at about 19 GB/s (1.2 ms, with the prefetch) and five rows "
-    "take 2.2 ms, their multiply-adds issuing at about the FMA units' rate; a 1-token step of target-xl is about "
-    "3.1 ms in all (perf: 44% packed matmul, 9% attention, about 30% Python, dynamo's guards and torch's "
-    "dispatch around the compiled call), a 5-token verify 3.7-3.9 ms. A 128-token prompt's prefill is about 42 "
-    "ms at about 68 GFLOP/s (compute-bound). Skipping dynamo's guards (`skip_guard_eval_unsafe`) and freezing "
-    "the garbage collector after warm-up were each within noise (interleaved in one process), so neither is in "
-    "the code. The zoo's drafter agrees with target-xl about half the time per token (exit 4: MAL about 3 at k "
-    "= 4), so a round predicts about 1.2-1.7x at one stream on code, and the pooled run lands lower on this "
-    "noisy machine (its categories' speedups range 1.11-1.49x in process). At 16 streams a verify of 16 x 5 "
-    "rows is compute-bound, so speculation loses there (the adaptive controller turns it off per batch size; "
-    "this benchmark pins exit and k): the cluster's plain decoding is at or above vLLM's autoregressive "
-    "throughput there, its pinned speculation is not. Through the cluster at one stream the drafter's call adds "
-    "about 0.5-0.8 ms a round over the loopback channel. A drafter that agrees more or reads fewer bytes "
-    "per step (its 4096-token head is a third of its weights; it need not be exact, so it could be stored in "
-    "int8) is what would move the in-process speedup.",
+    "computing it. Since session 20 a prompt's chunks run the head at their last token only "
+    "(`DecoderStep.forward_last`): target-xl's 640-token prefill 170 against 149 ms, the drafter's 34.6 against "
+    "27.7 ms (Xeon, one thread).",
+    "- **what is left**: the pooled one-stream speedup is mostly decided by long_context. On session 20's Xeon "
+    "(AVX-512), interleaved in one process, greedy, 64 tokens: code 1.45x, docstring 1.43x, hex_literals 1.26x, "
+    "long_context 0.98x (medians of 3). A 640-token prompt's prefill (about 150 ms for target-xl, compute-bound "
+    "at about 125 GFLOP/s, 75% of one core's FMA peak) is half of a long_context request's time in both arms, "
+    "and the drafter's own prefill (28 ms) is paid only by the speculative arm; after each long prefill the "
+    "target's 5-token verify starts near 5 ms and takes about ten rounds to settle at 2.3 ms (reproduced "
+    "outside the engine after 150 ms of any other work, even pure Python: a property of this virtual machine's "
+    "memory system, whose guest kernel also runs DAMON's proactive reclaim, not of the code). At one stream on "
+    "short prompts a round is a fused 4-step draft (about 1.2 ms: 0.3 ms fixed per compiled call, 0.22 ms per "
+    "step, half of it reading the drafter's 3.8 MB of weights) and a 5-token verify (about 1.5 ms against 1.4 "
+    "for one token) for 3.05 tokens: about 1.45x. A drafter that agrees more (MAL about 3 at k = 4), or costs "
+    "less per step, is what moves it further. Through the cluster a speculative round costs about twice the "
+    "in-process one at one stream (code: 301 against 655 tokens/s in this run): the drafter and the target "
+    "each wait on the other across processes, and the front door, Serve and the client share the two cores. "
+    "Spin-polling the loopback channel instead of blocking (interleaved) and transparent huge pages for "
+    "torch's allocations (`THP_MEM_ALLOC_ENABLE`, two runs back to back) were each within noise, so neither "
+    "is in the code. At 16 and more streams a "
+    "verify of many rows is compute-bound, so pinned speculation loses there (the adaptive controller turns it "
+    "off per batch size; this benchmark pins exit and k).",
     "",
 ]
 
