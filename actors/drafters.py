@@ -251,8 +251,10 @@ class ModelDrafter(SteppedDrafter):
         ask for is not known yet; a deeper cache serves every shallower exit). A sequence finished meanwhile, or
         one whose cache already holds that much, is left as it is."""
         state = self._states.get(seq_id)
-        cached = self.runner.cached_length(seq_id) if state is not None else 0
-        if state is not None and cached < len(state.context) - 1:
+        if state is None:
+            return
+        cached = self.runner.cached_length(seq_id)
+        if cached < len(state.context) - 1:
             self.runner.forward([seq_id], [state.context[cached:-1]], [self.default_exit], last_only=True)
 
     def begin(self, requests: Sequence[DraftRequest]) -> _ModelDraftJob:

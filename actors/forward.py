@@ -79,8 +79,8 @@ class DecoderStep(nn.Module):
 
         ids, positions [B, T] long; slots, exits [B] long; `key_length` the keys read per row.
         """
-        return self._decode(store, ids, positions, positions, slots, exits, self._causal_masks(ids, positions, key_length, depth),
-                            key_length, depth)
+        masks = self._causal_masks(ids, positions, key_length, depth)
+        return self._decode(store, ids, positions, positions, slots, exits, masks, key_length, depth)
 
     def forward_last(self, store: KVStore, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                      exits: torch.Tensor, key_length: int, depth: int, last: torch.Tensor) -> torch.Tensor:
@@ -89,8 +89,8 @@ class DecoderStep(nn.Module):
         A prompt's chunk needs at most its last token's logits: the head (4096 columns for the zoo) over every
         other position was 12% of target-xl's prefill and 35% of the drafter's.
         """
-        return self._decode(store, ids, positions, positions, slots, exits, self._causal_masks(ids, positions, key_length, depth),
-                            key_length, depth, last)
+        masks = self._causal_masks(ids, positions, key_length, depth)
+        return self._decode(store, ids, positions, positions, slots, exits, masks, key_length, depth, last)
 
     def _causal_masks(self, ids: torch.Tensor, positions: torch.Tensor, key_length: int, depth: int):
         """None where a causal step attends in the kernel, else a mask [B, 1, T, K] per window size."""
