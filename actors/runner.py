@@ -356,15 +356,15 @@ class ModelRunner:
         ids = torch.tensor([t + [0] * (width - len(t)) for t in chunk.tokens] + [[0] * width] * pad)  # [b, T]
         starts = torch.tensor(chunk.starts + [0] * pad)
         slots = torch.tensor([caches[r].slot for r in chunk.rows] + [self.store.scratch_slot] * pad)
-        exits = torch.tensor(chunk.exits + [max(chunk.exits)] * pad)
+        depth = max(chunk.exits)
+        exits = torch.tensor(chunk.exits + [depth] * pad)
         keys = self.shapes.keys(max(s + len(t) for s, t in zip(chunk.starts, chunk.tokens)), self.store.positions)
-        last = torch.tensor([len(t) - 1 for t in chunk.tokens] + [0] * pad)  # [b]
-        if last_only and width > NARROW_WIDTH:  # a prompt's chunk: the head only where it is read
-            return self._call(ids, starts, slots, exits, keys, max(chunk.exits), last)[:count, 0]  # [count, V]
-        logits = self._call(ids, starts, slots, exits, keys, max(chunk.exits))  # [b, T, V]
         if not last_only:
-            return logits
-        return logits[torch.arange(count), last[:count]]  # [count, V]
+            return self._call(ids, starts, slots, exits, keys, depth)  # [b, T, V]
+        last = torch.tensor([len(t) - 1 for t in chunk.tokens] + [0] * pad)  # [b]
+        if width > NARROW_WIDTH:  # a prompt's chunk: the head only where it is read
+            return self._call(ids, starts, slots, exits, keys, depth, last)[:count, 0]  # [count, V]
+        return self._call(ids, starts, slots, exits, keys, depth)[torch.arange(count), last[:count]]  # [count, V]
 
     def _call(self, ids, starts, slots, exits, keys: int, depth: int, last: torch.Tensor | None = None) -> torch.Tensor:
         """The step over ids [b, T] from `starts` [b]: logits [b, T, V], or with `last` [b] those of that token
