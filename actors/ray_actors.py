@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.cpu_affinity import pin_model_process
 from actors.draft_batcher import DraftBatcher
 from actors.draft_channel import ChannelAddress, ChannelClient, ChannelServer
 from actors.drafters import GREEDY_CUTOFF, Draft, DraftRequest, Drafter, ModelDrafter
@@ -47,13 +48,17 @@ def actor_id(handle) -> str:
 
 
 class FleetMember:
-    """What a controller asks of any actor of its fleet: which controller owns it now.
+    """What a controller asks of any actor of its fleet (each one hosts a model): which controller owns it now.
 
     A restarted controller claims the actors it adopts, so a stopping
     controller removes only the actors still its own (see `FleetController.shutdown`).
+    Each moves onto the machine's model CPUs as it starts, when the cluster planned them (`actors.cpu_affinity`).
     """
 
     _owner = ""
+
+    def __init__(self):
+        pin_model_process()
 
     def claim(self, owner: str) -> None:
         self._owner = owner
@@ -88,6 +93,7 @@ class DraftService(FleetMember):
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(self.runner)}
 
     def __init__(self):
+        super().__init__()
         self._owners: dict[SeqId, str] = {}  # sequence -> actor id of the target or stage that started it
 
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, owner: str = "") -> None:
@@ -285,6 +291,7 @@ class TargetActor(FleetMember):
         `pacing`: how long the engine loop merges a sequence's rounds into one update;
         `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`);
         `tree`: the plan drafts token trees of this shape; `trees`: sequences may draft trees (compiled at start-up)."""
+        super().__init__()
         runner = ModelRunner.serving(path, settings, trees=trees)
         self.timeout_s, self.direct_drafter, self.path, self.vocab_size = timeout_s, direct_drafter, path, runner.vocab_size
         self.drafter_handle = drafter_handle

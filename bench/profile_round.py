@@ -19,6 +19,7 @@ from collections import defaultdict
 
 import torch
 
+from actors.cpu_affinity import apply_layout, pin_process, plan_layout
 from actors.drafters import ModelDrafter
 from actors.engine import SpeculationEngine
 from actors.ray_actors import DrafterActor, connect_drafter
@@ -121,12 +122,18 @@ REMOTE_ARMS = {"remote drafter (Ray calls)": False, "remote drafter (loopback ch
 
 def _profile_remote(target: ModelRunner, job: dict) -> tuple[dict[str, list[dict]], list[dict]]:
     """The target here, the drafter in a Ray actor reached as a target actor reaches it: through Ray calls, and
-    through the drafter's loopback channel (`connect_drafter`), cell by cell in turn."""
+    through the drafter's loopback channel (`connect_drafter`), cell by cell in turn; both on the model CPUs
+    `specfleet up` would give them, Ray's own processes on the rest."""
     import ray
 
     settings = job["settings"]
     k, exit_layer = settings["k"], settings["exit_layer"]
+    layout = plan_layout(os.sched_getaffinity(0))
+    if layout is not None:
+        apply_layout(layout)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if layout is not None:
+        pin_process(layout.model_cpus)  # this process is the target's
     try:
         handle = ray.remote(TimedDrafterActor).options(
             num_cpus=0, max_concurrency=16, runtime_env={"env_vars": {"OMP_NUM_THREADS": str(settings["threads"])}},

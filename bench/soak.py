@@ -34,7 +34,7 @@ from bench.prompts import heldout_code_prompts
 from bench.soak_traffic import Client, MemorySampler, Reaper, Workload, outcome_dicts
 from cluster.config import ClusterConfig, default_config, load_config
 from cluster.serve.app import build_app_from_config
-from cluster.up_run import APP_NAME, local_ray_resources
+from cluster.up_run import APP_NAME, start_local_ray
 
 REPORTS = Path(__file__).parent / "reports"
 MEMORY_EVERY_S = 10.0
@@ -57,7 +57,7 @@ def soak(args: argparse.Namespace) -> dict:
     config = load_config(args.config) if args.config else default_config()
     work = workload(config, args.max_tokens)
     machine = describe_machine()
-    ray.init(address="local", **local_ray_resources(config))
+    start_local_ray(config)
     try:
         grpc_port, http_port = free_port(), free_port()  # after Ray's processes took theirs
         serve.start(http_options={"host": "127.0.0.1", "port": http_port}, proxy_location="HeadOnly")

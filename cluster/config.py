@@ -6,7 +6,7 @@ actor lands only on nodes that carry its pool's resources.
 """
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -176,6 +176,13 @@ class ServerConfig(_Strict):
         120.0, gt=0,
         description="How long a stream to resume waits for a live replica of its target (a replacement loads its model "
         "first) before it fails with UNAVAILABLE.",
+    )
+    cpu_layout: Literal["auto", "off"] = Field(
+        "auto", description="'auto': when `specfleet up` starts its own Ray on a machine of two or more CPUs, the model "
+        "actors run on all CPUs but the last and everything else (front doors, Serve, the controller, Ray's daemons) on "
+        "the last, so that a target and its drafter alternate on warm cores undisturbed (actors.cpu_affinity has the "
+        "measurements). 'off': the operating system places every process. A joined Ray cluster (--address) is never "
+        "pinned.",
     )
     direct_drafter_channel: bool = Field(
         True, description="A target reaches a drafter on its own machine (pod) through the drafter's loopback socket (a token "

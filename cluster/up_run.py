@@ -9,6 +9,7 @@ import threading
 import ray
 from ray import serve
 
+from actors.cpu_affinity import apply_layout, plan_layout
 from cluster.auth import ApiKeys, check_exposure
 from cluster.config import ClusterConfig, TlsConfig, default_config, load_config
 from cluster.serve.app import build_app_from_config
@@ -25,7 +26,10 @@ def run_up(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"specfleet up: {err}", file=sys.stderr)
         return 2
-    ray.init(address=args.address) if args.address else ray.init(address="local", **local_ray_resources(config))
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        start_local_ray(config)
     try:
         logging_config = {"log_level": args.log_level, "enable_access_log": args.access_log}
         serve.start(http_options={"host": host, "port": http_port, "location": "HeadOnly", **https_options(config.server.tls)},
@@ -60,6 +64,14 @@ def https_options(tls: TlsConfig | None) -> dict:
     if tls is None:
         return {}
     return {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+
+
+def start_local_ray(config: ClusterConfig) -> None:
+    """A Ray cluster of this machine's own, its CPUs laid out between models and the rest as the config says."""
+    layout = plan_layout(os.sched_getaffinity(0)) if config.server.cpu_layout == "auto" else None
+    if layout is not None:
+        apply_layout(layout)  # before Ray starts: its daemons and workers inherit the control CPUs
+    ray.init(address="local", **local_ray_resources(config))
 
 
 def local_ray_resources(config: ClusterConfig) -> dict:

@@ -1,11 +1,15 @@
 """`specfleet up` as a user runs it: a process serving gRPC, called by `specfleet generate --server`."""
 
 import json
+import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from up_server import CLI, start_up, stop, tiny_cluster_config
+
+from actors.cpu_affinity import plan_layout
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +65,38 @@ def test_the_terminal_stays_quiet_by_default(server):
     """No per-call access log lines from Serve (the front doors poll the controller every second)."""
     log = server[2].read_text()
     assert " CALL " not in log and "serving gRPC on" in log
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a CPU layout needs two CPUs")
+def test_the_models_run_on_their_cpus_and_everything_else_on_the_last(server):
+    """The default `cpu_layout: auto` on this machine: read back from the running processes."""
+    process, _, _ = server
+    layout = plan_layout(os.sched_getaffinity(0))
+    workers = ray_workers_under(process.pid)
+    models = [pid for pid, title in workers if title.startswith(("ray::TargetActor", "ray::DrafterActor"))]
+    others = [pid for pid, title in workers if title.startswith(("ray::ServeReplica", "ray::ProxyActor"))]
+    assert len(models) == 2 and others
+    assert all(os.sched_getaffinity(pid) == layout.model_cpus for pid in models)
+    assert all(os.sched_getaffinity(pid) == layout.control_cpus for pid in [process.pid, *others])
+
+
+def ray_workers_under(root: int) -> list[tuple[int, str]]:
+    """(pid, process title) of every Ray worker descended from process `root`."""
+    parents, titles = {}, {}
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            titles[pid] = Path(f"/proc/{pid}/cmdline").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        parents[pid] = int(stat[stat.rindex(")") + 2:].split()[1])
+
+    def descends(pid: int) -> bool:
+        while pid in parents and pid != root:
+            pid = parents[pid]
+        return pid == root
+
+    return [(pid, title) for pid, title in titles.items() if title.startswith("ray::") and descends(pid)]
 
 
 def test_a_non_loopback_address_without_api_keys_is_refused(tmp_path, target_path, drafter_path):

@@ -1,0 +1,59 @@
+"""The CPU layout of a one-machine cluster: which CPUs the models get, and pinning that really moves threads."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from actors.cpu_affinity import MODEL_CPUS_ENV, CpuLayout, plan_layout
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+def test_the_last_cpu_is_the_control_planes_and_the_others_the_models():
+    assert plan_layout({0, 1}) == CpuLayout(frozenset({0}), frozenset({1}))
+    assert plan_layout([5, 2, 3, 4]) == CpuLayout(frozenset({2, 3, 4}), frozenset({5}))
+
+
+def test_one_cpu_is_left_alone():
+    assert plan_layout({3}) is None
+    assert plan_layout(set()) is None
+
+
+def run_python(code: str, env: dict | None = None) -> str:
+    """`code` in a fresh interpreter (pinning this test process would pin the rest of the suite)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env=os.environ | (env or {}))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="a layout needs two CPUs")
+def test_apply_layout_pins_every_thread_and_what_starts_later_and_names_the_model_cpus():
+    out = run_python("""
+import os, threading, subprocess, sys
+from actors.cpu_affinity import apply_layout, plan_layout
+before = threading.Thread(target=threading.Event().wait, daemon=True); before.start()
+layout = plan_layout(os.sched_getaffinity(0))
+apply_layout(layout)
+tasks = {sorted(os.sched_getaffinity(int(t)))[0] for t in os.listdir('/proc/self/task')}
+child = subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)), os.environ["SPECFLEET_MODEL_CPUS"])'],
+                       capture_output=True, text=True).stdout.strip()
+print(sorted(tasks), child)
+""")
+    control, models = CPUS[-1], ",".join(map(str, CPUS[:-1]))
+    assert out == f"[{control}] [{control}] {models}"
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="a layout needs two CPUs")
+def test_a_model_process_moves_onto_the_model_cpus_only_when_told():
+    code = """
+import os, threading
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+from actors.cpu_affinity import pin_model_process
+pin_model_process()
+print(sorted({c for t in os.listdir('/proc/self/task') for c in os.sched_getaffinity(int(t))}))
+"""
+    assert run_python(code, {MODEL_CPUS_ENV: str(CPUS[0])}) == f"[{CPUS[0]}]"
+    assert run_python(code) == str(CPUS)
