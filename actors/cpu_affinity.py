@@ -18,11 +18,12 @@ So `specfleet up`, when it starts its own Ray on a machine of two or more
 CPUs, keeps the last CPU for everything but the models (`plan_layout`): it
 pins itself there before Ray starts, so Ray's daemons and workers inherit that
 CPU, and tells the model actors (`MODEL_CPUS_ENV`) to move onto the others
-(`pin_model_process`, called as each one starts).
+once their model is loaded and compiled (`loading_then_model_cpus`).
 """
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 MODEL_CPUS_ENV = "SPECFLEET_MODEL_CPUS"  # comma-separated CPU ids the model actors of this machine run on
@@ -49,11 +50,19 @@ def apply_layout(layout: CpuLayout) -> None:
     pin_process(layout.control_cpus)
 
 
-def pin_model_process() -> None:
-    """In a model actor: onto the model CPUs, when the cluster planned a layout (else nothing changes)."""
+@contextmanager
+def loading_then_model_cpus() -> Iterator[None]:
+    """In a model actor, around loading its model: every CPU of the layout while it loads and compiles (ten
+    actors compiling on the one model CPU of a 2-core machine took 10 minutes to start), the model CPUs from
+    then on; nothing changes when the cluster planned no layout."""
     value = os.environ.get(MODEL_CPUS_ENV)
-    if value:
-        pin_process({int(cpu) for cpu in value.split(",")})
+    if not value:
+        yield
+        return
+    model_cpus = {int(cpu) for cpu in value.split(",")}
+    pin_process(model_cpus | os.sched_getaffinity(0))  # the control CPUs it inherited, and the model CPUs
+    yield
+    pin_process(model_cpus)
 
 
 def pin_process(cpus: Iterable[int]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.cpu_affinity import pin_model_process
+from actors.cpu_affinity import loading_then_model_cpus
 from actors.draft_batcher import DraftBatcher
 from actors.draft_channel import ChannelAddress, ChannelClient, ChannelServer
 from actors.drafters import GREEDY_CUTOFF, Draft, DraftRequest, Drafter, ModelDrafter
@@ -52,13 +52,17 @@ class FleetMember:
 
     A restarted controller claims the actors it adopts, so a stopping
     controller removes only the actors still its own (see `FleetController.shutdown`).
-    Each moves onto the machine's model CPUs as it starts, when the cluster planned them (`actors.cpu_affinity`).
+    Each serves on the machine's model CPUs, when the cluster planned them (`load_runner`, `actors.cpu_affinity`).
     """
 
     _owner = ""
 
-    def __init__(self):
-        pin_model_process()
+    @staticmethod
+    def load_runner(path: str, settings: RunnerSettings, **graphs) -> ModelRunner:
+        """The actor's model, loaded and compiled on every CPU of the layout; the actor then runs on the model CPUs.
+        `graphs`: which graphs `ModelRunner.serving` compiles besides the step."""
+        with loading_then_model_cpus():
+            return ModelRunner.serving(path, settings, **graphs)
 
     def claim(self, owner: str) -> None:
         self._owner = owner
@@ -93,7 +97,6 @@ class DraftService(FleetMember):
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(self.runner)}
 
     def __init__(self):
-        super().__init__()
         self._owners: dict[SeqId, str] = {}  # sequence -> actor id of the target or stage that started it
 
     def start(self, seq_id: SeqId, prompt: list[int], params: SamplingParams, owner: str = "") -> None:
@@ -133,7 +136,7 @@ class DrafterActor(DraftService):
         """`trees`: some target may ask for token trees (their steps are compiled at start-up too);
         `greedy_cutoff`: see `ModelDrafter`."""
         super().__init__()
-        self.runner = ModelRunner.serving(path, settings, drafts=True, trees=trees)
+        self.runner = self.load_runner(path, settings, drafts=True, trees=trees)
         self.exit_layers, self.max_exit = self.runner.exit_layers, self.runner.num_layers
         self.batcher = DraftBatcher(ModelDrafter(self.runner, greedy_cutoff))
 
@@ -291,8 +294,7 @@ class TargetActor(FleetMember):
         `pacing`: how long the engine loop merges a sequence's rounds into one update;
         `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`);
         `tree`: the plan drafts token trees of this shape; `trees`: sequences may draft trees (compiled at start-up)."""
-        super().__init__()
-        runner = ModelRunner.serving(path, settings, trees=trees)
+        runner = self.load_runner(path, settings, trees=trees)
         self.timeout_s, self.direct_drafter, self.path, self.vocab_size = timeout_s, direct_drafter, path, runner.vocab_size
         self.drafter_handle = drafter_handle
         drafter = self._remote_drafter(drafter_handle)

@@ -13,7 +13,7 @@ from dataclasses import replace
 from actors.draft_batcher import DraftBatcher
 from actors.engine import SpeculationStats
 from actors.ray_actors import DraftService, connect_drafter
-from actors.runner import ModelRunner, RunnerSettings
+from actors.runner import RunnerSettings
 from actors.staged import StagedDrafter
 
 
@@ -27,7 +27,7 @@ class StageActor(DraftService):
                  direct_drafter: bool = False):
         """`direct_drafter`: reach an inner drafter on this machine through its loopback channel."""
         super().__init__()
-        self.runner = ModelRunner.serving(path, settings)
+        self.runner = self.load_runner(path, settings)
         inner = connect_drafter(inner_handle, timeout_s, direct_drafter)
         self.exit_layers, self.max_exit = inner.exit_layers, inner.max_exit
         self.batcher = DraftBatcher(StagedDrafter(self.runner, inner, inner_k))

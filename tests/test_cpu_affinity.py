@@ -47,13 +47,17 @@ print(sorted(tasks), child)
 
 
 @pytest.mark.skipif(len(CPUS) < 2, reason="a layout needs two CPUs")
-def test_a_model_process_moves_onto_the_model_cpus_only_when_told():
-    code = """
+def test_a_model_actor_loads_on_every_cpu_and_then_serves_on_the_model_cpus_only_when_told():
+    code = f"""
 import os, threading
+from actors.cpu_affinity import loading_then_model_cpus, pin_process
+pin_process({{{CPUS[-1]}}})  # as a Ray worker of a laid-out cluster starts: on the control CPU
 threading.Thread(target=threading.Event().wait, daemon=True).start()
-from actors.cpu_affinity import pin_model_process
-pin_model_process()
-print(sorted({c for t in os.listdir('/proc/self/task') for c in os.sched_getaffinity(int(t))}))
+cpus = lambda: sorted({{c for t in os.listdir('/proc/self/task') for c in os.sched_getaffinity(int(t))}})
+with loading_then_model_cpus():
+    loading = cpus()
+print(loading, cpus())
 """
-    assert run_python(code, {MODEL_CPUS_ENV: str(CPUS[0])}) == f"[{CPUS[0]}]"
-    assert run_python(code) == str(CPUS)
+    models = ",".join(map(str, CPUS[:-1]))
+    assert run_python(code, {MODEL_CPUS_ENV: models}) == f"{CPUS} {CPUS[:-1]}"
+    assert run_python(code) == f"[{CPUS[-1]}] [{CPUS[-1]}]"
