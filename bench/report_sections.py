@@ -262,7 +262,9 @@ WHAT_WAS_DONE = [
     "round 5.8-6.2 ms apart against 4.6-5.1 ms on one core), and the front door and Ray's processes ran on the "
     "models' core. Pinning by hand on a running cluster, interleaved, greedy over gRPC on session 21's Xeon: one "
     "stream on code 249 -> 358 tokens/s speculative, 307 -> 337 plain; 16 streams 339 -> 410 and 374 -> 486; 64 "
-    "streams 470 -> 603 and 597 -> 759.",
+    "streams 470 -> 603 and 597 -> 759. The cost is the control plane's: the front doors, Serve's proxy and Ray "
+    "share one CPU, and HTTP's time to first token at 16 / 64 streams grew against gRPC's (session 21's run: "
+    "2.2x / 2.6x, from 1.2x / 1.7x in session 20's).",
     "- **what is left**: the pooled one-stream speedup is mostly decided by long_context. On session 20's Xeon "
     "(AVX-512), interleaved in one process, greedy, 64 tokens: code 1.45x, docstring 1.43x, hex_literals 1.26x, "
     "long_context 0.98x (medians of 3). A 640-token prompt's prefill (about 150 ms for target-xl, compute-bound "
