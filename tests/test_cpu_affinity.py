@@ -37,7 +37,7 @@ from actors.cpu_affinity import apply_layout, plan_layout
 before = threading.Thread(target=threading.Event().wait, daemon=True); before.start()
 layout = plan_layout(os.sched_getaffinity(0))
 apply_layout(layout)
-tasks = {sorted(os.sched_getaffinity(int(t)))[0] for t in os.listdir('/proc/self/task')}
+tasks = {c for t in os.listdir('/proc/self/task') for c in os.sched_getaffinity(int(t))}  # every thread's CPUs
 child = subprocess.run([sys.executable, '-c', 'import os; print(sorted(os.sched_getaffinity(0)), os.environ["SPECFLEET_MODEL_CPUS"])'],
                        capture_output=True, text=True).stdout.strip()
 print(sorted(tasks), child)

@@ -4,12 +4,12 @@ import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from up_server import CLI, start_up, stop, tiny_cluster_config
 
 from actors.cpu_affinity import plan_layout
+from bench.memory import process_tree_peaks
 
 
 @pytest.fixture(scope="module")
@@ -72,31 +72,12 @@ def test_the_models_run_on_their_cpus_and_everything_else_on_the_last(server):
     """The default `cpu_layout: auto` on this machine: read back from the running processes."""
     process, _, _ = server
     layout = plan_layout(os.sched_getaffinity(0))
-    workers = ray_workers_under(process.pid)
-    models = [pid for pid, title in workers if title.startswith(("ray::TargetActor", "ray::DrafterActor"))]
-    others = [pid for pid, title in workers if title.startswith(("ray::ServeReplica", "ray::ProxyActor"))]
+    workers = [(found["pid"], found["name"]) for found in process_tree_peaks(process.pid)]
+    models = [pid for pid, name in workers if name.startswith(("ray::TargetActor", "ray::DrafterActor"))]
+    others = [pid for pid, name in workers if name.startswith(("ray::ServeReplica", "ray::ProxyActor"))]
     assert len(models) == 2 and others
     assert all(os.sched_getaffinity(pid) == layout.model_cpus for pid in models)
     assert all(os.sched_getaffinity(pid) == layout.control_cpus for pid in [process.pid, *others])
-
-
-def ray_workers_under(root: int) -> list[tuple[int, str]]:
-    """(pid, process title) of every Ray worker descended from process `root`."""
-    parents, titles = {}, {}
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            titles[pid] = Path(f"/proc/{pid}/cmdline").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        parents[pid] = int(stat[stat.rindex(")") + 2:].split()[1])
-
-    def descends(pid: int) -> bool:
-        while pid in parents and pid != root:
-            pid = parents[pid]
-        return pid == root
-
-    return [(pid, title) for pid, title in titles.items() if title.startswith("ray::") and descends(pid)]
 
 
 def test_a_non_loopback_address_without_api_keys_is_refused(tmp_path, target_path, drafter_path):
