@@ -10,8 +10,8 @@ Starts `specfleet up` on the embedded zoo (its default config, free ports) and m
   long for the model's context) is sent while a small request runs in a loop
   beside it through the same door: the oversized one's time to its refusal,
   the small ones' worst latency against their latency alone, and the private
-  resident memory (RssAnon) of Serve's HTTP proxy, the HTTP ingress replica
-  and the gRPC front-door replica before and after;
+  resident memory (RssAnon) of the front-door replica (it serves both doors)
+  before and after;
 - **thin client**: `specfleet generate --server` for 32 tokens, end to end as
   a user runs it (a new Python process each time), against the same request
   made from a warm client in this process.
@@ -45,7 +45,7 @@ ZOO_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "configs" / "zo
 SPECFLEET = str(Path(sys.executable).parent / "specfleet")  # the console script a user runs
 MODEL = "target-l"
 MB = 1 << 20
-SERVING_PROCESSES = {"http proxy": "ProxyActor", "http ingress": "HttpIngress", "grpc front door": "GrpcFrontDoor"}
+SERVING_PROCESSES = {"front door": "FrontDoor"}  # `specfleet up`: one replica serves both doors
 SMALL_PROMPT = "def add(a, b):"
 CLIENT_RUNS = 5
 SMALL_REQUEST_SAMPLES = 20  # the small request alone, for its baseline latency
@@ -199,14 +199,14 @@ def render(result: dict) -> str:
         f"the same door; alone it took {limits['small_alone_s']['http']} s (HTTP) and {limits['small_alone_s']['grpc']} s "
         "(gRPC), median. Memory: private resident memory (RssAnon) after minus before, MiB.",
         "",
-        "| door | request | outcome | refused in s | small requests beside | worst small delay s | RSS growth MiB (proxy / ingress / gRPC door) |",
+        "| door | request | outcome | refused in s | small requests beside | worst small delay s | RSS growth MiB, by process |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for case in limits["cases"]:
         growth = case["rss_growth_mib"]
         lines.append(f"| {case['door']} | {case['request']} | {case['outcome']} | {case['refused_in_s']} | "
                      f"{case['small_requests']} | {case['small_delay_s']} | "
-                     f"{growth['http proxy']} / {growth['http ingress']} / {growth['grpc front door']} |")
+                     f"{', '.join(f'{role} {mib}' for role, mib in growth.items())} |")
     worst_refusal = max(c["refused_in_s"] for c in limits["cases"])
     worst_delay = max(c["small_delay_s"] for c in limits["cases"])
     worst_growth = max(v for c in limits["cases"] for v in c["rss_growth_mib"].values())

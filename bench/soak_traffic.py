@@ -24,7 +24,7 @@ from specfleet.v1 import generation_pb2_grpc as pb_grpc
 
 TRANSPORTS = ("grpc-stream", "grpc-unary", "http-stream")
 VICTIMS = ("controller", "grpc front door", "http ingress", "drafter", "target")
-SERVE_REPLICAS = {"controller": "FleetController", "grpc front door": "GrpcFrontDoor", "http ingress": "HttpIngress"}
+SERVE_REPLICAS = {"controller": "FleetController", "grpc front door": "FrontDoor", "http ingress": "HttpIngress"}
 REQUEST_TIMEOUT_S = 300.0
 GREEDY_SHARE = 0.7
 

@@ -17,12 +17,15 @@ def add_up_command(subparsers) -> None:
     parser.add_argument("--api-keys-file", type=Path, help="file of API keys, one per line (default: the config's)")
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate: serve gRPC and HTTP over TLS (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-client-ca", type=Path, help="PEM CA: the gRPC door requires client certificates it signed")
+    parser.add_argument("--tls-client-ca", type=Path, help="PEM CA: both doors require client certificates it signed")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --host without API keys (only where every client is trusted)")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="Serve's and the replicas' log level on this terminal (default: WARNING)")
     parser.add_argument("--access-log", action="store_true", help="log every call Serve routes (off by default)")
+    parser.add_argument("--serve-proxy", action="store_true",
+                        help="serve HTTP through Ray Serve's HTTP proxy (as a Serve config deployment does) instead of "
+                        "from the front door beside gRPC: three more Ray hops per request, about 30 ms on two cores")
     parser.set_defaults(func=_run_up)
 
 

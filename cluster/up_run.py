@@ -13,6 +13,7 @@ from actors.cpu_affinity import apply_layout, plan_layout
 from cluster.auth import ApiKeys, check_exposure
 from cluster.config import ClusterConfig, TlsConfig, default_config, load_config
 from cluster.serve.app import build_app_from_config
+from cluster.serve.http_door import HttpBinding
 
 APP_NAME = "specfleet"
 
@@ -32,12 +33,18 @@ def run_up(args: argparse.Namespace) -> int:
         start_local_ray(config)
     try:
         logging_config = {"log_level": args.log_level, "enable_access_log": args.access_log}
-        serve.start(http_options={"host": host, "port": http_port, "location": "HeadOnly", **https_options(config.server.tls)},
-                    logging_config=logging_config)
-        ingress = serve.run(build_app_from_config(config, host, config.server.grpc_port if args.port is None else args.port),
-                            name=APP_NAME, route_prefix="/", logging_config=logging_config)
+        grpc_port = config.server.grpc_port if args.port is None else args.port
+        if args.serve_proxy:
+            serve.start(http_options={"host": host, "port": http_port, "location": "HeadOnly", **https_options(config.server.tls)},
+                        logging_config=logging_config)
+            app = build_app_from_config(config, host, grpc_port)
+        else:  # the front door serves HTTP itself (cluster/serve/http_door.py)
+            serve.start(proxy_location="Disabled", logging_config=logging_config)
+            app = build_app_from_config(config, host, grpc_port, HttpBinding(host=host, port=http_port, access_log=args.access_log))
+        ingress = serve.run(app, name=APP_NAME, route_prefix="/" if args.serve_proxy else None, logging_config=logging_config)
         grpc_port = ingress.grpc_port.remote().result()
-        print(f"specfleet: serving gRPC on {host}:{grpc_port} and HTTP on http://{host}:{http_port}/v1 "
+        scheme = "https" if config.server.tls else "http"
+        print(f"specfleet: serving gRPC on {host}:{grpc_port} and HTTP on {scheme}://{host}:{http_port}/v1 "
               f"(targets: {', '.join(config.targets)}; drafters: {', '.join(config.drafters) or 'none'})", flush=True)
         _wait_for_interrupt()
         serve.shutdown()

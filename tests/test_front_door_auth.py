@@ -5,7 +5,12 @@ check happens before a request reaches one. Generation through keys and TLS end
 to end is in tests/serve/test_serve_app.py.
 """
 
+import asyncio
+import ssl
+import threading
+
 import grpc
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cluster.auth import ApiKeys, check_exposure
 from cluster.cli import main
 from cluster.client import Credentials, ServerError, stats_remote
+from cluster.config import TlsConfig
+from cluster.serve.http_door import HttpBinding, serve_http
 from cluster.serve.openai_api import create_api
 from cluster.server import BackgroundServer
 from specfleet.v1 import generation_pb2 as pb
@@ -139,3 +146,62 @@ def test_the_health_command_checks_a_tls_door_as_a_kubernetes_exec_probe_would(t
         assert "UNAVAILABLE" in capsys.readouterr().err
     finally:
         server.stop()
+
+
+class HttpDoor:
+    """The front door's HTTP server (uvicorn, as `specfleet up` runs it) on its own event-loop thread."""
+
+    def __init__(self, app, tls: TlsConfig | None):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        serving = serve_http(app, HttpBinding(host="127.0.0.1", port=0), tls)
+        self.server, self.port = asyncio.run_coroutine_threadsafe(serving, self.loop).result(30)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0.5), self.loop).result(10)  # uvicorn checks every 0.1 s
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def http_door(target_path, certs, client_ca: bool) -> HttpDoor:
+    api = create_api(ApiKeys(KEYS))
+    api.state.source = Source(fleet_with(target_path, {}))
+    return HttpDoor(api, TlsConfig(cert_file=certs.server_cert, key_file=certs.server_key,
+                                   client_ca_file=certs.ca if client_ca else None))
+
+
+def test_the_front_doors_http_server_speaks_tls_and_asks_for_keys(target_path, certs):
+    door = http_door(target_path, certs, client_ca=False)
+    url = f"https://127.0.0.1:{door.port}"
+    try:
+        with httpx2.Client(verify=ssl.create_default_context(cafile=certs.ca), timeout=30) as client:
+            assert client.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {KEYS[0]}"}).json()["data"]
+            refused = client.post(f"{url}/v1/completions", json={"model": "small", "prompt": "x"})
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+            assert client.get(f"{url}/health").status_code == 200
+        with pytest.raises(httpx2.HTTPError):  # plaintext to the TLS port
+            httpx2.get(f"http://127.0.0.1:{door.port}/health", timeout=10)
+    finally:
+        door.stop()
+
+
+def test_the_front_doors_http_server_admits_only_clients_with_a_certificate_from_the_ca(target_path, certs):
+    door = http_door(target_path, certs, client_ca=True)
+    url, key = f"https://127.0.0.1:{door.port}/v1/models", {"Authorization": f"Bearer {KEYS[0]}"}
+    try:
+        with_certificate = ssl.create_default_context(cafile=certs.ca)
+        with_certificate.load_cert_chain(certs.client_cert, certs.client_key)
+        assert httpx2.get(url, headers=key, verify=with_certificate, timeout=30).status_code == 200
+        with pytest.raises(httpx2.HTTPError):
+            httpx2.get(url, headers=key, verify=ssl.create_default_context(cafile=certs.ca), timeout=10)
+    finally:
+        door.stop()
+
+
+def test_a_taken_port_is_an_error_of_the_caller_not_the_end_of_the_process(target_path, certs):
+    door = http_door(target_path, certs, client_ca=False)
+    try:
+        with pytest.raises(OSError):
+            asyncio.run(serve_http(create_api(), HttpBinding(host="127.0.0.1", port=door.port), None))
+    finally:
+        door.stop()

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
+
+from bench.memory import process_tree_peaks
 
 CLI = [sys.executable, "-m", "cluster.cli"]
 
@@ -37,10 +40,12 @@ server: {{grpc_port: 0, http_port: {free_port()}}}
     return config
 
 
-def start_up(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """Start `specfleet up --config`, its output to a file (a pipe could fill and block it); returns (process, host:port)."""
+def start_up(config: Path, log: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """Start `specfleet up --config` (and `flags`), its output to a file (a pipe could fill and block it); returns
+    (process, host:port)."""
     with log.open("w") as output:
-        process = subprocess.Popen([*CLI, "up", "--config", str(config)], stdout=output, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen([*CLI, "up", "--config", str(config), *flags], stdout=output, stderr=subprocess.STDOUT,
+                                   text=True)
     return process, _wait_for_address(process, log)
 
 
@@ -54,6 +59,11 @@ def stop(process: subprocess.Popen) -> int:
         return process.wait()
 
 
+def http_url(log: Path) -> str:
+    """The OpenAI base URL a serving `specfleet up` printed."""
+    return re.search(r"HTTP on (https?://\S+)", log.read_text()).group(1)
+
+
 def _wait_for_address(process: subprocess.Popen, log: Path, timeout_s: float = 300.0) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -65,3 +75,17 @@ def _wait_for_address(process: subprocess.Popen, log: Path, timeout_s: float = 3
         time.sleep(0.5)
     process.kill()
     pytest.fail(f"specfleet up did not serve within {timeout_s:.0f} s: {log.read_text()[-2000:]}")
+
+
+def greedy_http_tokens(base_url: str, prompt: str, max_tokens: int) -> list[int]:
+    """The token ids of a plain greedy completion of the tiny config's target over HTTP."""
+    body = {"model": "small", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}
+    reply = requests.post(f"{base_url}/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["token_ids"]
+
+
+def serving_process_names(process: subprocess.Popen) -> list[str]:
+    """The names of `up`'s process and every process it started (Ray's daemons and workers)."""
+    return [found["name"] for found in process_tree_peaks(process.pid)]

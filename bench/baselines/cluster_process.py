@@ -21,7 +21,7 @@ import yaml
 from bench.memory import process_name, process_tree_peaks
 
 READY = re.compile(r"serving gRPC on (\S+):(\d+)")
-HTTP = re.compile(r"HTTP on (http://\S+)")
+HTTP = re.compile(r"HTTP on (https?://\S+)")
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 90.0
 

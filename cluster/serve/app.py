@@ -6,17 +6,19 @@ Three deployments composed with `.bind`, so a Serve config file (import path
 - `FleetController` (one replica): starts and owns the drafter/target actors,
   reads their telemetry, steers speculation, replaces dead actors. The actors
   outlive it: if its replica dies, Serve starts another, which adopts them.
-- `GrpcFrontDoor` (one replica, on the head node so a Kubernetes Service can
+- `FrontDoor` (one replica, on the head node so a Kubernetes Service can
   reach a fixed port): the `specfleet.v1.Generation` gRPC server with health
-  and reflection.
-- `HttpIngress`: `/v1/completions`, `/v1/chat/completions`, `/v1/models`,
-  `/health`, `/metrics` (cluster/serve/openai_api.py).
+  and reflection and, where the app is built with an `HttpBinding` (`specfleet
+  up`), the OpenAI-compatible HTTP API on its own port (cluster/serve/http_door.py).
+- `HttpIngress`, where the app is built without one (the Serve config, KubeRay):
+  the same HTTP API behind Ray Serve's HTTP proxy.
 
-Both front doors run the same `Frontend` over the controller's fleet: there is
-one generation path, whatever the transport.
+The HTTP API (cluster/serve/openai_api.py): `/v1/completions`,
+`/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`. Both doors run the
+same `Frontend` over the controller's fleet: there is one generation path,
+whatever the transport.
 """
 
-import asyncio
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +28,7 @@ from cluster.auth import ApiKeys, check_exposure
 from cluster.config import ClusterConfig, ServerConfig, TlsConfig, default_config, load_config
 from cluster.controller.actor import FleetController
 from cluster.controller.client import ControllerClient
+from cluster.serve.http_door import HttpBinding, serve_http
 from cluster.serve.openai_api import create_api
 from cluster.server import start_server
 
@@ -40,7 +43,7 @@ class AppArgs(BaseModel):
 
     config: Path | None = Field(None, description="Cluster config YAML; relative paths resolve against the working directory. None: the embedded zoo.")
     grpc_host: str = Field("0.0.0.0", description="Address the gRPC front door binds.")
-    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (see GrpcFrontDoor.address).")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (see FrontDoor.grpc_port).")
     api_keys_env: str | None = Field(
         None, description="Environment variable (set on every pod, e.g. from a Kubernetes Secret) holding the API keys, "
         "comma-separated; overrides the cluster config's server.api_keys_env.")
@@ -60,46 +63,20 @@ class ServedFleetController(FleetController):
             self.shutdown()
 
 
-@serve.deployment(ray_actor_options={"resources": HEAD_NODE, "num_cpus": 0})
-class GrpcFrontDoor:
-    async def __init__(self, controller, host: str, port: int):
-        self.controller = ControllerClient(controller)
-        fleet = await self.controller.fleet()
-        self.server, self.port = await start_server(fleet, host, port, self.controller)
+class HttpSource:
+    """What the HTTP API reads its backend from (cluster/serve/openai_api.py), over the fleet controller."""
 
-    async def address(self) -> int:
-        """The bound gRPC port."""
-        return self.port
+    controller: ControllerClient
+    server: ServerConfig
 
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-@serve.ingress()
-class HttpIngress:
-    def __init__(self, controller, grpc_front_door, server: ServerConfig):
-        self.controller = ControllerClient(controller)
-        self.grpc_front_door = grpc_front_door  # held so the app owns it; `grpc_port` asks it
-        self.server = server
-        self._frontend: asyncio.Task | None = None
-
-    def __serve_build_asgi_app__(self):
-        """The FastAPI app, built in the replica so its handlers reach this instance as `app.state.source`."""
+    def http_api(self):
+        """The FastAPI app, its handlers reaching this instance as `app.state.source`."""
         api = create_api(ApiKeys.from_config(self.server), self.server.protect_metrics, self.server.max_request_bytes)
         api.state.source = self
         return api
 
     async def frontend(self):
-        """The replica's one `Frontend`. Concurrent first requests share one creation: each creation starts
-        its own loops polling the controller (fleet version, load), and a burst of 16 streams once left 16 pairs
-        of them running, which took 0.2 cores in this replica and as much in the controller, idle or not."""
-        if self._frontend is None:
-            self._frontend = asyncio.get_running_loop().create_task(self.controller.frontend())
-        creation = self._frontend
-        try:
-            return await asyncio.shield(creation)
-        except Exception:
-            if self._frontend is creation:
-                self._frontend = None  # the controller was unreachable: the next request tries again
-            raise
+        return await self.controller.frontend()
 
     async def metrics(self) -> tuple[bytes, str]:
         return await self.controller.metrics()
@@ -107,8 +84,36 @@ class HttpIngress:
     async def ready(self) -> bool:
         return await self.controller.ready()
 
+
+@serve.deployment(ray_actor_options={"resources": HEAD_NODE, "num_cpus": 0})
+class FrontDoor(HttpSource):
+    async def __init__(self, controller, host: str, port: int, server: ServerConfig, http: HttpBinding | None):
+        self.controller, self.server = ControllerClient(controller), server
+        fleet = await self.controller.fleet()
+        self.grpc_server, self.port = await start_server(fleet, host, port, self.controller)
+        self.http_server, self.bound_http_port = await serve_http(self.http_api(), http, server.tls) if http else (None, None)
+
     async def grpc_port(self) -> int:
-        return await self.grpc_front_door.address.remote()
+        """The bound gRPC port."""
+        return self.port
+
+    async def http_port(self) -> int | None:
+        """The bound HTTP port; None where Serve's proxy serves HTTP."""
+        return self.bound_http_port
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class HttpIngress(HttpSource):
+    def __init__(self, controller, front_door, server: ServerConfig):
+        self.controller, self.server = ControllerClient(controller), server
+        self.front_door = front_door  # held so the app owns it; `grpc_port` asks it
+
+    def __serve_build_asgi_app__(self):
+        return self.http_api()
+
+    async def grpc_port(self) -> int:
+        return await self.front_door.grpc_port.remote()
 
 
 def build_app(args: dict) -> serve.Application:
@@ -122,10 +127,15 @@ def build_app(args: dict) -> serve.Application:
     return build_app_from_config(config, parsed.grpc_host, parsed.grpc_port)
 
 
-def build_app_from_config(config: ClusterConfig, grpc_host: str = "0.0.0.0", grpc_port: int = 50051) -> serve.Application:
+def build_app_from_config(config: ClusterConfig, grpc_host: str = "0.0.0.0", grpc_port: int = 50051,
+                          http: HttpBinding | None = None) -> serve.Application:
+    """The app; with `http` the front door serves HTTP itself (start Serve with no proxy), else Serve's proxy does."""
     controller = serve.deployment(ServedFleetController, name="FleetController", ray_actor_options={"num_cpus": 0},
                                   max_ongoing_requests=CONTROLLER_CALLS_IN_FLIGHT).bind(config)
+    front_door = FrontDoor.bind(controller, grpc_host, grpc_port, config.server, http)
+    if http is not None:
+        return front_door
     # Serve admits 5 requests per replica by default: every HTTP stream beyond them would wait in the proxy's
     # queue, while gRPC streams reach their front door directly. The front door's own limit is the one that counts.
     ingress = HttpIngress.options(max_ongoing_requests=config.server.max_concurrent_requests)
-    return ingress.bind(controller, GrpcFrontDoor.bind(controller, grpc_host, grpc_port), config.server)
+    return ingress.bind(controller, front_door, config.server)

@@ -219,7 +219,7 @@ def test_killing_the_grpc_front_door_cancels_its_sequences_on_every_actor(app, s
     wait_for(lambda: sum(r.live_sequences for r in controller.stats.remote().result().replicas
                          if r.role == "target") == 16, "all 16 sequences are live", poll_s=0.1)
     emitted_before = _emitted(controller)
-    ray.kill(serve_replica(APP, "GrpcFrontDoor"), no_restart=True)
+    ray.kill(serve_replica(APP, "FrontDoor"), no_restart=True)
     killed_at = time.monotonic()
     for thread in threads:
         thread.join(FAULT_TIMEOUT_S)

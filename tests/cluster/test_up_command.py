@@ -6,7 +6,7 @@ import subprocess
 import time
 
 import pytest
-from up_server import CLI, start_up, stop, tiny_cluster_config
+from up_server import CLI, greedy_http_tokens, http_url, serving_process_names, start_up, stop, tiny_cluster_config
 
 from actors.cpu_affinity import plan_layout
 from bench.memory import process_tree_peaks
@@ -35,6 +35,16 @@ def test_generate_through_the_server_matches_local_plain_decoding(server, target
     assert remote_report["token_ids"] == local_report["token_ids"] and len(local_report["token_ids"]) == 12
     assert remote_report["text"] == local_report["text"]
     assert remote_report["drafter"] == "sorted" and remote_report["k"] == 3
+
+
+def test_http_is_served_by_the_front_door_beside_grpc(server):
+    """No Serve HTTP proxy and no ingress replica: the front door answers HTTP with gRPC's tokens."""
+    process, address, log = server
+    grpc_reply = run("generate", "--server", address, "--model", "small", "--max-tokens", 12, "--json", "def f(x):")
+    assert greedy_http_tokens(http_url(log), "def f(x):", 12) == json.loads(grpc_reply.stdout)["token_ids"]
+    names = serving_process_names(process)
+    assert any("FrontDoor" in name for name in names)
+    assert not any("ProxyActor" in name or "HttpIngress" in name for name in names)
 
 
 def test_server_errors_reach_the_user_as_one_line(server):
