@@ -264,7 +264,14 @@ WHAT_WAS_DONE = [
     "stream on code 249 -> 358 tokens/s speculative, 307 -> 337 plain; 16 streams 339 -> 410 and 374 -> 486; 64 "
     "streams 470 -> 603 and 597 -> 759. The cost is the control plane's: the front doors, Serve's proxy and Ray "
     "share one CPU, and HTTP's time to first token at 16 / 64 streams grew against gRPC's (session 21's run: "
-    "2.2x / 2.6x, from 1.2x / 1.7x in session 20's).",
+    "2.2x / 2.6x, from 1.2x / 1.7x in session 20's), until the HTTP door left Serve's proxy (below).",
+    "- **the HTTP door**: since session 22 `specfleet up` serves HTTP from the front-door replica (uvicorn on its "
+    "event loop, beside gRPC, over the same `Frontend`; `cluster/serve/http_door.py`), not through Ray Serve's HTTP "
+    "proxy, which had added three Ray hops to every request (the request to the ingress replica, its body fetched "
+    "back from the proxy, each chunk back to the proxy as a Ray object). Timed alone on session 22's Xeon, medians "
+    "of 20, one `specfleet up` each way: a 1-token completion 35-39 ms against 59-60 through the proxy (gRPC "
+    "32-33), 16 tokens 77-80 against 107-116 (gRPC 72-77), `/v1/models` 1.2-1.4 against 9.0-9.3 ms. "
+    "`specfleet up --serve-proxy` (and a Serve config deployment, KubeRay's) keeps the proxy.",
     "- **what is left**: the pooled one-stream speedup is mostly decided by long_context. On session 20's Xeon "
     "(AVX-512), interleaved in one process, greedy, 64 tokens: code 1.45x, docstring 1.43x, hex_literals 1.26x, "
     "long_context 0.98x (medians of 3). A 640-token prompt's prefill (about 150 ms for target-xl, compute-bound "
