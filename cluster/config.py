@@ -120,8 +120,8 @@ class TlsConfig(_Strict):
     cert_file: Path = Field(description="PEM certificate chain the front doors present.")
     key_file: Path = Field(description="PEM private key of that certificate.")
     client_ca_file: Path | None = Field(
-        None, description="PEM CA bundle: when set, the gRPC door and the front door's HTTP server require client certificates signed by "
-        "it (mutual TLS); Serve's HTTP proxy verifies none.")
+        None, description="PEM CA bundle: when set, the gRPC door and the front door's HTTP server require client "
+        "certificates signed by it (mutual TLS); Serve's HTTP proxy verifies none.")
 
 
 class ServerConfig(_Strict):
@@ -130,7 +130,9 @@ class ServerConfig(_Strict):
         description="Address the front doors bind. Beyond loopback, `specfleet up` and the Serve app refuse to start without "
         "API keys unless told insecure explicitly.")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    http_port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API (the front door's own server under `specfleet up`; Ray Serve's proxy with `--serve-proxy`).")
+    http_port: int = Field(
+        8000, ge=1, le=65535, description="HTTP port of the OpenAI-compatible API (the front door's own server under "
+        "`specfleet up`; Ray Serve's proxy with `--serve-proxy`).")
     api_keys_file: Path | None = Field(
         None, description="File of API keys, one per line ('#' comments). With this or api_keys_env set, every generation "
         "call must carry a key (HTTP `Authorization: Bearer`, gRPC metadata `authorization`); health stays open.")

@@ -22,7 +22,8 @@ def add_up_command(subparsers) -> None:
                         help="allow a non-loopback --host without API keys (only where every client is trusted)")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="Serve's and the replicas' log level on this terminal (default: WARNING)")
-    parser.add_argument("--access-log", action="store_true", help="log every call Serve routes (off by default)")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log every HTTP request and every call Serve routes (off by default)")
     parser.add_argument("--serve-proxy", action="store_true",
                         help="serve HTTP through Ray Serve's HTTP proxy (as a Serve config deployment does) instead of "
                         "from the front door beside gRPC: three more Ray hops per request, about 30 ms on two cores")

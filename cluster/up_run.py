@@ -32,17 +32,7 @@ def run_up(args: argparse.Namespace) -> int:
     else:
         start_local_ray(config)
     try:
-        logging_config = {"log_level": args.log_level, "enable_access_log": args.access_log}
-        grpc_port = config.server.grpc_port if args.port is None else args.port
-        if args.serve_proxy:
-            serve.start(http_options={"host": host, "port": http_port, "location": "HeadOnly", **https_options(config.server.tls)},
-                        logging_config=logging_config)
-            app = build_app_from_config(config, host, grpc_port)
-        else:  # the front door serves HTTP itself (cluster/serve/http_door.py)
-            serve.start(proxy_location="Disabled", logging_config=logging_config)
-            app = build_app_from_config(config, host, grpc_port, HttpBinding(host=host, port=http_port, access_log=args.access_log))
-        ingress = serve.run(app, name=APP_NAME, route_prefix="/" if args.serve_proxy else None, logging_config=logging_config)
-        grpc_port = ingress.grpc_port.remote().result()
+        grpc_port = run_app(config, args, host, http_port).grpc_port.remote().result()
         scheme = "https" if config.server.tls else "http"
         print(f"specfleet: serving gRPC on {host}:{grpc_port} and HTTP on {scheme}://{host}:{http_port}/v1 "
               f"(targets: {', '.join(config.targets)}; drafters: {', '.join(config.drafters) or 'none'})", flush=True)
@@ -51,6 +41,22 @@ def run_up(args: argparse.Namespace) -> int:
     finally:
         ray.shutdown()
     return 0
+
+
+def run_app(config: ClusterConfig, args: argparse.Namespace, host: str, http_port: int):
+    """Start Serve and run the app; returns its ingress handle. HTTP comes from the front door beside gRPC
+    (cluster/serve/http_door.py), or with `--serve-proxy` through Serve's HTTP proxy as in a Serve config deployment."""
+    logging_config = {"log_level": args.log_level, "enable_access_log": args.access_log}
+    grpc_port = config.server.grpc_port if args.port is None else args.port
+    if args.serve_proxy:
+        serve.start(http_options={"host": host, "port": http_port, "location": "HeadOnly", **https_options(config.server.tls)},
+                    logging_config=logging_config)
+        app, route_prefix = build_app_from_config(config, host, grpc_port), "/"
+    else:
+        serve.start(proxy_location="Disabled", logging_config=logging_config)
+        http = HttpBinding(host=host, port=http_port, access_log=args.access_log)
+        app, route_prefix = build_app_from_config(config, host, grpc_port, http), None
+    return serve.run(app, name=APP_NAME, route_prefix=route_prefix, logging_config=logging_config)
 
 
 def with_flags(config: ClusterConfig, args: argparse.Namespace) -> ClusterConfig:

@@ -91,15 +91,12 @@ class FrontDoor(HttpSource):
         self.controller, self.server = ControllerClient(controller), server
         fleet = await self.controller.fleet()
         self.grpc_server, self.port = await start_server(fleet, host, port, self.controller)
-        self.http_server, self.bound_http_port = await serve_http(self.http_api(), http, server.tls) if http else (None, None)
+        if http is not None:
+            await serve_http(self.http_api(), http, server.tls)
 
     async def grpc_port(self) -> int:
         """The bound gRPC port."""
         return self.port
-
-    async def http_port(self) -> int | None:
-        """The bound HTTP port; None where Serve's proxy serves HTTP."""
-        return self.bound_http_port
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
