@@ -105,6 +105,9 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             response = error_response(413, request_too_large(self.limit).detail, "invalid_request_error")
+            # Closing the connection stops the upload; kept open, the server would read and drop the whole body
+            # on its event loop (a 50 MB body held the front door's other requests up 0.5 s).
+            response.headers["connection"] = "close"
             return await response(scope, receive, send)
         received = 0
 
