@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.baselines.cluster_process import HTTP
 from bench.memory import process_tree_peaks
 
 CLI = [sys.executable, "-m", "cluster.cli"]
@@ -61,7 +62,7 @@ def stop(process: subprocess.Popen) -> int:
 
 def http_url(log: Path) -> str:
     """The OpenAI base URL a serving `specfleet up` printed."""
-    return re.search(r"HTTP on (https?://\S+)", log.read_text()).group(1)
+    return HTTP.search(log.read_text()).group(1)
 
 
 def _wait_for_address(process: subprocess.Popen, log: Path, timeout_s: float = 300.0) -> str:
