@@ -1,6 +1,6 @@
 """The project's own CPU kernels (`actors/kernels/*.cpp`): built for this machine, loaded as torch ops.
 
-- `specfleet::packed_linear`: few-row matmuls by float16-packed weights (`actors.packed_linear`);
+- `specfleet::packed_linear`: few-row matmuls by float16-packed or int8 weights (`actors.packed_linear`);
 - `specfleet::cached_attention`: a step's causal attention over the keys and values in a KV
   store, read in place (`cached_attention`).
 

@@ -18,7 +18,8 @@ Hugging Face's separate ones up to float rounding. With `kernels`, a CPU with
 AVX-512 or AVX2 runs the project's own kernels (`actors.cpu_kernels`): each matmul
 weight that float16 holds exactly is stored packed in float16 and multiplied by
 in float32 (`actors.packed_linear`), and a causal step attends over the store
-in place (`cpu_kernels.cached_attention`, no mask tensor, no copied keys).
+in place (`cpu_kernels.cached_attention`, no mask tensor, no copied keys). A
+drafter's matmul weights may be stored in int8 instead (`int8_weights`).
 """
 
 import torch
@@ -36,7 +37,8 @@ MATMUL_WEIGHTS = ("qkv", "o", "gate_up", "down")  # a layer's weights `_linear` 
 class DecoderStep(nn.Module):
     """The decoder of a causal LM as a step over KV-store slots (weights shared, not copied twice)."""
 
-    def __init__(self, model: nn.Module, positions: int, kernels: bool = False):
+    def __init__(self, model: nn.Module, positions: int, kernels: bool = False, int8_weights: bool = False):
+        """`int8_weights`: store every matmul weight quantized to int8 where the kernels run (a drafter's choice)."""
         super().__init__()
         config = model.config
         self.num_heads = config.num_attention_heads
@@ -47,7 +49,7 @@ class DecoderStep(nn.Module):
         self.eps = config.rms_norm_eps
         self.embed = nn.Buffer(model.model.embed_tokens.weight)  # [V, H]
         kernels = kernels and cpu_kernels.available()
-        pack = _packer(kernels)
+        pack = _packer(kernels, int8_weights)
         self.lm_head = nn.Buffer(pack(model.lm_head.weight.t().contiguous()))  # [H, V], or packed
         self.final_norm = nn.Buffer(norm_weight(model.model.norm, config.model_type))  # [H]
         for layer, block in enumerate(model.model.layers):
@@ -251,10 +253,13 @@ def _masks(positions: torch.Tensor, key_length: int, windows: set[int | None]) -
             for window in windows}
 
 
-def _packer(packs: bool):
-    """What a matmul weight [in, out] is stored as: packed where `packs` and packing is exact, else itself."""
+def _packer(packs: bool, int8: bool):
+    """What a matmul weight [in, out] is stored as, where `packs`: quantized to int8 tiles with `int8`, else packed
+    where packing is exact; otherwise itself."""
     if not packs:
         return lambda weight: weight
+    if int8:
+        return lambda weight: packed_linear.quantize(weight) if packed_linear.quantizable(weight) else weight
     return lambda weight: packed_linear.pack(weight) if packed_linear.packable(weight) else weight
 
 

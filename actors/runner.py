@@ -65,6 +65,12 @@ class RunnerSettings(BaseModel):
         "arithmetic, half the bytes to read per step, faster than MKL for a few rows), and a step's causal attention "
         "read in place from the KV store. They compile at the first start on a machine (~30 s); no effect elsewhere.",
     )
+    drafter_weights: Literal["int8", "exact"] = Field(
+        "int8", description="How a drafter replica stores its matmul weights where the project's CPU kernels run: "
+        "'int8', quantized per output column (half the bytes of float16 to read per draft step; a drafter's weights "
+        "decide only what is proposed, never what is emitted, so the output stays the target's), or 'exact'. A "
+        "target's weights are always exact.",
+    )
 
 
 @dataclass(frozen=True)
@@ -81,9 +87,12 @@ class ModelRunner:
     """Runs one model for many sequences, each in a slot of the replica's KV store."""
 
     def __init__(self, model: nn.Module, name: str = "model", max_sequences: int = DEFAULT_MAX_SEQUENCES,
-                 compile_mode: CompileSetting = "eager", cpu_kernels: bool = True, drafts: bool = False):
+                 compile_mode: CompileSetting = "eager", cpu_kernels: bool = True, drafts: bool = False,
+                 int8_weights: bool = False):
         """`compile_mode` 'auto' resolves for this model on its device (`resolve_mode`): whether it `drafts`, and
-        whether every matmul weight packed."""
+        whether every matmul weight packed. `int8_weights` only for a drafter (`RunnerSettings.drafter_weights`)."""
+        if int8_weights and not drafts:
+            raise InvalidRequest("only a drafter may store its weights in int8: a target's must stay exact")
         model.eval().requires_grad_(False)
         self.name = name
         config = model.config
@@ -94,7 +103,7 @@ class ModelRunner:
         param = next(model.parameters())
         self._device = param.device
         capacity = self.max_context + MAX_WIDTH  # room for padded queries past the context
-        self.step = DecoderStep(model, capacity, cpu_kernels)  # keeps the weights it needs; the unfused ones go with `model`
+        self.step = DecoderStep(model, capacity, cpu_kernels, int8_weights)  # keeps the weights it needs; the unfused ones go with `model`
         self.exit_layers: list[int] = list(getattr(config, "exit_layers", None) or [self.num_layers])
         self.store = KVStore(self.num_layers, max_sequences, capacity, self.step.num_kv_heads, self.step.head_dim,
                              param.dtype, param.device)
@@ -114,16 +123,17 @@ class ModelRunner:
     @classmethod
     def from_pretrained(cls, path: str, dtype: str = "float32", device: str = "cpu",
                         max_sequences: int = DEFAULT_MAX_SEQUENCES, compile_mode: CompileSetting = "eager",
-                        cpu_kernels: bool = True, drafts: bool = False) -> "ModelRunner":
+                        cpu_kernels: bool = True, drafts: bool = False, int8_weights: bool = False) -> "ModelRunner":
         """Load a local Hugging Face checkpoint (config.json + safetensors)."""
-        return cls(load_causal_lm(path, dtype, device), str(path), max_sequences, compile_mode, cpu_kernels, drafts)
+        return cls(load_causal_lm(path, dtype, device), str(path), max_sequences, compile_mode, cpu_kernels, drafts,
+                   int8_weights)
 
     @classmethod
     def serving(cls, path: str, settings: RunnerSettings, drafts: bool = False, trees: bool = False) -> "ModelRunner":
         """Load a checkpoint as a served replica: its settings resolved, every graph compiled before it returns
         (with `drafts`, also those of fused greedy drafting; with `trees`, those of token trees)."""
         runner = cls.from_pretrained(path, settings.dtype, settings.device, settings.max_sequences, settings.compile,
-                                     settings.cpu_kernels, drafts)
+                                     settings.cpu_kernels, drafts, drafts and settings.drafter_weights == "int8")
         runner.warm_up_s = runner.warm_up(drafts, trees)
         return runner
 

@@ -118,10 +118,13 @@ def test_warm_up_compiles_every_graph_before_serving(target_path, prompts):
         run_script(runner, prompts[:3], "w")
 
 
-def test_compiled_fused_drafts_equal_eager_single_steps_and_compile_nothing_after_warm_up(drafter_path, prompts):
+@pytest.mark.parametrize("weights", ["exact", "int8"])
+def test_compiled_fused_drafts_equal_eager_single_steps_and_compile_nothing_after_warm_up(drafter_path, prompts,
+                                                                                         weights):
     """A drafter replica compiles its fused greedy drafts at start-up; they draft and cache what eager steps do."""
-    compiled = ModelRunner.serving(str(drafter_path), RunnerSettings(compile="compile", max_sequences=4), drafts=True)
-    eager = ModelRunner.from_pretrained(drafter_path)
+    settings = RunnerSettings(compile="compile", max_sequences=4, drafter_weights=weights)
+    compiled = ModelRunner.serving(str(drafter_path), settings, drafts=True)
+    eager = ModelRunner.from_pretrained(drafter_path, drafts=True, int8_weights=weights == "int8")
     eager.fused_draft_steps = ()
     ks = [4, 4, 6, 2, 3]
     torch._dynamo.utils.counters.clear()

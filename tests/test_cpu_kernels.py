@@ -1,11 +1,16 @@
-"""The project's CPU kernels: the packed float16 matmul (the same products as float32 weights) and attention
-over the KV store (the same softmax attention as torch's), each giving a row the same bits whatever the batch."""
+"""The project's CPU kernels: the packed float16 matmul (the same products as float32 weights), its int8 form for
+drafters (the products of the quantized weights), and attention over the KV store (the same softmax attention as
+torch's), each giving a row the same bits whatever the batch."""
 
 import pytest
 import torch
 
 from actors import cpu_kernels, packed_linear
-from actors.runner import ModelRunner
+from actors.drafters import ModelDrafter
+from actors.errors import InvalidRequest
+from actors.generator import SpeculativeGenerator
+from actors.runner import ModelRunner, RunnerSettings
+from actors.sampling import make_sampling_params
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason="needs a CPU with AVX-512 or AVX2, and g++")
 
@@ -30,9 +35,34 @@ def test_packed_matmul_matches_float32(rows):
     assert torch.allclose(packed_linear.packed_linear(x, packed_linear.pack(weight)), x @ weight, rtol=1e-5, atol=1e-4)
 
 
+def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """The float32 values an int8-quantized weight [K, N] multiplies by: its int8 entries times its column scales."""
+    quantized = packed_linear.quantize(weight)  # [N/32, 4 + K, 32]
+    header, values = quantized[:, : packed_linear.SCALE_ROWS], quantized[:, packed_linear.SCALE_ROWS :]
+    scales = header.contiguous().view(torch.float32).reshape(-1)  # [N]
+    return values.permute(1, 0, 2).reshape(weight.shape).float() * scales
+
+
+def test_int8_quantization_keeps_each_weight_within_half_a_step_of_its_column():
+    weight = torch.randn(200, 96)
+    step = weight.abs().amax(dim=0) / packed_linear.INT8_LEVELS  # [N]
+    assert ((_dequantized(weight) - weight).abs() <= step / 2 + 1e-7).all()
+    assert not packed_linear.quantizable(torch.randn(40, 48))  # not a whole number of tiles
+
+
 @needs_kernel
-def test_a_row_gets_the_same_bits_alone_and_in_a_batch():
-    packed = packed_linear.pack(_weight(320, 128))
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 70])
+def test_int8_matmul_multiplies_by_the_quantized_weights(rows):
+    weight = torch.randn(200, 96)
+    x = torch.randn(rows, 200)
+    out = packed_linear.packed_linear(x, packed_linear.quantize(weight))
+    assert torch.allclose(out, x @ _dequantized(weight), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("store", [packed_linear.pack, packed_linear.quantize])
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(store):
+    packed = store(_weight(320, 128))
     x = torch.randn(3, 7, 320)
     together = packed_linear.packed_linear(x, packed)  # [3, 7, 128]
     alone = torch.stack([torch.stack([packed_linear.packed_linear(x[i, j][None], packed)[0] for j in range(7)])
@@ -129,3 +159,23 @@ def test_a_checkpoint_of_float16_values_packs_every_matmul_and_a_perturbed_one_d
     with torch.no_grad():
         model.lm_head.weight.add_(1e-4)  # float32 values between float16's
     assert not DecoderStep(model, 64, kernels=True).packs_every_matmul
+
+
+@needs_kernel
+def test_only_a_drafter_stores_its_weights_in_int8(target_path, drafter_path):
+    with pytest.raises(InvalidRequest, match="only a drafter"):
+        ModelRunner.from_pretrained(str(target_path), int8_weights=True)
+    drafter = ModelRunner.serving(str(drafter_path), RunnerSettings(compile="eager"), drafts=True)  # the default
+    assert drafter.step.lm_head.dtype == torch.int8
+    target = ModelRunner.serving(str(target_path), RunnerSettings(compile="eager"))
+    assert not any(b.dtype == torch.int8 for b in target.step.buffers())
+
+
+@needs_kernel
+def test_greedy_speculation_with_an_int8_drafter_equals_the_targets_own_output(target, drafter_path, prompts):
+    drafter = ModelRunner.from_pretrained(str(drafter_path), drafts=True, int8_weights=True)
+    params = make_sampling_params(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = SpeculativeGenerator(target).generate(prompts, params)
+    for exit_layer in drafter.exit_layers:
+        speculative = SpeculativeGenerator(target, ModelDrafter(drafter), k=4, exit_layer=exit_layer)
+        assert [r.tokens for r in speculative.generate(prompts, params)] == [r.tokens for r in plain]

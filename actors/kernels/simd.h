@@ -32,6 +32,10 @@ inline float reduce_max(Vec v) { return _mm512_reduce_max_ps(v); }
 
 // LANES float16 values from p, widened to float32
 inline Vec load_halves(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// LANES int8 values from p, widened to float32
+inline Vec load_bytes(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 
 inline __mmask16 first(int64_t count) { return static_cast<__mmask16>((1u << count) - 1u); }  // lanes below count <= LANES
 inline Vec load_first(const float* p, int64_t count) { return _mm512_maskz_loadu_ps(first(count), p); }  // others 0
@@ -94,6 +98,9 @@ inline float reduce_max(Vec v) {
 }
 
 inline Vec load_halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vec load_bytes(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 
 inline __m256i first(int64_t count) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
