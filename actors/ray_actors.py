@@ -18,7 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.cpu_affinity import loading_then_model_cpus
 from actors.draft_batcher import DraftBatcher
 from actors.draft_channel import ChannelAddress, ChannelClient, ChannelServer
-from actors.drafters import GREEDY_CUTOFF, Draft, DraftRequest, Drafter, ModelDrafter
+from actors.drafters import GREEDY_CUTOFF, PROMPT_WINDOW, Draft, DraftRequest, Drafter, ModelDrafter
 from actors.engine import SequenceUpdate, SpeculationEngine
 from actors.engine_loop import EngineLoop, Feed, FeedMessage, StreamPacing, take_update
 from actors.errors import CapacityExhausted, DrafterUnavailable, InvalidRequest
@@ -132,13 +132,14 @@ class DraftService(FleetMember):
 class DrafterActor(DraftService):
     """A multi-exit drafter shared by many targets (wrapped with `ray.remote` at placement)."""
 
-    def __init__(self, path: str, settings: RunnerSettings, trees: bool = False, greedy_cutoff: float = GREEDY_CUTOFF):
+    def __init__(self, path: str, settings: RunnerSettings, trees: bool = False, greedy_cutoff: float = GREEDY_CUTOFF,
+                 prompt_window: int | None = PROMPT_WINDOW):
         """`trees`: some target may ask for token trees (their steps are compiled at start-up too);
-        `greedy_cutoff`: see `ModelDrafter`."""
+        `greedy_cutoff`, `prompt_window`: see `ModelDrafter`."""
         super().__init__()
         self.runner = self.load_runner(path, settings, drafts=True, trees=trees)
         self.exit_layers, self.max_exit = self.runner.exit_layers, self.runner.num_layers
-        self.batcher = DraftBatcher(ModelDrafter(self.runner, greedy_cutoff))
+        self.batcher = DraftBatcher(ModelDrafter(self.runner, greedy_cutoff, prompt_window))
 
 
 class RayCalls:

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.cascades import CascadeParams
-from actors.drafters import GREEDY_CUTOFF
+from actors.drafters import GREEDY_CUTOFF, PROMPT_WINDOW
 from actors.speculation import MAX_DRAFT_LENGTH
 from actors.errors import SpecfleetError
 from actors.runner import RunnerSettings
@@ -79,6 +79,13 @@ class DrafterConfig(ModelConfig):
         GREEDY_CUTOFF, ge=0, lt=1,
         description="A greedy chain stops before the token at which the product of its tokens' probabilities under "
         "the drafter falls below this (0: whole chains of k; bench/reports/draft_cutoff.md).",
+    )
+    prompt_window: int | None = Field(
+        PROMPT_WINDOW, ge=1,
+        description="Prompt tokens the drafter reads, the last ones (None: the whole prompt). Verification alone "
+        "decides what is emitted, so this trades only acceptance against the drafter's prefill and cache; on the "
+        "zoo's long prompts a window of 128-256 agreed with the target as well as the whole prompt and cost less "
+        "(actors.drafters.PROMPT_WINDOW).",
     )
 
 

@@ -171,7 +171,7 @@ def start_drafter(config: ClusterConfig, name: str, replica: int):
     """One replica of a drafter (not yet ready: its `info` call waits for the model)."""
     model = config.drafters[name]
     return _start(DrafterActor, config, actor_name(config, "drafter", name, replica), model, str(model.path),
-                  model.runner_settings(), config.drafts_trees(name), model.greedy_cutoff)
+                  model.runner_settings(), config.drafts_trees(name), model.greedy_cutoff, model.prompt_window)
 
 
 def start_target(config: ClusterConfig, name: str, replica: int, drafter_handle):

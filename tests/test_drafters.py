@@ -102,3 +102,23 @@ def test_a_rewinding_commit_replaces_the_contexts_tail_and_is_bounded(drafter_ru
     ngram.start("n", [1, 2, 3, 1, 2], GREEDY)
     ngram.commit("n", [9], rewind=1)
     assert ngram.propose([DraftRequest("n", 2)])[0].tokens == []  # context [1, 2, 3, 1, 9]: no earlier 9
+
+
+def test_a_drafter_reads_only_the_last_tokens_of_a_long_prompt(drafter_runner, drafter_path, prompts):
+    windowed = ModelDrafter(drafter_runner, prompt_window=6)
+    windowed.start("w", prompts[-1], GREEDY)  # 23 tokens
+    fresh = ModelDrafter(ModelRunner.from_pretrained(drafter_path), prompt_window=None)
+    fresh.start("w", prompts[-1][-6:], GREEDY)
+    assert windowed.propose([DraftRequest("w", 4)])[0].tokens == fresh.propose([DraftRequest("w", 4)])[0].tokens
+    assert drafter_runner.cached_length("w") == 6 + 3  # the window and the draft but its last token
+    windowed.finish("w")
+    with pytest.raises(InvalidRequest, match="prompt window"):
+        ModelDrafter(drafter_runner, prompt_window=0)
+
+
+def test_greedy_speculation_with_a_windowed_drafter_equals_the_targets_own_output(target, drafter_runner, prompts):
+    plain = [r.tokens for r in SpeculativeGenerator(target).generate(prompts, GREEDY)]
+    for window in (1, 3, None):
+        windowed = ModelDrafter(drafter_runner, prompt_window=window)
+        speculative = SpeculativeGenerator(target, windowed, k=4, exit_layer=2).generate(prompts, GREEDY)
+        assert [r.tokens for r in speculative] == plain
