@@ -235,8 +235,9 @@ class ModelDrafter(SteppedDrafter):
         """`greedy_cutoff`: a greedy chain (not a cascade's) stops before the token at which the product of its
         tokens' probabilities under the drafter, an estimate of how likely the target accepts the draft that far,
         falls below it: positions unlikely to be reached cost the target's forward a token each (0: draft all k).
-        `prompt_window`: the drafter reads only the last this many tokens of a prompt (None: all of it); what it
-        drafts from is its own affair, as verification alone decides what is emitted."""
+        `prompt_window`: the drafter reads only the last this many tokens of a prompt (None: all of it). Lossless
+        verification makes what it drafts from its own affair; a speculative cascade that defers emits tokens
+        drafted from the window."""
         if not 0.0 <= greedy_cutoff < 1.0:
             raise InvalidRequest(f"the greedy cut-off must lie in [0, 1), got {greedy_cutoff}")
         if prompt_window is not None and prompt_window < 1:

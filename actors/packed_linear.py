@@ -10,8 +10,9 @@ checkpoints), so the arithmetic is float32 on the same values, summed in a fixed
 order that does not depend on the batch.
 
 A drafter may store its weights in int8 instead (`quantize`): a scale per output
-column, half the bytes of float16. A drafter's weights decide only which tokens are
-proposed, never which are emitted (verification keeps the target's output exact), and
+column, half the bytes of float16. Verification keeps the target's output exact
+whatever a drafter proposes (a speculative cascade that defers emits the quantized
+drafter's tokens: `RunnerSettings.drafter_weights` 'exact' keeps the checkpoint's), and
 the zoo's drafter lost no acceptance to it (MAL 3.03 against 3.02 exact, greedy, k = 4,
 held-out prompts of every category); its draft steps read half the bytes.
 

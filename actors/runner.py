@@ -67,9 +67,9 @@ class RunnerSettings(BaseModel):
     )
     drafter_weights: Literal["int8", "exact"] = Field(
         "int8", description="How a drafter replica stores its matmul weights where the project's CPU kernels run: "
-        "'int8', quantized per output column (half the bytes of float16 to read per draft step; a drafter's weights "
-        "decide only what is proposed, never what is emitted, so the output stays the target's), or 'exact'. A "
-        "target's weights are always exact.",
+        "'int8', quantized per output column (half the bytes of float16 to read per draft step; verification keeps "
+        "the output the target's, but a speculative cascade that defers emits the int8 drafter's tokens), or 'exact' "
+        "(a cascade then defers to the checkpoint as it is). A target's weights are always exact.",
     )
 
 

@@ -82,10 +82,10 @@ class DrafterConfig(ModelConfig):
     )
     prompt_window: int | None = Field(
         PROMPT_WINDOW, ge=1,
-        description="Prompt tokens the drafter reads, the last ones (None: the whole prompt). Verification alone "
-        "decides what is emitted, so this trades only acceptance against the drafter's prefill and cache; on the "
-        "zoo's long prompts a window of 128-256 agreed with the target as well as the whole prompt and cost less "
-        "(actors.drafters.PROMPT_WINDOW).",
+        description="Prompt tokens the drafter reads, the last ones (None: the whole prompt). Lossless "
+        "verification makes this a trade of acceptance against the drafter's prefill and cache (a speculative "
+        "cascade that defers emits tokens drafted from the window); on the zoo's long prompts a window of 128-256 "
+        "agreed with the target as well as the whole prompt and cost less (actors.drafters.PROMPT_WINDOW).",
     )
 
 

@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from actors.generator import SpeculativeGenerator
-from actors.runner import ModelRunner
+from actors.runner import ModelRunner, RunnerSettings
 from actors.sampling import make_sampling_params
 from cluster.config import parse_config
 from cluster.placement import start_fleet, stop_fleet
@@ -60,9 +60,13 @@ def stub(fleet):
     server.stop()
 
 
-def own_greedy(path, prompts) -> list[list[int]]:
+def own_greedy(path, prompts, drafter: bool = False) -> list[list[int]]:
+    """The model's own greedy output; a `drafter` as the cluster serves one (its weights as
+    `RunnerSettings.drafter_weights` says by default)."""
     params = make_sampling_params(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    return [r.tokens for r in SpeculativeGenerator(ModelRunner.from_pretrained(path)).generate(prompts, params)]
+    int8 = drafter and RunnerSettings().drafter_weights == "int8"
+    runner = ModelRunner.from_pretrained(path, drafts=drafter, int8_weights=int8)
+    return [r.tokens for r in SpeculativeGenerator(runner).generate(prompts, params)]
 
 
 def greedy_request(model: str, prompt: list[int], cascade: pb.Cascade | None = None) -> pb.GenerateRequest:
@@ -98,7 +102,7 @@ def test_cascades_over_the_wire_span_the_target_and_the_drafter(stub, target_pat
     assert list(lossless.token_ids) == own_greedy(target_path, prompts[1:2])[0]
     assert lossless.speculation.deferred == 0
     drafter_like = stub.Generate(greedy_request("middle", prompts[1], pb.Cascade(rule=pb.Cascade.CHOW, alpha=1.0)), timeout=180)
-    assert list(drafter_like.token_ids) == own_greedy(drafter_path, prompts[1:2])[0]  # the deepest exit is the whole drafter
+    assert list(drafter_like.token_ids) == own_greedy(drafter_path, prompts[1:2], drafter=True)[0]  # its deepest exit
     assert drafter_like.speculation.deferred == drafter_like.speculation.drafted > 0
 
 
