@@ -12,8 +12,8 @@
 // the pass: a row's result does not depend on the batch it runs in.
 //
 // An int8 tile ([N/32, 4 + K, 32] int8) starts with its 32 columns' float32 scales (the first 4 rows of 32
-// bytes), then K rows of 32 int8 values: half the bytes of float16, for a drafter's weights, which only decide
-// what is proposed (actors.packed_linear). Its sums are over the int8 values, scaled once at the end.
+// bytes), then K rows of 32 int8 values: half the bytes of float16, for a drafter's weights (actors.packed_linear).
+// Its sums are over the int8 values, scaled once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
