@@ -27,27 +27,23 @@ SCALE_ROWS = 4  # an int8 tile's leading rows of TILE bytes: its columns' float3
 INT8_LEVELS = 127  # symmetric int8: values in -127..127
 
 
+def quantizable(weight: torch.Tensor) -> bool:
+    """Whether a [K, N] weight fits the kernel's tiles, as int8 or (where exact) float16: float32 on a CPU, N a
+    multiple of the tile."""
+    return (weight.dim() == 2 and weight.shape[1] % TILE == 0 and weight.dtype == torch.float32
+            and weight.device.type == "cpu")
+
+
 def packable(weight: torch.Tensor) -> bool:
-    """Whether a [K, N] weight can be packed without changing a value: float32 on a CPU, N a multiple of the
-    tile, every entry held exactly by float16."""
-    return weight.dim() == 2 and weight.shape[1] % TILE == 0 and _float16_holds(weight)
-
-
-def _float16_holds(tensor: torch.Tensor) -> bool:
-    """A float32 CPU tensor every entry of which float16 holds exactly (what packing may store)."""
-    return tensor.dtype == torch.float32 and tensor.device.type == "cpu" and torch.equal(tensor.half().float(), tensor)
+    """Whether a [K, N] weight can be packed without changing a value: it fits tiles (`quantizable`) and float16
+    holds every entry exactly."""
+    return quantizable(weight) and torch.equal(weight.half().float(), weight)
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """[K, N] float32 -> [N / TILE, K, TILE] float16: each tile of output columns contiguous."""
     k, n = weight.shape
     return weight.view(k, n // TILE, TILE).permute(1, 0, 2).contiguous().half()
-
-
-def quantizable(weight: torch.Tensor) -> bool:
-    """Whether a [K, N] weight can be stored in int8 tiles: float32 on a CPU, N a multiple of the tile."""
-    return (weight.dim() == 2 and weight.shape[1] % TILE == 0 and weight.dtype == torch.float32
-            and weight.device.type == "cpu")
 
 
 def quantize(weight: torch.Tensor) -> torch.Tensor:
