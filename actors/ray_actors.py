@@ -11,6 +11,7 @@ it and decodes plainly (see `SpeculationEngine`), so no stream is lost.
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -278,6 +279,23 @@ def connect_drafter(handle, timeout_s: float, direct: bool) -> RemoteDrafter:
     return RemoteDrafter(handle, info, timeout_s, calls, owner=ray.get_runtime_context().get_actor_id() or "")
 
 
+@dataclass(frozen=True)
+class EmbeddedDrafter:
+    """A drafter a target replica loads into its own process (`DrafterConfig.placement` 'embedded'): drafting is
+    then a call, not a hop to another process on the same CPU. `greedy_cutoff`, `prompt_window`: see `ModelDrafter`."""
+
+    path: str
+    settings: RunnerSettings
+    greedy_cutoff: float = GREEDY_CUTOFF
+    prompt_window: int | None = PROMPT_WINDOW
+
+
+def drafter_info(runner: ModelRunner) -> dict:
+    """What a drafter's targets and front doors read of it: its exits, vocabulary and context."""
+    return {"vocab_size": runner.vocab_size, "path": runner.name, "exit_layers": runner.exit_layers,
+            "max_exit": runner.num_layers, "max_context": runner.max_context, **runner_info(runner)}
+
+
 class TargetActor(FleetMember):
     """A target model and the speculation loop of its sequences (wrapped with `ray.remote`).
 
@@ -289,16 +307,21 @@ class TargetActor(FleetMember):
     def __init__(self, path: str, settings: RunnerSettings, drafter_handle, exit_layer: int | None, k: int,
                  timeout_s: float, name: str = "", drafter_name: str = "", overlap_rounds: bool = False,
                  max_waiting: int | None = None, pacing: StreamPacing = StreamPacing(), direct_drafter: bool = False,
-                 tree: TreeShape | None = None, trees: bool = False):
+                 tree: TreeShape | None = None, trees: bool = False, embedded_drafter: EmbeddedDrafter | None = None):
         """`overlap_rounds`: draft one group of sequences while verifying the other (`OverlappedEngine`);
         `max_waiting`: sequences that may wait for a KV slot (beyond it, `CapacityExhausted`);
         `pacing`: how long the engine loop merges a sequence's rounds into one update;
         `direct_drafter`: reach a drafter on this machine through its loopback channel (`connect_drafter`);
-        `tree`: the plan drafts token trees of this shape; `trees`: sequences may draft trees (compiled at start-up)."""
+        `tree`: the plan drafts token trees of this shape; `trees`: sequences may draft trees (compiled at start-up);
+        `embedded_drafter`: draft with this drafter in this process instead of `drafter_handle`'s actor."""
         runner = self.load_runner(path, settings, trees=trees)
         self.timeout_s, self.direct_drafter, self.path, self.vocab_size = timeout_s, direct_drafter, path, runner.vocab_size
         self.drafter_handle = drafter_handle
-        drafter = self._remote_drafter(drafter_handle)
+        self.embedded_info: dict | None = None  # the embedded drafter's `drafter_info`
+        if embedded_drafter is not None:
+            drafter = self._embedded_drafter(embedded_drafter, trees)
+        else:
+            drafter = self._remote_drafter(drafter_handle)
         engine_class = OverlappedEngine if overlap_rounds else SpeculationEngine
         self.loop = EngineLoop(engine_class(runner, drafter, k, exit_layer, name, drafter_name, max_waiting=max_waiting,
                                             tree=tree), pacing)
@@ -306,8 +329,9 @@ class TargetActor(FleetMember):
 
     def info(self) -> dict:
         runner = self.loop.engine.target
+        embedded = {} if self.embedded_info is None else {"embedded_drafter": self.embedded_info}
         return {"vocab_size": runner.vocab_size, "max_context": runner.max_context, "eos_token_id": runner.eos_token_id,
-                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(runner)}
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(runner), **embedded}
 
     def generate(self, seq_id: SeqId, prompt: list[int], params: SamplingParams,
                  spec: SpeculationSpec = FOLLOW_PLAN) -> Iterator[SequenceUpdate]:
@@ -387,6 +411,13 @@ class TargetActor(FleetMember):
     def drain_telemetry(self) -> list:
         """The `RoundRecord`s of the rounds since the last drain."""
         return self.loop.engine.drain_telemetry()
+
+    def _embedded_drafter(self, embedded: EmbeddedDrafter, trees: bool) -> Drafter:
+        """The embedded drafter, loaded here, as this target's engine takes it (across vocabularies where they differ)."""
+        runner = self.load_runner(embedded.path, embedded.settings, drafts=True, trees=trees)
+        self.embedded_info = drafter_info(runner)
+        local = ModelDrafter(runner, embedded.greedy_cutoff, embedded.prompt_window)
+        return pair_drafter(local, load_tokenizer(self.path), load_tokenizer(embedded.path), self.vocab_size)
 
     def _remote_drafter(self, drafter_handle) -> Drafter | None:
         """The drafter actor as this target's engine takes it: drafting across vocabularies where its ids differ."""

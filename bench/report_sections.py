@@ -99,7 +99,8 @@ def setup_section(report: dict) -> list[str]:
         f"in a closed loop; seeds {s['seed']} + request index.",
         f"- Threads per model process: {s['threads']} (vLLM: its own default binding, see its info below).",
         f"- specfleet's compile setting (`RunnerSettings.compile`): target {s.get('compile', 'auto')}, "
-        f"drafter {s.get('drafter_compile', 'auto')}.",
+        f"drafter {s.get('drafter_compile', 'auto')}; the cluster's drafter (`DrafterConfig.placement`): "
+        f"{s.get('drafter_placement', 'actor')}.",
         f"- Machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB, "
         f"GPU: {m['gpu'] or 'none'}; Python {m['python']}, torch {m['torch']}; commit {m['git_commit']}. "
         f"Load average (1/5/15 min) at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}: "

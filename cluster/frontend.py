@@ -206,8 +206,8 @@ class Frontend:
         infos = self.fleet.infos
         models = [
             pb.ModelInfo(name=name, role="drafter", max_context=infos[name][0]["max_context"],
-                         replicas=len(self.fleet.drafters[name]), exit_layers=infos[name][0]["exit_layers"])
-            for name in self.fleet.drafters
+                         replicas=len(infos[name]), exit_layers=infos[name][0]["exit_layers"])
+            for name in self.config.drafters if infos.get(name)
         ]
         models += [
             pb.ModelInfo(name=name, role="target", max_context=self.limits[name].max_context,

@@ -19,7 +19,7 @@ from actors.engine_loop import StreamPacing
 from actors.errors import IncompatibleModels
 from actors.foreign_drafter import CHAINS_ONLY, bridge_of
 from actors.loading import check_same_vocabulary, load_tokenizer
-from actors.ray_actors import DrafterActor, TargetActor, actor_id
+from actors.ray_actors import DrafterActor, EmbeddedDrafter, TargetActor, actor_id
 from actors.stage_actor import StageActor
 from cluster.config import ClusterConfig, ModelConfig, PoolConfig
 
@@ -63,6 +63,8 @@ def start_fleet(config: ClusterConfig, adopt: bool = False) -> Fleet:
     check_vocabularies(config)
     fleet, found = Fleet(config), running_actors(config) if adopt else {}
     for name, model in config.drafters.items():
+        if model.placement == "embedded":
+            continue  # loaded by each of its targets' replicas
         fleet.drafters[name] = [found.get(("drafter", name, replica)) or start_drafter(config, name, replica)
                                 for replica in range(_replica_count(found, "drafter", name, model.replicas))]
     _adopt_or_start_stages(config, fleet, found)
@@ -72,9 +74,18 @@ def start_fleet(config: ClusterConfig, adopt: bool = False) -> Fleet:
         _read_pairing(fleet, name, adopted)
         fleet.targets[name] = [adopted.get(replica) or start_target(config, name, replica, drafter_for(fleet, name, replica))
                                for replica in range(count)]
+    refresh_infos(fleet)
+    return fleet
+
+
+def refresh_infos(fleet: Fleet) -> None:
+    """Every replica's `info`, per model; an embedded drafter's as each target replica that loads it reports it."""
     for name, handles in {**fleet.drafters, **fleet.targets}.items():
         fleet.infos[name] = ray.get([h.info.remote() for h in handles])
-    return fleet
+    for name, model in fleet.config.drafters.items():
+        if model.placement == "embedded":
+            fleet.infos[name] = [info["embedded_drafter"] for target, config in fleet.config.targets.items()
+                                 if config.drafter == name for info in fleet.infos[target]]
 
 
 def check_vocabularies(config: ClusterConfig) -> None:
@@ -144,7 +155,7 @@ def _read_pairing(fleet: Fleet, target: str, adopted: dict[int, object]) -> None
     """Record which drafter replica each adopted target replica drafts with, so new ones pair around them;
     one whose drafter is gone (or whose chain was rebuilt) is attached to the one it should have."""
     config = fleet.config.targets[target]
-    if config.drafter is None:
+    if config.drafter is None or fleet.config.embedded_drafter(target) is not None:
         return
     candidates = fleet.stages[target][-1:] if target in fleet.stages else fleet.drafters[config.drafter]
     ids = {actor_id(handle): index for index, handle in enumerate(candidates)}
@@ -182,7 +193,17 @@ def start_target(config: ClusterConfig, name: str, replica: int, drafter_handle)
                   model.exit_layer, model.k, config.server.drafter_timeout_s, name, model.drafter or "",
                   model.overlap_rounds, model.max_waiting,
                   StreamPacing(config.server.stream_interval_s, config.server.max_stream_updates_per_s),
-                  config.server.direct_drafter_channel, model.tree_shape, config.uses_trees(name))
+                  config.server.direct_drafter_channel, model.tree_shape, config.uses_trees(name),
+                  _embedded(config, name))
+
+
+def _embedded(config: ClusterConfig, target: str) -> EmbeddedDrafter | None:
+    """What a target replica loads as its embedded drafter: the drafter's settings, with as many KV slots as the target."""
+    drafter = config.embedded_drafter(target)
+    if drafter is None:
+        return None
+    settings = drafter.runner_settings().model_copy(update={"max_sequences": config.targets[target].max_sequences})
+    return EmbeddedDrafter(str(drafter.path), settings, drafter.greedy_cutoff, drafter.prompt_window)
 
 
 def _adopt_or_start_stages(config: ClusterConfig, fleet: Fleet, found: dict) -> None:
@@ -228,7 +249,7 @@ def drafter_for(fleet: Fleet, target: str, replica: int):
     if stages:
         return stages[-1]
     drafter = fleet.config.targets[target].drafter
-    if drafter is None:
+    if drafter is None or fleet.config.embedded_drafter(target) is not None:
         return None
     index = fleet.pairing.setdefault((target, replica), fewest_paired(fleet, drafter))
     return fleet.drafters[drafter][index]

@@ -60,6 +60,33 @@ def test_malformed_configs_say_what_is_wrong(tmp_path, text, message):
         load_config(write(tmp_path, text))
 
 
+EMBEDDED = GOOD.replace("pool: draft}", "pool: draft, placement: embedded}")
+
+
+def test_an_embedded_drafter_is_loaded_by_its_targets_and_needs_no_actor_of_its_own(tmp_path):
+    config = load_config(write(tmp_path, EMBEDDED))
+    assert config.embedded_drafter("big") is config.drafters["sorted"]
+    assert load_config(write(tmp_path, GOOD)).embedded_drafter("big") is None
+    assert local_ray_resources(config)["resources"] == {"target": 2}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (EMBEDDED.replace("placement: embedded", "placement: embedded, replicas: 2"), "takes no replicas or autoscale"),
+        (EMBEDDED.replace("placement: embedded", "placement: embedded, autoscale: {max_replicas: 2}"),
+         "takes no replicas or autoscale"),
+        (EMBEDDED.replace("replicas: 2}", "replicas: 2, overlap_rounds: true}"), "overlap rounds"),
+        (EMBEDDED.replace("replicas: 2}", "replicas: 2, via: [mid]}\n  mid: {path: /abs/mid, pool: target}"),
+         "starts the staged chains of \\['big'\\]"),
+        (GOOD.replace("pool: draft}", "pool: draft, placement: inside}"), "placement"),
+    ],
+)
+def test_what_an_embedded_drafter_cannot_do_is_refused(tmp_path, text, message):
+    with pytest.raises(InvalidConfig, match=message):
+        load_config(write(tmp_path, text))
+
+
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(InvalidConfig, match="cannot read cluster config"):
         load_config(tmp_path / "absent.yaml")

@@ -27,15 +27,17 @@ STOP_TIMEOUT_S = 90.0
 
 
 def write_config(folder: Path, targets: dict[str, str], drafters: dict[str, str], pairing: dict[str, str],
-                 exit_layer: int, k: int, compiles: tuple[str, str] = ("auto", "auto")) -> Path:
+                 exit_layer: int, k: int, compiles: tuple[str, str] = ("auto", "auto"), placement: str = "actor") -> Path:
     """A cluster config: drafters on a `draft` pool, targets on a `target` pool, each target paired as given.
 
     Pools reserve no CPUs so that every actor fits on a small machine; the
-    cores are shared, as they would be on one node. `compiles`: how the targets and the drafters run.
+    cores are shared, as they would be on one node. `compiles`: how the targets and the drafters run;
+    `placement`: the drafters' (`DrafterConfig.placement`).
     """
     config = {
         "pools": {"draft": {"resources": {"draft": 1}, "num_cpus": 0}, "target": {"resources": {"target": 1}, "num_cpus": 0}},
-        "drafters": {name: {"path": path, "pool": "draft", "compile": compiles[1]} for name, path in drafters.items()},
+        "drafters": {name: {"path": path, "pool": "draft", "compile": compiles[1], "placement": placement}
+                     for name, path in drafters.items()},
         "targets": {name: {"path": path, "pool": "target", "drafter": pairing[name], "exit_layer": exit_layer, "k": k,
                            "compile": compiles[0]} for name, path in targets.items()},
         "server": {"grpc_port": 0, "max_concurrent_requests": 1024},

@@ -1,4 +1,4 @@
-"""specfleet through the full cluster path: client -> front door -> target actor <-> drafter actor.
+"""specfleet through the full cluster path: client -> front door -> target actor (drafter embedded, or its own actor).
 
 Starts `specfleet up` (Ray Serve: gRPC front door and OpenAI-compatible HTTP
 ingress over the same fleet) with one target paired with the drafter, and
@@ -31,7 +31,7 @@ class Session:
         self.model = Path(settings["target"]).name
         config = write_config(self.folder, {self.model: settings["target"]}, {DRAFTER: settings["drafter"]},
                               {self.model: DRAFTER}, settings["exit_layer"], settings["k"],
-                              (settings["compile"], settings["drafter_compile"]))
+                              (settings["compile"], settings["drafter_compile"]), settings["drafter_placement"])
         self.cluster = ClusterProcess(config, settings["threads"], self.folder / "up.log")
         if any(m.startswith("http/") for m in modes) and self.cluster.http_url is None:
             self.cluster.stop()
@@ -42,7 +42,7 @@ class Session:
 
     def info(self) -> dict:
         return {"load_s": self.cluster.start_s, "grpc": self.cluster.address, "http": self.cluster.http_url,
-                "model": self.model, "speculation": self.speculation()}
+                "model": self.model, "speculation": self.speculation(), "drafter_placement": self.settings["drafter_placement"]}
 
     def speculation(self) -> dict:
         return {"drafter": DRAFTER, "exit_layer": self.settings["exit_layer"], "k": self.settings["k"]}

@@ -44,7 +44,8 @@ from cluster.config import ClusterConfig, TargetConfig
 from cluster.controller.pairing import DraftLoad, best_move
 from cluster.controller.policy import Plan, PolicyConfig, SpeculationPolicy
 from cluster.metrics import SpecfleetMetrics
-from cluster.placement import Fleet, drafter_for, start_chain, start_drafter, start_fleet, start_target
+from cluster.placement import (Fleet, drafter_for, refresh_infos, start_chain, start_drafter, start_fleet,
+                               start_target)
 from specfleet.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -346,6 +347,8 @@ class FleetController:
             self._attach(*key)  # drafter_for pairs it anew
 
     def _attach(self, name: str, replica: int) -> None:
+        if self.config.embedded_drafter(name) is not None:
+            return  # its drafter lives in its process: a replica whose drafter failed decodes plainly from then on
         plan = self.plans[name]
         drafter = drafter_for(self.fleet, name, replica)
         ray.get(self.fleet.targets[name][replica].set_drafter.remote(drafter, plan.k, plan.exit_layer, plan.tree))
@@ -364,8 +367,7 @@ class FleetController:
 
     def _changed(self) -> None:
         """The fleet's handles changed: refresh infos, claim new actors and let front doors know."""
-        for name, handles in {**self.fleet.drafters, **self.fleet.targets}.items():
-            self.fleet.infos[name] = ray.get([h.info.remote() for h in handles])
+        refresh_infos(self.fleet)
         self._claim()
         self._version += 1
 
