@@ -43,6 +43,12 @@ def runner_info(runner: ModelRunner) -> dict:
     return {"compile_mode": runner.compile_mode, "max_sequences": runner.store.num_slots, "warm_up_s": runner.warm_up_s}
 
 
+def drafter_info(runner: ModelRunner, exit_layers: list[int], max_exit: int) -> dict:
+    """What a drafter's (or a chain stage's) targets and front doors read of it: its exits, vocabulary and context."""
+    return {"vocab_size": runner.vocab_size, "path": runner.name, "exit_layers": exit_layers, "max_exit": max_exit,
+            "max_context": runner.max_context, **runner_info(runner)}
+
+
 def actor_id(handle) -> str:
     """A Ray actor handle's actor id, comparable across processes (handles themselves are not)."""
     return handle._actor_id.hex()
@@ -93,9 +99,8 @@ class DraftService(FleetMember):
         return self._channel.address
 
     def info(self) -> dict:
-        return {"vocab_size": self.runner.vocab_size, "path": self.runner.name, "exit_layers": self.exit_layers,
-                "max_exit": self.max_exit, "max_context": self.runner.max_context,
-                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), **runner_info(self.runner)}
+        return {**drafter_info(self.runner, self.exit_layers, self.max_exit),
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def __init__(self):
         self._owners: dict[SeqId, str] = {}  # sequence -> actor id of the target or stage that started it
@@ -290,12 +295,6 @@ class EmbeddedDrafter:
     prompt_window: int | None = PROMPT_WINDOW
 
 
-def drafter_info(runner: ModelRunner) -> dict:
-    """What a drafter's targets and front doors read of it: its exits, vocabulary and context."""
-    return {"vocab_size": runner.vocab_size, "path": runner.name, "exit_layers": runner.exit_layers,
-            "max_exit": runner.num_layers, "max_context": runner.max_context, **runner_info(runner)}
-
-
 class TargetActor(FleetMember):
     """A target model and the speculation loop of its sequences (wrapped with `ray.remote`).
 
@@ -415,7 +414,7 @@ class TargetActor(FleetMember):
     def _embedded_drafter(self, embedded: EmbeddedDrafter, trees: bool) -> Drafter:
         """The embedded drafter, loaded here, as this target's engine takes it (across vocabularies where they differ)."""
         runner = self.load_runner(embedded.path, embedded.settings, drafts=True, trees=trees)
-        self.embedded_info = drafter_info(runner)
+        self.embedded_info = drafter_info(runner, runner.exit_layers, runner.num_layers)
         local = ModelDrafter(runner, embedded.greedy_cutoff, embedded.prompt_window)
         return pair_drafter(local, load_tokenizer(self.path), load_tokenizer(embedded.path), self.vocab_size)
 
