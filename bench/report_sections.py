@@ -271,6 +271,16 @@ WHAT_WAS_DONE = [
     "streams 470 -> 603 and 597 -> 759. The cost is the control plane's: the front doors, Serve's proxy and Ray "
     "share one CPU, and HTTP's time to first token at 16 / 64 streams grew against gRPC's (session 21's run: "
     "2.2x / 2.6x, from 1.2x / 1.7x in session 20's), until the HTTP door left Serve's proxy (below).",
+    "- **the drafter's process**: since session 24 a drafter may be embedded in its targets' actors "
+    "(`DrafterConfig.placement: embedded`; this benchmark's cluster rows, `--drafter-placement`): each target replica "
+    "loads the drafter and drafts with a call, as in process, instead of alternating with a drafter actor on the "
+    "model CPU. The round profile's loopback-channel column shows what that removes: its verify forward costs "
+    "about 1.5 ms more than in process (the target's step starts after another process ran on its core), besides "
+    "the transfer. Before this run, greedy, one stream over gRPC, plain and speculative interleaved on one "
+    "`specfleet up` (3 repeats, 4 prompts each): with a drafter actor 1.05x / 0.97x the target alone on code / "
+    "docstring prompts; embedded, in two later runs the same way, 1.29-1.32x / 1.29-1.40x (in process, "
+    "interleaved with one of them, 1.51x / 1.46x). Nicer scheduling of the target actor's other threads (nice 10, "
+    "interleaved) was within noise, so it is not in the code.",
     "- **the HTTP door**: since session 22 `specfleet up` serves HTTP from the front-door replica (uvicorn on its "
     "event loop, beside gRPC, over the same `Frontend`; `cluster/serve/http_door.py`), not through Ray Serve's HTTP "
     "proxy, which had added three Ray hops to every request (the request to the ingress replica, its body fetched "
