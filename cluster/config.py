@@ -76,9 +76,9 @@ class DrafterConfig(ModelConfig):
         description="'actor': replicas of their own (on this drafter's pool) draft for every target that names it, "
         "batched across targets. 'embedded': each target replica loads this drafter into its own process and drafts "
         "there: no hop per round and no second process on the target's CPU (on the 2-core CPU zoo one greedy stream "
-        "through the cluster went from about 1.0x to 1.28x the target alone, code prompts, actors.ray_actors), but "
-        "no batching across targets and no replicas, autoscaling, re-pairing or replacement of its own; `pool` is "
-        "then unused and `max_sequences` is the target's.",
+        "through the cluster went from 1.05x to 1.29-1.32x the target alone on code prompts; docs/ARCHITECTURE.md, "
+        "the request path), but no batching across targets and no replicas, autoscaling, re-pairing or replacement "
+        "of its own; `pool` is then unused and `max_sequences` is the target's.",
     )
     max_sequences: int = Field(
         256, ge=1, le=4096,
@@ -96,6 +96,10 @@ class DrafterConfig(ModelConfig):
         "cascade that defers emits tokens drafted from the window); on the zoo's long prompts a window of 128-256 "
         "agreed with the target as well as the whole prompt and cost less (actors.drafters.PROMPT_WINDOW).",
     )
+
+    @property
+    def embedded(self) -> bool:
+        return self.placement == "embedded"
 
 
 class TargetConfig(ModelConfig):
@@ -268,7 +272,7 @@ class ClusterConfig(_Strict):
         """The drafter a target loads into its own process, if its drafter is embedded."""
         drafter = self.targets[target].drafter
         config = self.drafters.get(drafter) if drafter is not None else None
-        return config if config is not None and config.placement == "embedded" else None
+        return config if config is not None and config.embedded else None
 
 
 def _check_chain(name: str, target: TargetConfig, targets: dict[str, TargetConfig]) -> None:
@@ -288,7 +292,7 @@ def _check_chain(name: str, target: TargetConfig, targets: dict[str, TargetConfi
 
 def _check_embedding(name: str, drafter: DrafterConfig, targets: dict[str, TargetConfig]) -> None:
     """An embedded drafter lives in its targets' processes: nothing of its own to replicate, and no chain to start."""
-    if drafter.placement != "embedded":
+    if not drafter.embedded:
         return
     if drafter.replicas != 1 or drafter.autoscale is not None:
         raise ValueError(f"drafter {name!r} is embedded: it runs inside each of its targets' replicas, so it takes "

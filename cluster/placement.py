@@ -63,7 +63,7 @@ def start_fleet(config: ClusterConfig, adopt: bool = False) -> Fleet:
     check_vocabularies(config)
     fleet, found = Fleet(config), running_actors(config) if adopt else {}
     for name, model in config.drafters.items():
-        if model.placement == "embedded":
+        if model.embedded:
             continue  # loaded by each of its targets' replicas
         fleet.drafters[name] = [found.get(("drafter", name, replica)) or start_drafter(config, name, replica)
                                 for replica in range(_replica_count(found, "drafter", name, model.replicas))]
@@ -83,7 +83,7 @@ def refresh_infos(fleet: Fleet) -> None:
     for name, handles in {**fleet.drafters, **fleet.targets}.items():
         fleet.infos[name] = ray.get([h.info.remote() for h in handles])
     for name, model in fleet.config.drafters.items():
-        if model.placement == "embedded":
+        if model.embedded:
             fleet.infos[name] = [info["embedded_drafter"] for target, config in fleet.config.targets.items()
                                  if config.drafter == name for info in fleet.infos[target]]
 

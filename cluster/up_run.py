@@ -90,7 +90,7 @@ def start_local_ray(config: ClusterConfig) -> None:
 def local_ray_resources(config: ClusterConfig) -> dict:
     """A one-machine Ray cluster that carries every pool's resources for every replica it may scale to (an embedded
     drafter has no actor, so it needs none)."""
-    models = [*(d for d in config.drafters.values() if d.placement == "actor"), *config.targets.values()]
+    models = [*(d for d in config.drafters.values() if not d.embedded), *config.targets.values()]
     resources: dict[str, float] = {}
     for model in models:
         most = model.autoscale.max_replicas if model.autoscale else model.replicas

@@ -2,8 +2,8 @@
 
 No drafter actor runs: each target replica loads the drafter into its own
 process. Greedy output through gRPC must still equal each target's own; the
-controller's plans reach the embedded drafter, and its healing and
-autoscaling leave it alone.
+controller's plans reach the embedded drafter, its healing leaves it in place,
+and a replaced target replica loads a drafter of its own.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +19,7 @@ from cluster.simulated import simulated_cluster
 from specfleet.v1 import generation_pb2 as pb
 from tiny_models import build_llama
 
-from controlled_fleet import controlled_fleet
+from controlled_fleet import controlled_fleet, step_until
 
 MAX_TOKENS = 24
 TARGETS = ("small", "medium")
@@ -101,3 +101,16 @@ def test_plans_reach_the_embedded_drafter_and_healing_leaves_it_in_place(control
     response = stub.Generate(greedy_request("small", prompts[1]), timeout=120)
     assert list(response.token_ids) == expected["small"][1]
     assert (response.speculation.k, response.speculation.exit_layer) == (4, 1) and response.speculation.drafted > 0
+
+
+def test_a_dead_target_replica_is_replaced_with_a_drafter_of_its_own(controlled, prompts, expected):
+    """Last in this module: it kills a replica."""
+    controller, stub = controlled
+    _, fleet = ray.get(controller.snapshot.remote())
+    dead = fleet.targets["medium"][0]
+    ray.kill(dead)
+    fleet = step_until(controller, lambda fleet: fleet.targets["medium"][0] != dead, "the replacement is installed")
+    assert fleet.drafters == {} and len(fleet.infos["inside"]) == len(TARGETS)
+    response = stub.Generate(greedy_request("medium", prompts[2]), timeout=120)
+    assert list(response.token_ids) == expected["medium"][2]
+    assert response.speculation.drafter == "inside" and response.speculation.drafted > 0
