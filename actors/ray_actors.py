@@ -291,8 +291,8 @@ class EmbeddedDrafter:
 
     path: str
     settings: RunnerSettings
-    greedy_cutoff: float = GREEDY_CUTOFF
-    prompt_window: int | None = PROMPT_WINDOW
+    greedy_cutoff: float
+    prompt_window: int | None
 
 
 class TargetActor(FleetMember):
